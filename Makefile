@@ -1,0 +1,44 @@
+# RABO: every target installs what it needs first (idempotent), so a fresh clone needs only
+#   make demo    - the main job (see README.md)
+#   make test    - the test suite
+#
+# GPU users: make install TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126'
+
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+OUT         ?= runs/demo
+PYTEST_ARGS ?=
+BIN         := $(VENV)/bin
+STAMP       := $(VENV)/.installed
+
+.PHONY: install test test-fast demo lint typecheck bench proto k8s-check clean
+
+install: $(STAMP)
+
+# Reinstall when the project's dependency list changes; otherwise this is a no-op.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+demo: install
+	$(BIN)/rabo simulate --config configs/default.yaml --out $(OUT)
+
+lint: install
+	$(BIN)/ruff check rabo coordinator worker tests
+	$(BIN)/mypy
+
+bench: install
+	$(BIN)/rabo bench estimator
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``rabo bench``: each prints measured ratios from one run."""

@@ -1,0 +1,298 @@
+"""``rabo bench estimator``: accuracy, time and peak memory of every hypergradient estimator.
+
+(a) On a quadratic problem with a closed-form hypergradient (float64), the relative error of
+    each estimator at (x, y*(x), v*(x)).
+(b) On three workloads, the time and peak memory of each estimator as a ratio to ``exact``:
+      A/mlp  task A, MLP 784-1024-1024-10 (y: the head)
+      A/cnn  task A, CNN 1-32-64 (y: the head)
+      B/cnn  task B, CNN 1-32-64 (y: the whole network; exact products differentiate all of it)
+    One estimator per subprocess: after warm-up, the median of repeated calls; the peak is the
+    resident set's high-water mark above the baseline taken just before the first call (reset
+    through /proc/self/clear_refs; glibc's mmap threshold is pinned so that freed tensors leave
+    the resident set). On CUDA the allocator's peak statistics are used instead.
+    ``fd-forward`` is timed given grad g(x, y), which the inner step has already computed: the
+    number is its marginal cost.
+(c) FLOPs of the hidden-to-hidden layers of a hidden-heavy MLP per client ratio, against r^2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+
+ESTIMATORS = ("fd-central", "fd-forward", "exact", "neumann")
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "A/mlp": {"task": "A", "kind": "mlp", "hidden": [1024, 1024], "channels": [], "batch": 512},
+    "A/cnn": {"task": "A", "kind": "cnn", "hidden": [], "channels": [32, 64], "batch": 512},
+    "B/cnn": {"task": "B", "kind": "cnn", "hidden": [], "channels": [32, 64], "batch": 512},
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--repeats", type=int, default=7, help="timed calls per estimator")
+    p.add_argument("--workloads", default=",".join(WORKLOADS),
+                   help=f"comma-separated subset of {', '.join(WORKLOADS)}")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--batch", type=int, default=0, help="override every workload's batch")
+    p.add_argument("--child", nargs=2, metavar=("WORKLOAD", "ESTIMATOR"), help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=["time", "memory"], default="time", help=argparse.SUPPRESS)
+
+
+# --------------------------------------------------------------------------- (a) accuracy
+
+
+def quadratic_errors() -> dict[str, dict[str, float]]:
+    from rabo.bench.quadratic import Quadratic
+    from rabo.estimators import ESTIMATORS as REGISTRY
+
+    quad = Quadratic.random(nx=6, ny=8, seed=0, cond=5.0)
+    x = torch.linspace(-1.0, 1.0, 6, dtype=torch.float64)
+    y = quad.y_star(x)
+    v = quad.v_star(x)
+    truth = quad.hypergradient(x)
+    out: dict[str, dict[str, float]] = {}
+    for name, cls in REGISTRY.items():
+        est = cls(eta_v=0.1, radius=0.0, delta=1e-2, neumann_terms=5, neumann_eta=0.15)
+        h = est.estimate(quad.problem(), {"x": x}, {"y": y}, {"y": v}).hypergradient["x"]
+        out[name] = {"rel_error": float(torch.linalg.norm(h - truth) / torch.linalg.norm(truth))}
+    return out
+
+
+# --------------------------------------------------------------------------- (b) cost
+
+
+def _setup(workload: str, device: torch.device, batch_override: int) -> tuple[Any, ...]:
+    from rabo.estimators import Problem
+    from rabo.models import build_model
+    from rabo.tasks import Batch, HyperparameterLearning, HyperRepresentation
+
+    spec = WORKLOADS[workload]
+    batch = batch_override or spec["batch"]
+    model = build_model(spec["kind"], (1, 28, 28), 10, spec["hidden"], spec["channels"])
+    task: Any = (HyperRepresentation(model, mu=0.01) if spec["task"] == "A"
+                 else HyperparameterLearning(model, log_l2_init=-4.0))
+    x, y = task.init(0)
+    gen = torch.Generator().manual_seed(1)
+    v = {k: torch.randn(t.shape, generator=gen) * 1e-2 for k, t in y.items()}
+    x = {k: t.to(device) for k, t in x.items()}
+    y = {k: t.to(device) for k, t in y.items()}
+    v = {k: t.to(device) for k, t in v.items()}
+
+    def make_batch(seed: int) -> Batch:
+        g = torch.Generator().manual_seed(seed)
+        inputs = torch.randn(batch, 1, 28, 28, generator=g).to(device)
+        labels = torch.randint(0, 10, (batch,), generator=g).to(device)
+        return Batch(inputs, labels, torch.arange(batch, device=device))
+
+    train, val = make_batch(2), make_batch(3)
+    problem = Problem(f=lambda xs, ys: task.f(xs, ys, val), g=lambda xs, ys: task.g(xs, ys, train))
+    return problem, x, y, v
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_child(workload: str, estimator_name: str, repeats: int, device_name: str,
+              batch: int, mode: str) -> dict[str, Any]:
+    """Measure one estimator on one workload in this (fresh) process.
+
+    mode 'time': median of ``repeats`` calls after one warm-up call.
+    mode 'memory': the peak of one call above the baseline taken just before it.
+    """
+    from rabo.estimators import ESTIMATORS as REGISTRY
+    from rabo.estimators import grads
+
+    device = torch.device(device_name)
+    problem, x, y, v = _setup(workload, device, batch)
+    est = REGISTRY[estimator_name](eta_v=0.1, radius=0.0, delta=1e-2, neumann_terms=5,
+                                   neumann_eta=0.5)
+    base = grads(problem.g, x, y) if est.uses_base else None
+
+    def call() -> None:
+        est.estimate(problem, x, y, v, base)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    if mode == "time":
+        call()  # warm-up (twice: the allocator and oneDNN settle on the second call)
+        call()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+        return {"time_s": statistics.median(times)}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+        call()
+        return {"peak_bytes": int(torch.cuda.max_memory_allocated(device) - baseline),
+                "peak_method": "cuda-allocator"}
+    import gc
+
+    gc.collect()
+    reset_ok = _reset_peak()
+    baseline = _rss_bytes()
+    call()
+    return {"peak_bytes": int(_peak_rss_bytes() - baseline),
+            "peak_method": "rss-hwm" if reset_ok else "ru_maxrss"}
+
+
+def _child(workload: str, name: str, mode: str, repeats: int, device: str, batch: int,
+           env: dict[str, str]) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "rabo.bench.estimator", "--child", workload, name,
+           "--mode", mode, "--repeats", str(repeats), "--device", device, "--batch", str(batch)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench child {workload}/{name} ({mode}) failed:\n"
+                           f"{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_workload(workload: str, repeats: int, device: str, batch: int
+                     ) -> dict[str, dict[str, Any]]:
+    """Time and peak memory of every estimator on ``workload``, each in fresh processes."""
+    time_env = dict(os.environ)
+    # For memory only: a fixed glibc mmap threshold keeps large tensors in their own
+    # mappings, returned to the system when freed, so the resident set follows live tensors.
+    # (It slows allocation down, which is why time is measured in a separate process.)
+    mem_env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    raw: dict[str, dict[str, Any]] = {}
+    for name in ESTIMATORS:
+        raw[name] = {**_child(workload, name, "time", repeats, device, batch, time_env),
+                     **_child(workload, name, "memory", repeats, device, batch, mem_env)}
+    exact = raw["exact"]
+    for r in raw.values():
+        r["time_vs_exact"] = r["time_s"] / exact["time_s"]
+        r["peak_mem_vs_exact"] = (r["peak_bytes"] / exact["peak_bytes"]
+                                  if exact["peak_bytes"] > 0 else None)
+    return raw
+
+
+# --------------------------------------------------------------------------- (c) FLOPs
+
+
+def flops_per_ratio(ladder: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125, 0.0625)
+                    ) -> dict[str, dict[str, float]]:
+    from rabo.models import build_model
+
+    model = build_model("mlp", (1, 28, 28), 10, [2048, 2048, 2048])
+    hidden_layers = [n for n, lay in model.layout.items()
+                     if n.endswith(".weight") and all(a is not None for a in lay.axes)]
+    names = [n[:-7] for n in hidden_layers]
+    full = model.layer_flops(1.0)
+    full_hidden = sum(full[n] for n in names)
+    out = {}
+    for r in ladder:
+        fl = model.layer_flops(r)
+        hidden = sum(fl[n] for n in names)
+        out[f"{r:g}"] = {"hidden_flops": hidden, "hidden_vs_full": hidden / full_hidden,
+                         "r_squared": r * r, "total_flops": sum(fl.values()),
+                         "total_vs_full": sum(fl.values()) / sum(full.values())}
+    return out
+
+
+# --------------------------------------------------------------------------- entry
+
+
+TARGETS = [
+    ("B/cnn", "fd-forward", "time_vs_exact", "<=", 0.6),
+    ("B/cnn", "fd-central", "peak_mem_vs_exact", "<=", 0.8),
+    ("B/cnn", "fd-forward", "peak_mem_vs_exact", "<=", 0.8),
+    ("A/mlp", "fd-forward", "time_vs_exact", "<=", 1.1),
+    ("A/cnn", "fd-forward", "time_vs_exact", "<=", 1.1),
+    ("A/mlp", "neumann", "time_vs_exact", ">=", 3.0),
+    ("A/cnn", "neumann", "time_vs_exact", ">=", 3.0),
+    ("B/cnn", "neumann", "time_vs_exact", ">=", 3.0),
+]
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.child:
+        workload, name = args.child
+        print(json.dumps(run_child(workload, name, args.repeats, args.device, args.batch,
+                                   args.mode)))
+        return 0
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown:
+        print(f"rabo bench estimator: unknown workloads {unknown}; choose from "
+              f"{', '.join(WORKLOADS)}", file=sys.stderr)
+        return 2
+    result: dict[str, Any] = {
+        "quadratic": quadratic_errors(),
+        "workloads": {w: measure_workload(w, args.repeats, args.device, args.batch)
+                      for w in workloads},
+        "flops_per_ratio": flops_per_ratio(),
+        "device": args.device,
+        "torch_threads": torch.get_num_threads(),
+    }
+    checks = []
+    for w, est, key, op, bound in TARGETS:
+        if w not in result["workloads"]:
+            continue
+        value = result["workloads"][w][est][key]
+        ok = value is not None and (value <= bound if op == "<=" else value >= bound)
+        checks.append({"workload": w, "estimator": est, "metric": key, "value": value,
+                       "target": f"{op} {bound}", "met": ok})
+    result["targets"] = checks
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print("(a) quadratic problem, float64: relative error against the closed form")
+    for name, r in result["quadratic"].items():
+        print(f"    {name:11} {r['rel_error']:.3e}")
+    print("(b) cost as a ratio to exact (median of repeats; peak above baseline)")
+    print(f"    {'workload':8} {'estimator':11} {'time':>9} {'x exact':>8} {'peak':>10} "
+          f"{'x exact':>8}")
+    for w, per in result["workloads"].items():
+        for name, r in per.items():
+            pm = r["peak_mem_vs_exact"]
+            print(f"    {w:8} {name:11} {r['time_s'] * 1e3:7.1f}ms {r['time_vs_exact']:8.2f} "
+                  f"{r['peak_bytes'] / 2**20:8.1f}MiB {pm if pm is None else f'{pm:8.2f}'}")
+    print("(c) hidden-to-hidden FLOPs per ratio (MLP 784-2048-2048-2048-10)")
+    for r, fl in result["flops_per_ratio"].items():
+        print(f"    r={r:7} hidden {fl['hidden_flops']:.3e} = {fl['hidden_vs_full']:.4f} of "
+              f"full (r^2 = {fl['r_squared']:.4f}); all layers {fl['total_vs_full']:.4f}")
+    print("targets")
+    for c in checks:
+        print(f"    {'met ' if c['met'] else 'MISS'} {c['workload']} {c['estimator']} "
+              f"{c['metric']} = {c['value']:.2f} (target {c['target']})")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))

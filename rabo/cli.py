@@ -1,0 +1,135 @@
+"""The ``rabo`` command line.
+
+Core commands live here; the coordinator and worker packages add theirs (``coordinator``,
+``worker``, ``local``, ...) through the ``rabo.commands`` entry-point group, so that ``rabo``
+itself never imports gRPC code (see docs/architecture.md, layering).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from rabo.errors import RaboError
+
+log = logging.getLogger("rabo")
+
+
+def add_config_args(p: argparse.ArgumentParser, rounds: bool = True) -> None:
+    """--config FILE, --set KEY=VALUE (repeatable) and --rounds R."""
+    p.add_argument("--config", metavar="FILE", help="YAML config (default: built-in defaults)")
+    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                   help="override a config key, e.g. --set estimator.name=exact (repeatable)")
+    if rounds:
+        p.add_argument("--rounds", type=int, metavar="R", help="override config 'rounds'")
+
+
+def load_config(args: argparse.Namespace) -> Any:
+    from rabo import config
+
+    overrides = list(args.overrides)
+    if getattr(args, "rounds", None) is not None:
+        overrides.append(f"rounds={args.rounds}")
+    return config.load(args.config, overrides)
+
+
+# --------------------------------------------------------------------------- simulate
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from rabo.runner import format_progress, simulate
+
+    cfg = load_config(args)
+    out = Path(args.out) if args.out else None
+    print(f"rabo simulate: task {cfg.task}, {cfg.algorithm.upper()}, estimator "
+          f"{cfg.estimator.name}, {cfg.clients.count} clients, {cfg.rounds} rounds, "
+          f"data {cfg.data.dataset} ({cfg.data.split})", flush=True)
+    result = simulate(cfg, out, progress=lambda r: print(format_progress(r, cfg.rounds),
+                                                         flush=True))
+    s = result.summary
+    print(f"done: test_acc {s['test_acc']:.4f}  upper_loss {s['upper_loss']:.4f}  "
+          f"C_x* {s['C_x_star']}  ({s['wall_s']:.1f}s)")
+    if out is not None:
+        print(f"run folder: {out} (metrics.jsonl, summary.json)")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from rabo import config
+
+    if args.config or args.overrides:
+        cfg = load_config(args)
+        print(json.dumps(config.to_dict(cfg), indent=2))
+        return 0
+    for key, tp, default, help_ in config.describe():
+        print(f"{key:34} {tp:40} {default:18} {help_}")
+    return 0
+
+
+def cmd_bench_estimator(args: argparse.Namespace) -> int:
+    from rabo.bench.estimator import main as bench_main
+
+    return bench_main(args)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rabo", description="Resource-adaptive distributed bilevel optimization (RABO)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("simulate", help="in-process run over simulated clients")
+    add_config_args(p)
+    p.add_argument("--out", metavar="DIR", help="run folder (metrics.jsonl, summary.json)")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("config", help="show the config schema, or a resolved config")
+    add_config_args(p, rounds=False)
+    p.set_defaults(func=cmd_config)
+
+    bench = sub.add_parser("bench", help="benchmarks that print measured ratios")
+    bsub = bench.add_subparsers(dest="bench", metavar="BENCH")
+    bsub.required = True
+    from rabo.bench.estimator import add_arguments as add_estimator_args
+
+    p = bsub.add_parser("estimator", help="estimator accuracy, time and memory vs exact")
+    add_estimator_args(p)
+    p.set_defaults(func=cmd_bench_estimator)
+
+    for ep in entry_points(group="rabo.commands"):
+        try:
+            register = ep.load()
+        except ImportError as exc:  # a plugin whose dependencies are missing
+            log.debug("rabo command plugin %s unavailable: %s", ep.name, exc)
+            continue
+        register(sub, bsub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except RaboError as exc:
+        print(f"rabo: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rabo: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

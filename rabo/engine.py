@@ -1,0 +1,405 @@
+"""The round engine: a client step and a server step, with no transport in it.
+
+    coordinator                                   worker
+    -----------                                   ------
+    plan(round, client, ratio) -> ClientPlan
+    assign(state, plan)        -> Assignment  ==>  client_step(assignment, data) -> Update
+    server_step(state, [(plan, update), ...])  <==
+
+The in-process runner, the gRPC coordinator/worker pair and the torch.distributed backend all
+drive these same functions, so for one config and seed they produce the same numbers; only how
+assignments and updates travel differs.
+
+RABO and RAFBO are two configurations of this engine [recon, see docs/method.md]:
+  * RABO: a client runs K inner y steps, one v step, and returns its hypergradient slice with
+    its y and v deltas; the coordinator coverage-averages the hypergradients and takes the x step
+    itself (SGD, momentum or Adam).
+  * RAFBO: a client runs T local iterations of (K inner y steps, one v step, one x step) and
+    returns its x, y and v deltas; the coordinator coverage-averages them.
+
+Within a local iteration the estimator is evaluated where the last inner step's gradient was
+taken (x, y_{K-1}) on the same batch, so that ``fd-forward`` reuses that gradient; with K = 1
+this is the single-loop, simultaneous update of SOBA / FdeHBO.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import resource
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from rabo.aggregation import CoverageAverager, CoverageStats, apply_average
+from rabo.config import Config, EstimatorConfig
+from rabo.data import ClientData, TensorSet
+from rabo.estimators import Problem, grads, make_estimator
+from rabo.masks import MaskSpec, client_mask_seed
+from rabo.params import Params, clone, norm, numel
+from rabo.submodel import SlicePlan, check_slices, extract, scatter
+from rabo.tasks import Batch, BilevelTask
+
+# --------------------------------------------------------------------------- value types
+
+
+@dataclass(frozen=True)
+class ClientHyper:
+    """What a client needs besides its slices: travels with every assignment."""
+
+    algorithm: str
+    inner_steps: int
+    inner_lr: float
+    local_steps: int
+    local_lr: float
+    batch_size: int
+    estimator: str
+    delta: float
+    eta_v: float
+    radius: float
+    neumann_terms: int
+    neumann_eta: float
+    seed: int
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> ClientHyper:
+        return cls(
+            algorithm=cfg.algorithm,
+            inner_steps=cfg.inner.steps,
+            inner_lr=cfg.inner.lr,
+            local_steps=cfg.outer.local_steps if cfg.algorithm == "rafbo" else 1,
+            local_lr=cfg.outer.lr,
+            batch_size=cfg.data.batch_size,
+            estimator=cfg.estimator.name,
+            delta=cfg.estimator.delta,
+            eta_v=cfg.estimator.eta_v,
+            radius=cfg.estimator.radius,
+            neumann_terms=cfg.estimator.neumann_terms,
+            neumann_eta=cfg.estimator.neumann_eta,
+            seed=cfg.seed,
+        )
+
+    def estimator_config(self) -> EstimatorConfig:
+        return EstimatorConfig(name=self.estimator, delta=self.delta,  # type: ignore[arg-type]
+                               eta_v=self.eta_v, radius=self.radius,
+                               neumann_terms=self.neumann_terms, neumann_eta=self.neumann_eta)
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    """The coordinator's record of one client's share of a round: what it will receive and
+    exactly which slices (names and shapes) it must send back."""
+
+    round: int
+    client_id: int
+    mask: MaskSpec
+    x: SlicePlan
+    y: SlicePlan  # v shares y's plan
+
+    @property
+    def ratio(self) -> float:
+        return self.mask.ratio
+
+
+@dataclass
+class Assignment:
+    round: int
+    client_id: int
+    mask: MaskSpec
+    hyper: ClientHyper
+    x: Params
+    y: Params
+    v: Params
+
+    def payload_numel(self) -> int:
+        return numel(self.x) + numel(self.y) + numel(self.v)
+
+
+@dataclass
+class Update:
+    """A client's result. ``x`` is a hypergradient slice (RABO) or an x delta (RAFBO);
+    ``y`` and ``v`` are deltas. Measurements ride along."""
+
+    round: int
+    client_id: int
+    x: Params
+    y: Params
+    v: Params
+    samples: int
+    upper_loss: float
+    compute_s: float = 0.0
+    peak_mem_bytes: int = 0
+
+    def payload_numel(self) -> int:
+        return numel(self.x) + numel(self.y) + numel(self.v)
+
+
+@dataclass
+class GlobalState:
+    round: int  # rounds completed
+    x: Params
+    y: Params
+    v: Params
+    opt: dict[str, Params] = field(default_factory=dict)
+    y_clients: dict[int, Params] = field(default_factory=dict)  # lower_level: personalized
+    v_clients: dict[int, Params] = field(default_factory=dict)
+    c_x_star: int | None = None
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    round: int
+    coverage_x: CoverageStats
+    coverage_y: CoverageStats
+    step_norm: float  # norm of the averaged hypergradient (RABO) or x delta (RAFBO)
+    upper_loss: float  # sample-weighted mean of the clients' reported f
+    aggregation_s: float
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integer parts (numpy SeedSequence mixing)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint32)
+               .astype(np.uint64).dot(np.array([1, 2**32], dtype=np.uint64)) >> np.uint64(1))
+
+
+def sample_batch(split: TensorSet, batch_size: int, seed: int) -> Batch:
+    n = len(split)
+    if batch_size <= 0 or batch_size >= n:
+        index = torch.arange(n)
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        index = torch.randperm(n, generator=gen)[:batch_size]
+    device = split.inputs.device
+    i = index.to(device)
+    return Batch(split.inputs[i], split.labels[i], i)
+
+
+def sample_participants(seed: int, round: int, candidates: Sequence[int], fraction: float
+                        ) -> list[int]:
+    """Seeded choice of ceil(fraction * n) clients among ``candidates``, sorted."""
+    pool = sorted(candidates)
+    m = min(len(pool), max(1, math.ceil(fraction * len(pool) - 1e-9)))
+    if m == len(pool):
+        return pool
+    rng = np.random.Generator(np.random.PCG64([seed, round, 0x5A17]))
+    return sorted(int(c) for c in rng.choice(pool, size=m, replace=False))
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process: the CUDA allocator's high-water mark on GPU, the resident
+    set's high-water mark on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+class RoundEngine:
+    """Client and server steps of RABO / RAFBO for one task and config."""
+
+    def __init__(self, cfg: Config, task: BilevelTask) -> None:
+        self.cfg = cfg
+        self.task = task
+        self.hyper = ClientHyper.from_config(cfg)
+
+    # ------------------------------------------------------------------ coordinator side
+
+    def init_state(self) -> GlobalState:
+        x, y = self.task.init(self.cfg.seed)
+        v = {k: torch.zeros_like(t) for k, t in y.items()}
+        return GlobalState(round=0, x=x, y=y, v=v)
+
+    def plan(self, round: int, client_id: int, ratio: float) -> ClientPlan:
+        mask = MaskSpec(policy=self.cfg.mask.policy, ratio=ratio, round=round,
+                        seed=client_mask_seed(self.cfg.seed, client_id),
+                        stride=self.cfg.mask.rolling_stride)
+        return ClientPlan(round, client_id, mask, self.task.x_plan(mask, client_id),
+                          self.task.y_plan(mask))
+
+    def assign(self, state: GlobalState, plan: ClientPlan) -> Assignment:
+        y_full, v_full = self._lower_of(state, plan.client_id)
+        return Assignment(
+            round=plan.round, client_id=plan.client_id, mask=plan.mask, hyper=self.hyper,
+            x=extract(state.x, plan.x), y=extract(y_full, plan.y), v=extract(v_full, plan.y),
+        )
+
+    def _lower_of(self, state: GlobalState, client_id: int) -> tuple[Params, Params]:
+        if self.cfg.lower_level == "personalized":
+            if client_id not in state.y_clients:
+                state.y_clients[client_id] = clone(state.y)
+                state.v_clients[client_id] = clone(state.v)
+            return state.y_clients[client_id], state.v_clients[client_id]
+        return state.y, state.v
+
+    def check_update(self, plan: ClientPlan, update: Update) -> None:
+        """Raise ShapeError unless the update holds exactly the plan's slices."""
+        check_slices(update.x, plan.x, "update x")
+        check_slices(update.y, plan.y, "update y")
+        check_slices(update.v, plan.y, "update v")
+
+    def server_step(self, state: GlobalState, results: Sequence[tuple[ClientPlan, Update]]
+                    ) -> tuple[GlobalState, RoundStats]:
+        """Coverage-average the updates into a new state (``state`` itself is not modified)."""
+        start = time.perf_counter()
+        ordered = sorted(results, key=lambda r: r[0].client_id)
+        if not ordered:
+            raise ValueError("server_step needs at least one update")
+        round_ = ordered[0][0].round
+        xa = CoverageAverager(state.x)
+        ya = CoverageAverager(state.y)
+        va = CoverageAverager(state.v)
+        personalized = self.cfg.lower_level == "personalized"
+        y_clients = dict(state.y_clients)
+        v_clients = dict(state.v_clients)
+        weighted_loss = 0.0
+        total_samples = 0
+        for plan, upd in ordered:
+            w = float(upd.samples) if self.cfg.aggregation.weighting == "samples" else 1.0
+            xa.add(plan.x, upd.x, w)
+            ya.add(plan.y, upd.y, w)
+            va.add(plan.y, upd.v, w)
+            weighted_loss += upd.upper_loss * upd.samples
+            total_samples += upd.samples
+            if personalized:
+                y_c, v_c = self._lower_of(state, plan.client_id)
+                y_clients[plan.client_id] = scatter(y_c, plan.y, upd.y, add=True)
+                v_clients[plan.client_id] = scatter(v_c, plan.y, upd.v, add=True)
+        avg_x = xa.average()
+        opt = state.opt
+        if self.cfg.algorithm == "rabo":
+            x, opt = outer_step(self.cfg, state.x, avg_x, xa.covered(), state.opt)
+        else:
+            x = {k: state.x[k] + self.cfg.outer.server_lr * avg_x[k] for k in state.x}
+        if personalized:
+            y, v = state.y, state.v
+        else:
+            y, v = apply_average(state.y, ya), apply_average(state.v, va)
+        cov_x, cov_y = xa.stats(), ya.stats()
+        c_star = cov_x.min if state.c_x_star is None else min(state.c_x_star, cov_x.min)
+        new_state = GlobalState(round=round_, x=x, y=y, v=v, opt=opt, y_clients=y_clients,
+                                v_clients=v_clients, c_x_star=c_star)
+        stats = RoundStats(round_, cov_x, cov_y, norm(avg_x),
+                           weighted_loss / max(total_samples, 1),
+                           time.perf_counter() - start)
+        return new_state, stats
+
+    # ------------------------------------------------------------------ worker side
+
+    def client_step(self, assignment: Assignment, data: ClientData,
+                    device: torch.device | str = "cpu") -> Update:
+        """Run one client's local work on ``device``; returns its update slices."""
+        return client_step(self.task, assignment, data, torch.device(device))
+
+
+def client_step(task: BilevelTask, a: Assignment, data: ClientData, device: torch.device
+                ) -> Update:
+    """The worker's half of a round (module-level so workers need no coordinator state)."""
+    hp = a.hyper
+    estimator = make_estimator(hp.estimator_config())
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    x0 = {k: t.to(device) for k, t in a.x.items()}
+    y0 = {k: t.to(device) for k, t in a.y.items()}
+    v0 = {k: t.to(device) for k, t in a.v.items()}
+    train, val = data.train.to(device), data.val.to(device)
+    with torch.no_grad():
+        upper_loss = float(task.f(x0, y0, Batch(val.inputs, val.labels,
+                                                torch.arange(len(val), device=device))))
+    x, y, v = dict(x0), dict(y0), dict(v0)
+    hypergradient: Params = {}
+    for t in range(hp.local_steps):
+        val_batch = sample_batch(val, hp.batch_size,
+                                 derive_seed(hp.seed, a.round, a.client_id, t, 1))
+        for k in range(hp.inner_steps):
+            train_batch = sample_batch(train, hp.batch_size,
+                                       derive_seed(hp.seed, a.round, a.client_id, t, 2, k))
+            problem = Problem(f=functools.partial(_bound, task.f, val_batch),
+                              g=functools.partial(_bound, task.g, train_batch))
+            if k < hp.inner_steps - 1:
+                _, gy = grads(problem.g, x, y, wrt_x=False)
+                y = {n: y[n] - hp.inner_lr * gy[n] for n in y}
+                continue
+            if estimator.uses_base:
+                base = grads(problem.g, x, y)
+                gy = base[1]
+            else:
+                base = None
+                _, gy = grads(problem.g, x, y, wrt_x=False)
+            est = estimator.estimate(problem, x, y, v, base)
+            y = {n: y[n] - hp.inner_lr * gy[n] for n in y}
+            v = est.v
+            hypergradient = est.hypergradient
+            if hp.algorithm == "rafbo":
+                x = {n: x[n] - hp.local_lr * hypergradient[n] for n in x}
+    if hp.algorithm == "rafbo":
+        x_out = {n: (x[n] - x0[n]).cpu() for n in x}
+    else:
+        x_out = {n: t.detach().cpu() for n, t in hypergradient.items()}
+    compute_s = time.perf_counter() - start
+    return Update(
+        round=a.round, client_id=a.client_id, x=x_out,
+        y={n: (y[n] - y0[n]).detach().cpu() for n in y},
+        v={n: (v[n] - v0[n]).detach().cpu() for n in v},
+        samples=len(train), upper_loss=upper_loss, compute_s=compute_s,
+        peak_mem_bytes=peak_memory_bytes(device),
+    )
+
+
+def _bound(loss: Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], Batch],
+                          torch.Tensor],
+           batch: Batch, x: Mapping[str, torch.Tensor], y: Mapping[str, torch.Tensor]
+           ) -> torch.Tensor:
+    return loss(x, y, batch)
+
+
+# --------------------------------------------------------------------------- x optimizer
+
+
+def outer_step(cfg: Config, x: Mapping[str, torch.Tensor], grad: Mapping[str, torch.Tensor],
+               covered: Mapping[str, torch.Tensor], opt: Mapping[str, Params]
+               ) -> tuple[Params, dict[str, Params]]:
+    """One coordinator x step (RABO). Only covered coordinates move, and only their optimizer
+    state advances: an uncovered coordinate keeps its value and its momentum."""
+    lr = cfg.outer.lr
+    kind = cfg.outer.optimizer
+    new_x: Params = {}
+    new_opt: dict[str, Params] = {k: dict(v) for k, v in opt.items()}
+    if kind == "sgd":
+        return {k: x[k] - lr * grad[k] for k in x}, new_opt
+    beta1 = cfg.outer.momentum
+    for k in x:
+        mask = covered[k]
+        g = grad[k]
+        if kind == "momentum":
+            buf = opt.get("momentum", {}).get(k, torch.zeros_like(x[k]))
+            buf = torch.where(mask, beta1 * buf + g, buf)
+            new_opt.setdefault("momentum", {})[k] = buf
+            new_x[k] = torch.where(mask, x[k] - lr * buf, x[k])
+        else:  # adam, with a per-coordinate step count so that coverage gaps are exact
+            beta2 = cfg.outer.beta2
+            m = opt.get("adam_m", {}).get(k, torch.zeros_like(x[k]))
+            s = opt.get("adam_v", {}).get(k, torch.zeros_like(x[k]))
+            n = opt.get("adam_t", {}).get(k, torch.zeros_like(x[k]))
+            m = torch.where(mask, beta1 * m + (1 - beta1) * g, m)
+            s = torch.where(mask, beta2 * s + (1 - beta2) * g * g, s)
+            n = torch.where(mask, n + 1, n)
+            m_hat = m / (1 - beta1 ** n.clamp_min(1))
+            s_hat = s / (1 - beta2 ** n.clamp_min(1))
+            step = lr * m_hat / (torch.sqrt(s_hat) + 1e-8)
+            new_x[k] = torch.where(mask, x[k] - step, x[k])
+            new_opt.setdefault("adam_m", {})[k] = m
+            new_opt.setdefault("adam_v", {})[k] = s
+            new_opt.setdefault("adam_t", {})[k] = n
+    return new_x, new_opt
+

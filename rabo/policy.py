@@ -1,0 +1,98 @@
+"""Resource-adaptive ratio selection [recon, ALGORITHM.md section 4].
+
+Per worker and per round, the largest ratio in the ladder whose estimated peak training memory
+fits the worker's budget times a safety factor and, when a deadline is set, whose estimated
+step time fits it. The estimates are analytic (counted tensors and FLOPs of the submodel) and
+the time estimate is scaled by the worker's own measured throughput, so the same code serves the
+gRPC coordinator, the torch.distributed rank 0 and the simulator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rabo.engine import ClientHyper
+from rabo.masks import MaskSpec
+from rabo.tasks import BilevelTask
+from rabo.units import format_bytes
+
+BYTES_PER_ELEMENT = 4  # float32 training state
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What the policy needs to know of a worker (from its profile)."""
+
+    memory_budget_bytes: int  # memory it may spend on training state
+    flops_per_s: float = 0.0  # measured throughput; 0: unknown (no time check)
+
+
+@dataclass(frozen=True)
+class Choice:
+    ratio: float | None  # None: nothing in the ladder fits
+    reason: str
+    memory_bytes: int = 0  # estimate at the chosen ratio
+    step_s: float = 0.0
+
+
+def gradient_evaluations(hp: ClientHyper) -> float:
+    """Forward+backward passes of one local step, per estimator (counted from the code)."""
+    per_iteration = {
+        "fd-central": 2 + 1,  # g at y +- d v, and f
+        "fd-forward": 1 + 1 + 0.5,  # g at y + d v, f, and grad_x g added to the inner step
+        "exact": 1 + 2,  # f, and a double backward (about two passes)
+        "neumann": 1 + 3 * hp.neumann_terms,  # f, and one double backward per term
+    }[hp.estimator]
+    return hp.local_steps * (hp.inner_steps + per_iteration)
+
+
+def estimate_memory(task: BilevelTask, hp: ClientHyper, ratio: float, batch: int) -> int:
+    """Peak bytes of training state for one local step at ``ratio``.
+
+    Counted: the x, y, v slices; gradients of x and y for two evaluations alive at once (the
+    two finite-difference points) plus the perturbed copy of y; the saved activations of one
+    forward pass, twice (forward values and their gradients); exact and Neumann products
+    also keep the graph of a backward pass (a third activation copy).
+    """
+    mask = MaskSpec("static", ratio, 0)
+    nx = task.x_plan(mask, 0).numel()
+    ny = task.y_plan(mask).numel()
+    state = nx + 3 * ny  # x, y, v and y's update
+    grads = 2 * (nx + ny) + ny
+    copies = 3 if hp.estimator in ("exact", "neumann") else 2
+    activations = copies * task.model.activation_numel(ratio, batch)
+    return BYTES_PER_ELEMENT * (state + grads + activations)
+
+
+def estimate_flops(task: BilevelTask, hp: ClientHyper, ratio: float, batch: int) -> float:
+    """FLOPs of one local step: 3x the forward FLOPs (forward + backward) per evaluation."""
+    forward = sum(task.model.layer_flops(ratio, batch).values())
+    return 3.0 * forward * gradient_evaluations(hp)
+
+
+def choose_ratio(task: BilevelTask, hp: ClientHyper, resources: Resources,
+                 ladder: list[float], safety: float, deadline_s: float, batch: int) -> Choice:
+    """The largest fitting ratio of ``ladder`` (tried from large to small), or why none fits."""
+    budget = resources.memory_budget_bytes * safety
+    smallest_mem = None
+    for ratio in sorted(ladder, reverse=True):
+        mem = estimate_memory(task, hp, ratio, batch)
+        smallest_mem = mem
+        if mem > budget:
+            continue
+        step_s = 0.0
+        if resources.flops_per_s > 0:
+            step_s = estimate_flops(task, hp, ratio, batch) / resources.flops_per_s
+            if deadline_s > 0 and step_s > deadline_s:
+                continue
+        return Choice(ratio, f"ratio {ratio:g}: ~{format_bytes(mem)} of "
+                      f"{format_bytes(budget)} usable", mem, step_s)
+    why = (f"the smallest ratio {min(ladder):g} needs ~{format_bytes(smallest_mem or 0)} but "
+           f"only {format_bytes(budget)} of {format_bytes(resources.memory_budget_bytes)} "
+           f"may be used (safety {safety:g})")
+    if deadline_s > 0 and resources.flops_per_s > 0 and smallest_mem is not None \
+            and smallest_mem <= budget:
+        step = estimate_flops(task, hp, min(ladder), batch) / resources.flops_per_s
+        why = (f"the smallest ratio {min(ladder):g} needs ~{step:.2f}s per step, "
+               f"over the {deadline_s:g}s deadline")
+    return Choice(None, why)

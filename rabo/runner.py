@@ -1,0 +1,139 @@
+"""The in-process runner: the round engine driven directly, clients simulated one by one.
+
+It is the reference the gRPC and torch.distributed transports are tested against, and the
+quick way to study the method (``rabo simulate``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rabo.config import Config, to_dict
+from rabo.engine import ClientPlan, GlobalState, RoundStats, Update, sample_participants
+from rabo.job import Job, evaluate, resolve_device
+from rabo.metrics import MetricsWriter, write_json
+
+BYTES_PER_ELEMENT = 4
+
+
+@dataclass
+class RunResult:
+    state: GlobalState
+    records: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+
+def round_record(stats: RoundStats, state: GlobalState, wall_s: float, round_s: float,
+                 clients: list[dict[str, Any]], test: tuple[float, float] | None
+                 ) -> dict[str, Any]:
+    """The per-round metrics object shared by every transport."""
+    rec: dict[str, Any] = {
+        "round": stats.round,
+        "wall_s": round(wall_s, 4),
+        "round_s": round(round_s, 4),
+        "upper_loss": stats.upper_loss,
+        "test_acc": test[0] if test else None,
+        "test_loss": test[1] if test else None,
+        "hypergradient_norm": stats.step_norm,
+        **stats.coverage_x.as_dict("coverage_x"),
+        **stats.coverage_y.as_dict("coverage_y"),
+        "c_x_star": state.c_x_star,
+        "aggregation_s": round(stats.aggregation_s, 6),
+        "participants": len(clients),
+        "clients": clients,
+    }
+    return rec
+
+
+def client_record(plan: ClientPlan, update: Update, down_elems: int) -> dict[str, Any]:
+    up_elems = update.payload_numel()
+    return {
+        "client_id": plan.client_id,
+        "ratio": plan.ratio,
+        "payload_down_elems": down_elems,
+        "payload_up_elems": up_elems,
+        "payload_down_bytes": down_elems * BYTES_PER_ELEMENT,
+        "payload_up_bytes": up_elems * BYTES_PER_ELEMENT,
+        "compute_s": round(update.compute_s, 6),
+        "peak_mem_bytes": update.peak_mem_bytes,
+        "upper_loss": update.upper_loss,
+    }
+
+
+def summarize(cfg: Config, state: GlobalState, records: list[dict[str, Any]], wall_s: float,
+              extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    last = records[-1] if records else {}
+    evaluated = [r for r in records if r.get("test_acc") is not None]
+    return {
+        "rounds": state.round,
+        "test_acc": evaluated[-1]["test_acc"] if evaluated else None,
+        "test_loss": evaluated[-1]["test_loss"] if evaluated else None,
+        "best_test_acc": max((r["test_acc"] for r in evaluated), default=None),
+        "upper_loss": last.get("upper_loss"),
+        "C_x_star": state.c_x_star,
+        "wall_s": round(wall_s, 3),
+        **(extra or {}),
+        "config": to_dict(cfg),
+    }
+
+
+def simulate(cfg: Config, out_dir: str | Path | None = None,
+             progress: Callable[[dict[str, Any]], None] | None = None,
+             job: Job | None = None) -> RunResult:
+    """Run ``cfg.rounds`` rounds in this process; write the run folder when ``out_dir``."""
+    job = job or Job.from_config(cfg)
+    device = resolve_device(cfg.device)
+    engine = job.engine
+    ratios = job.simulated_ratios()
+    eligible = [c for c, r in enumerate(ratios) if r > 0]
+    if not eligible:
+        raise ValueError("no client fits the smallest ratio of the ladder in its memory budget")
+    state = engine.init_state()
+    writer = MetricsWriter(out_dir) if out_dir is not None else None
+    records: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    try:
+        for q in range(1, cfg.rounds + 1):
+            round_start = time.perf_counter()
+            participants = sample_participants(cfg.seed, q, eligible, cfg.clients.participation)
+            results: list[tuple[ClientPlan, Update]] = []
+            clients = []
+            for cid in participants:
+                plan = engine.plan(q, cid, ratios[cid])
+                assignment = engine.assign(state, plan)
+                update = engine.client_step(assignment, job.data.clients[cid], device)
+                results.append((plan, update))
+                clients.append(client_record(plan, update, assignment.payload_numel()))
+            state, stats = engine.server_step(state, results)
+            test = None
+            if q % cfg.eval_every == 0 or q == cfg.rounds:
+                test = evaluate(job.task, state.x, state.y, job.data.test, device)
+            now = time.perf_counter()
+            rec = round_record(stats, state, now - start, now - round_start, clients, test)
+            records.append(rec)
+            if writer:
+                writer.write(rec)
+            if progress:
+                progress(rec)
+    finally:
+        if writer:
+            writer.close()
+    summary = summarize(cfg, state, records, time.perf_counter() - start,
+                        {"transport": "in-process"})
+    if out_dir is not None:
+        write_json(Path(out_dir) / "summary.json", summary)
+    return RunResult(state, records, summary)
+
+
+def format_progress(rec: dict[str, Any], total_rounds: int) -> str:
+    """One terminal line per round."""
+    ratios = ",".join(f"{c['ratio']:g}" for c in rec["clients"])
+    acc = rec.get("test_acc")
+    acc_s = f"{100 * acc:5.1f}%" if acc is not None else "   -  "
+    return (f"round {rec['round']:>3}/{total_rounds}  test_acc {acc_s}  "
+            f"upper_loss {rec['upper_loss']:.4f}  cov_x min {rec['coverage_x_min']} "
+            f"mean {rec['coverage_x_mean']:.2f}  ratios [{ratios}]  {rec['round_s']:.2f}s")
