@@ -1,0 +1,157 @@
+"""Bytes on the wire, read from the kernel's TCP counters below gRPC.
+
+For each worker connection the coordinator asks Linux's sock_diag netlink interface (what
+``ss -ti`` uses) for ``tcp_info`` of the established socket whose remote end is the worker's
+address and port (gRPC's ``context.peer()``), and reads ``tcpi_bytes_acked`` (bytes sent to the
+worker and acknowledged), ``tcpi_bytes_received`` (bytes from the worker) and the segment counts.
+Sampling these at the start and end of a worker's share of a round gives its bytes on the wire
+per direction: everything the connection carried, i.e. HTTP/2 frames, headers, gRPC framing,
+TLS records, and also the worker's heartbeats in that interval; not TCP/IP headers. Those are
+estimated from segment counts (``l2_bytes``: + 66 bytes per segment, Ethernet + IPv4 + TCP with
+timestamps), which is what an interface counter such as a veth's sees.
+
+Needs no privileges (the socket is in the caller's own network namespace). Where netlink is
+not available (not Linux), :meth:`TcpCounters.read` returns None and wire bytes are reported
+as unavailable.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+import threading
+from dataclasses import dataclass
+
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST = 0x1
+NLM_F_DUMP = 0x300
+NLMSG_DONE = 3
+NLMSG_ERROR = 2
+INET_DIAG_INFO = 2
+TCP_ESTABLISHED = 1
+HEADER_BYTES_PER_SEGMENT = 14 + 20 + 32  # Ethernet + IPv4 + TCP with timestamp option
+
+# offsets in struct tcp_info (linux/tcp.h), stable since Linux 4.2 / 4.6
+_BYTES_ACKED = 120
+_BYTES_RECEIVED = 128
+_SEGS_OUT = 136
+_SEGS_IN = 140
+
+
+@dataclass(frozen=True)
+class SocketCounters:
+    bytes_sent: int  # acknowledged by the peer
+    bytes_received: int
+    segs_out: int
+    segs_in: int
+
+    def minus(self, earlier: SocketCounters) -> SocketCounters:
+        return SocketCounters(self.bytes_sent - earlier.bytes_sent,
+                              self.bytes_received - earlier.bytes_received,
+                              self.segs_out - earlier.segs_out, self.segs_in - earlier.segs_in)
+
+    def l2_sent(self) -> int:
+        return self.bytes_sent + HEADER_BYTES_PER_SEGMENT * self.segs_out
+
+    def l2_received(self) -> int:
+        return self.bytes_received + HEADER_BYTES_PER_SEGMENT * self.segs_in
+
+
+def parse_peer(peer: str) -> tuple[str, int] | None:
+    """gRPC peer strings: 'ipv4:127.0.0.1:5000', 'ipv6:[::1]:5000'; None for others (unix)."""
+    if peer.startswith("ipv4:"):
+        host, _, port = peer[5:].rpartition(":")
+        return host, int(port)
+    if peer.startswith("ipv6:"):
+        rest = peer[5:]
+        host, _, port = rest.rpartition(":")
+        return host.strip("[]").split("%")[0], int(port)
+    return None
+
+
+class TcpCounters:
+    """Looks up the kernel's counters of one TCP connection by its remote address."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seq = 0
+
+    def read(self, local_port: int, peer: tuple[str, int]) -> SocketCounters | None:
+        """Counters of the established connection local_port <-> peer, or None."""
+        host, port = peer
+        try:
+            addr = ipaddress.ip_address(host)
+        except ValueError:
+            return None
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
+        try:
+            for sport, dport, dst, info in self._dump(family):
+                if sport == local_port and dport == port and dst == addr:
+                    return _decode(info)
+            if family == socket.AF_INET:  # a dual-stack listener sees v4 peers as v6-mapped
+                mapped = ipaddress.IPv6Address(f"::ffff:{addr}")
+                for sport, dport, dst, info in self._dump(socket.AF_INET6):
+                    if sport == local_port and dport == port and dst == mapped:
+                        return _decode(info)
+        except OSError:
+            return None
+        return None
+
+    def _dump(self, family: int):
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+        req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 1 << (INET_DIAG_INFO - 1), 0,
+                          1 << TCP_ESTABLISHED)
+        req += b"\0" * 48  # inet_diag_sockid: match everything
+        msg = struct.pack("=IHHII", 16 + len(req), SOCK_DIAG_BY_FAMILY,
+                          NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + req
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as s:
+            s.sendto(msg, (0, 0))
+            while True:
+                data = s.recv(1 << 16)
+                pos = 0
+                while pos + 16 <= len(data):
+                    length, mtype, _, _, _ = struct.unpack_from("=IHHII", data, pos)
+                    if length < 16:
+                        return
+                    if mtype == NLMSG_DONE:
+                        return
+                    if mtype == NLMSG_ERROR:
+                        raise OSError("sock_diag returned an error")
+                    body = data[pos + 16:pos + length]
+                    parsed = _parse_diag(body, family)
+                    if parsed is not None:
+                        yield parsed
+                    pos += (length + 3) & ~3
+
+
+def _parse_diag(body: bytes, family: int):
+    if len(body) < 72:
+        return None
+    sport, dport = struct.unpack_from("!HH", body, 4)
+    raw_dst = body[24:40]
+    dst: ipaddress.IPv4Address | ipaddress.IPv6Address = (
+        ipaddress.IPv4Address(raw_dst[:4]) if family == socket.AF_INET
+        else ipaddress.IPv6Address(raw_dst))
+    pos = 72
+    while pos + 4 <= len(body):
+        alen, atype = struct.unpack_from("=HH", body, pos)
+        if alen < 4:
+            break
+        if atype == INET_DIAG_INFO:
+            return sport, dport, dst, body[pos + 4:pos + alen]
+        pos += (alen + 3) & ~3
+    return None
+
+
+def _decode(info: bytes) -> SocketCounters | None:
+    if len(info) < _SEGS_IN + 4:
+        return None
+    acked, received = struct.unpack_from("=QQ", info, _BYTES_ACKED)
+    segs_out, segs_in = struct.unpack_from("=II", info, _SEGS_OUT)
+    return SocketCounters(acked, received, segs_out, segs_in)

@@ -1,0 +1,212 @@
+"""Tensors on the wire: dtype + shape + raw little-endian bytes, in checksummed chunks.
+
+Shared by the coordinator and the worker (both import this package, never each other). A
+payload is a :class:`~rabo_proto.v1.rabo_pb2.PayloadHeader` listing the tensors, followed by
+:class:`~rabo_proto.v1.rabo_pb2.Chunk` messages carrying the concatenated bytes. Receiving
+checks every chunk's offset and size as it arrives, the total length and the CRC-32 at the end,
+and decodes only after all of that; no pickle, no numpy or torch serialization formats.
+"""
+
+from __future__ import annotations
+
+import sys
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from rabo_proto.v1 import rabo_pb2 as pb
+
+WIRE_DTYPES: dict[torch.dtype, int] = {
+    torch.float32: pb.FLOAT32,
+    torch.float64: pb.FLOAT64,
+    torch.float16: pb.FLOAT16,
+    torch.bfloat16: pb.BFLOAT16,
+    torch.int64: pb.INT64,
+    torch.int32: pb.INT32,
+}
+TORCH_DTYPES = {v: k for k, v in WIRE_DTYPES.items()}
+PART_NAMES = {pb.X: "x", pb.Y: "y", pb.V: "v"}
+PARTS = {v: k for k, v in PART_NAMES.items()}
+GRPC_FRAME_BYTES = 5  # gRPC length-prefixed message framing: 1 flag byte + 4 length bytes
+
+if sys.byteorder != "little":  # pragma: no cover - all supported platforms are little-endian
+    raise ImportError("rabo_proto.codec supports little-endian hosts only")
+
+
+class WireError(ValueError):
+    """A payload does not match what was announced or expected; the message says how."""
+
+
+@dataclass(frozen=True)
+class WireTensor:
+    part: str  # "x", "y" or "v"
+    name: str
+    tensor: torch.Tensor
+
+
+def _raw(t: torch.Tensor) -> memoryview:
+    t = t.detach().contiguous().cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    if t.dtype not in WIRE_DTYPES and t.dtype != torch.int16:
+        raise WireError(f"dtype {t.dtype} cannot cross the wire")
+    return memoryview(t.numpy()).cast("B")
+
+
+def tensor_meta(part: str, name: str, dtype: torch.dtype, shape: Sequence[int]) -> pb.TensorMeta:
+    if dtype not in WIRE_DTYPES:
+        raise WireError(f"tensor {part}.{name}: dtype {dtype} cannot cross the wire")
+    return pb.TensorMeta(part=PARTS[part], name=name, dtype=WIRE_DTYPES[dtype], shape=list(shape))
+
+
+def meta_nbytes(meta: pb.TensorMeta) -> int:
+    n = 1
+    for s in meta.shape:
+        n *= s
+    return n * TORCH_DTYPES[meta.dtype].itemsize
+
+
+class Encoded:
+    """A payload ready to stream: its header and a generator of chunks."""
+
+    def __init__(self, round: int, worker_id: str, tensors: Sequence[WireTensor],
+                 chunk_bytes: int) -> None:
+        if chunk_bytes < 1:
+            raise ValueError("chunk_bytes must be >= 1")
+        self._views = [_raw(t.tensor) for t in tensors]
+        crc = 0
+        for view in self._views:
+            crc = zlib.crc32(view, crc)
+        self.header = pb.PayloadHeader(
+            round=round, worker_id=worker_id,
+            tensors=[tensor_meta(t.part, t.name, t.tensor.dtype, t.tensor.shape) for t in tensors],
+            total_bytes=sum(v.nbytes for v in self._views), crc32=crc)
+        self.chunk_bytes = chunk_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return int(self.header.total_bytes)
+
+    def chunks(self) -> Iterator[pb.Chunk]:
+        """Chunks of at most ``chunk_bytes``, crossing tensor boundaries (one copy each)."""
+        offset = 0
+        pending: list[memoryview] = []
+        pending_bytes = 0
+        for view in self._views:
+            pos = 0
+            while pos < view.nbytes:
+                take = min(self.chunk_bytes - pending_bytes, view.nbytes - pos)
+                pending.append(view[pos:pos + take])
+                pending_bytes += take
+                pos += take
+                if pending_bytes == self.chunk_bytes:
+                    yield pb.Chunk(offset=offset, data=b"".join(pending))
+                    offset += pending_bytes
+                    pending, pending_bytes = [], 0
+        if pending_bytes:
+            yield pb.Chunk(offset=offset, data=b"".join(pending))
+
+
+def check_header(header: pb.PayloadHeader, expected: Sequence[pb.TensorMeta] | None,
+                 max_total_bytes: int) -> None:
+    """Validate a header on its own, and against the expected tensor list when given."""
+    total = 0
+    seen = set()
+    for meta in header.tensors:
+        key = (meta.part, meta.name)
+        label = f"{PART_NAMES.get(meta.part, '?')}.{meta.name}"
+        if meta.part not in PART_NAMES:
+            raise WireError(f"tensor {meta.name!r}: unknown part {meta.part}")
+        if key in seen:
+            raise WireError(f"tensor {label} appears twice")
+        seen.add(key)
+        if meta.dtype not in TORCH_DTYPES:
+            raise WireError(f"tensor {label}: unknown dtype {meta.dtype}")
+        if any(s < 0 for s in meta.shape):
+            raise WireError(f"tensor {label}: negative dimension in shape {list(meta.shape)}")
+        total += meta_nbytes(meta)
+    if total != header.total_bytes:
+        raise WireError(f"header announces {header.total_bytes} bytes but its tensors hold "
+                        f"{total}")
+    if total > max_total_bytes:
+        raise WireError(f"payload of {total} bytes exceeds the limit of {max_total_bytes}")
+    if expected is None:
+        return
+    want = {(m.part, m.name): m for m in expected}
+    got = {(m.part, m.name): m for m in header.tensors}
+    missing = sorted(f"{PART_NAMES[p]}.{n}" for p, n in want.keys() - got.keys())
+    extra = sorted(f"{PART_NAMES.get(p, '?')}.{n}" for p, n in got.keys() - want.keys())
+    if missing or extra:
+        raise WireError(f"tensors do not match the assignment: missing {missing}, "
+                        f"unexpected {extra}")
+    for key, meta in got.items():
+        w = want[key]
+        label = f"{PART_NAMES[key[0]]}.{key[1]}"
+        if list(meta.shape) != list(w.shape):
+            raise WireError(f"tensor {label}: shape {list(meta.shape)}, expected "
+                            f"{list(w.shape)}")
+        if meta.dtype != w.dtype:
+            raise WireError(f"tensor {label}: dtype {pb.DType.Name(meta.dtype)}, expected "
+                            f"{pb.DType.Name(w.dtype)}")
+
+
+class Assembler:
+    """Receives the chunks of one payload and decodes its tensors once complete."""
+
+    def __init__(self, header: pb.PayloadHeader, max_chunk_bytes: int) -> None:
+        self.header = header
+        self.max_chunk_bytes = max_chunk_bytes
+        self._buf = bytearray(header.total_bytes)
+        self._received = 0
+        self.chunks = 0
+
+    @property
+    def received(self) -> int:
+        return self._received
+
+    def add(self, chunk: pb.Chunk) -> None:
+        size = len(chunk.data)
+        if size > self.max_chunk_bytes:
+            raise WireError(f"chunk of {size} bytes exceeds the limit of "
+                            f"{self.max_chunk_bytes}")
+        if chunk.offset != self._received:
+            raise WireError(f"chunk at offset {chunk.offset}, expected {self._received} "
+                            "(chunks must arrive in order, without gaps or repeats)")
+        if self._received + size > len(self._buf):
+            raise WireError(f"chunks carry more than the {len(self._buf)} bytes announced")
+        self._buf[self._received:self._received + size] = chunk.data
+        self._received += size
+        self.chunks += 1
+
+    def finish(self, check_finite: bool = True) -> list[WireTensor]:
+        if self._received != len(self._buf):
+            raise WireError(f"truncated payload: {self._received} of {len(self._buf)} bytes "
+                            "arrived")
+        crc = zlib.crc32(self._buf)
+        if crc != self.header.crc32:
+            raise WireError(f"checksum mismatch: CRC-32 {crc:#010x}, header says "
+                            f"{self.header.crc32:#010x}")
+        out: list[WireTensor] = []
+        offset = 0
+        for meta in self.header.tensors:
+            dtype = TORCH_DTYPES[meta.dtype]
+            n = meta_nbytes(meta)
+            count = n // dtype.itemsize
+            if count == 0:
+                t = torch.empty(list(meta.shape), dtype=dtype)
+            else:
+                t = torch.frombuffer(self._buf, dtype=dtype, count=count, offset=offset
+                                     ).view(list(meta.shape))
+            offset += n
+            label = f"{PART_NAMES[meta.part]}.{meta.name}"
+            if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise WireError(f"tensor {label} holds NaN or infinite values")
+            out.append(WireTensor(PART_NAMES[meta.part], meta.name, t))
+        return out
+
+
+def message_bytes(msg: object) -> int:
+    """Serialized size of one gRPC message including its 5-byte length prefix."""
+    return int(msg.ByteSize()) + GRPC_FRAME_BYTES  # type: ignore[attr-defined]

@@ -1,0 +1,174 @@
+"""The round engine against an independent centralized bilevel step, and its invariants."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rabo import config
+from rabo.engine import sample_participants
+from rabo.job import Job
+from rabo.params import max_abs_diff
+from rabo.runner import simulate
+from rabo.tasks import Batch
+
+TINY = ["data.dataset=digits", "model.hidden=[16]", "clients.count=1", "clients.ratios=[1]",
+        "data.batch_size=0", "inner.steps=1", "outer.optimizer=sgd", "rounds=1",
+        "estimator.radius=0"]
+
+
+def _flat(p):
+    return torch.cat([t.reshape(-1) for t in p.values()])
+
+
+def _unflat(vec, like):
+    out, i = {}, 0
+    for k, t in like.items():
+        out[k] = vec[i:i + t.numel()].view(t.shape)
+        i += t.numel()
+    return out
+
+
+@pytest.mark.parametrize("task_name", ["A", "B"])
+def test_one_client_at_ratio_one_is_a_centralized_bilevel_step(task_name: str) -> None:
+    cfg = config.load(None, [*TINY, f"task={task_name}", "estimator.name=exact",
+                             "estimator.eta_v=0.3", "inner.lr=0.4", "outer.lr=0.7"])
+    job = Job.from_config(cfg)
+    state = job.engine.init_state()
+    gen = torch.Generator().manual_seed(9)
+    state.v = {k: 0.1 * torch.randn(t.shape, generator=gen) for k, t in state.y.items()}
+    x0, y0, v0 = _flat(state.x), _flat(state.y), _flat(state.v)
+
+    plan = job.engine.plan(1, 0, 1.0)
+    update = job.engine.client_step(job.engine.assign(state, plan), job.data.clients[0])
+    new, _ = job.engine.server_step(state, [(plan, update)])
+
+    # the same step, written independently with full Hessian blocks
+    client = job.data.clients[0]
+    tr = Batch(client.train.inputs, client.train.labels, torch.arange(len(client.train)))
+    va = Batch(client.val.inputs, client.val.labels, torch.arange(len(client.val)))
+    task = job.task
+
+    def g(xv, yv):
+        return task.g(_unflat(xv, state.x), _unflat(yv, state.y), tr)
+
+    def f(xv, yv):
+        return task.f(_unflat(xv, state.x), _unflat(yv, state.y), va)
+
+    fx, fy = torch.autograd.functional.jacobian(f, (x0, y0))
+    _, gy = torch.autograd.functional.jacobian(g, (x0, y0))
+    hess = torch.autograd.functional.hessian(lambda yv: g(x0, yv), y0)
+    cross = torch.autograd.functional.jacobian(
+        lambda xv: torch.autograd.functional.jacobian(lambda yv: g(xv, yv), y0,
+                                                      create_graph=True), x0)  # [ny, nx]
+    h = fx - cross.T @ v0
+    expect_x = x0 - 0.7 * h
+    expect_y = y0 - 0.4 * gy
+    expect_v = v0 - 0.3 * (hess @ v0 - fy)
+    assert torch.allclose(_flat(new.x), expect_x, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(_flat(new.y), expect_y, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(_flat(new.v), expect_v, rtol=1e-4, atol=1e-6)
+    assert float(torch.linalg.norm(cross.T @ v0)) > 1e-4  # the second-order term mattered
+
+
+def test_rafbo_with_one_local_step_equals_rabo_sgd() -> None:
+    common = [*TINY, "rounds=3", "clients.count=3", "clients.ratios=[1, 0.5]"]
+    rabo = simulate(config.load(None, [*common, "algorithm=rabo"])).state
+    rafbo = simulate(config.load(None, [*common, "algorithm=rafbo", "outer.local_steps=1"])).state
+    assert max_abs_diff(rabo.x, rafbo.x) < 1e-6
+    assert max_abs_diff(rabo.y, rafbo.y) < 1e-6
+
+
+def test_runs_are_deterministic_and_seeds_matter() -> None:
+    over = [*TINY, "rounds=3", "clients.count=4", "clients.ratios=[1, 0.25]", "data.batch_size=32",
+            "mask.policy=random", "clients.participation=0.5", "inner.steps=2"]
+    a = simulate(config.load(None, over)).state
+    b = simulate(config.load(None, over)).state
+    c = simulate(config.load(None, [*over, "seed=5"])).state
+    assert max_abs_diff(a.x, b.x) == 0.0 and max_abs_diff(a.v, b.v) == 0.0
+    assert max_abs_diff(a.x, c.x) > 0.0
+
+
+def test_coverage_and_payloads_in_records() -> None:
+    over = [*TINY, "rounds=2", "clients.count=4", "clients.ratios=[1, 0.5, 0.25, 0.25]",
+            "model.hidden=[32, 32]", "mask.policy=static"]
+    res = simulate(config.load(None, over))
+    rec = res.records[0]
+    # static masks: every coordinate is covered by the ratio-1 client; the first 8 units by all
+    assert rec["coverage_x_min"] == 1 and rec["coverage_x_zero"] == 0
+    assert rec["coverage_y_min"] == 1
+    assert res.summary["C_x_star"] == 1
+    by_ratio = {c["ratio"]: c for c in rec["clients"]}
+    full, half = by_ratio[1.0]["payload_down_elems"], by_ratio[0.5]["payload_down_elems"]
+    assert half < 0.5 * full  # hidden-to-hidden weights shrink as r^2
+    assert rec["clients"][0]["payload_up_elems"] == rec["clients"][0]["payload_down_elems"]
+
+
+def test_personalized_lower_level_keeps_y_per_client() -> None:
+    over = [*TINY, "rounds=2", "clients.count=3", "lower_level=personalized"]
+    res = simulate(config.load(None, over))
+    job = Job.from_config(config.load(None, over))
+    init = job.engine.init_state()
+    assert max_abs_diff(res.state.y, init.y) == 0.0  # the global y is never averaged
+    assert sorted(res.state.y_clients) == [0, 1, 2]
+    assert max_abs_diff(res.state.y_clients[0], res.state.y_clients[1]) > 0
+
+
+def test_task_c_hyper_cleaning_runs_and_moves_only_participants_weights() -> None:
+    over = ["task=C", "data.dataset=digits", "model.hidden=[16]", "clients.count=4",
+            "clients.participation=0.5", "rounds=2", "data.label_noise=0.3",
+            "outer.optimizer=sgd", "outer.lr=5.0"]
+    cfg = config.load(None, over)
+    res = simulate(cfg)
+    # round 1 starts from v = 0, where the hypergradient of sample weights is zero (f does not
+    # depend on them); in round 2 the participants' weights move and nobody else's
+    parts = res.records[1]["clients"]
+    moved = {int(k[1:]) for k, t in res.state.x.items() if float(t.abs().sum()) > 0}
+    assert moved == {c["client_id"] for c in parts}
+
+
+def test_participant_sampling() -> None:
+    assert sample_participants(0, 1, [3, 1, 2], 1.0) == [1, 2, 3]
+    a = sample_participants(0, 1, list(range(10)), 0.3)
+    assert len(a) == 3 and a == sorted(a)
+    assert a == sample_participants(0, 1, list(range(10)), 0.3)
+    picks = {tuple(sample_participants(0, q, list(range(10)), 0.3)) for q in range(1, 20)}
+    assert len(picks) > 5  # rounds differ
+
+
+def test_simulate_cli_writes_the_run_folder(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "rabo.cli", "simulate", "--rounds", "2", "--out", str(out),
+           *sum((["--set", kv] for kv in [*TINY, "clients.count=2",
+                                          "clients.ratios=[1, 0.5]"]), [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "round   2/2" in proc.stdout
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    rec = json.loads(lines[-1])
+    for key in ("round", "wall_s", "upper_loss", "test_acc", "coverage_x_min", "coverage_y_min"):
+        assert key in rec
+    assert {c["ratio"] for c in rec["clients"]} == {1.0, 0.5}
+    assert all("payload_down_elems" in c and "payload_up_elems" in c for c in rec["clients"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_acc"] == rec["test_acc"] and summary["C_x_star"] >= 1
+    assert summary["config"]["rounds"] == 2
+
+
+def test_cli_bad_config_names_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("estimator:\n  name: newton\n")
+    proc = subprocess.run([sys.executable, "-m", "rabo.cli", "simulate", "--config", str(bad)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "estimator.name: 'newton' is not allowed" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "rabo.cli", "simulate", "--set",
+                           "data.dataset=mnist-full", "--set", f"data.root={tmp_path}"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and str(tmp_path) in proc.stderr

@@ -1,0 +1,71 @@
+"""The resource-adaptive ratio policy."""
+
+from __future__ import annotations
+
+import pytest
+
+from rabo import config
+from rabo.engine import ClientHyper
+from rabo.models import build_model
+from rabo.policy import Resources, choose_ratio, estimate_flops, estimate_memory
+from rabo.tasks import HyperRepresentation
+
+LADDER = [1.0, 0.5, 0.25, 0.125, 0.0625]
+
+
+@pytest.fixture
+def setup():
+    model = build_model("mlp", (1, 28, 28), 10, [2048, 2048])
+    task = HyperRepresentation(model, mu=0.01)
+    hp = ClientHyper.from_config(config.load(None))
+    return task, hp
+
+
+def test_memory_and_flops_shrink_with_the_ratio(setup) -> None:
+    task, hp = setup
+    mems = [estimate_memory(task, hp, r, 64) for r in LADDER]
+    flops = [estimate_flops(task, hp, r, 64) for r in LADDER]
+    assert mems == sorted(mems, reverse=True) and flops == sorted(flops, reverse=True)
+    # hidden-heavy: halving the width quarters the hidden-to-hidden part
+    assert mems[1] / mems[0] < 0.4 and flops[1] / flops[0] < 0.4
+
+
+def test_largest_fitting_ratio_is_chosen(setup) -> None:
+    task, hp = setup
+    mem = {r: estimate_memory(task, hp, r, 64) for r in LADDER}
+    for r in LADDER:
+        budget = int(mem[r] / 0.8) + 1  # exactly enough for r with the safety factor
+        choice = choose_ratio(task, hp, Resources(budget), LADDER, 0.8, 0.0, 64)
+        assert choice.ratio == r, (r, choice)
+        assert choice.memory_bytes == mem[r]
+    # a larger budget never picks a smaller ratio
+    picks = [choose_ratio(task, hp, Resources(b), LADDER, 0.8, 0.0, 64).ratio
+             for b in (2**20 * m for m in (1, 8, 32, 128, 1024))]
+    assert [p or 0 for p in picks] == sorted(p or 0 for p in picks)
+
+
+def test_nothing_fits_says_why(setup) -> None:
+    task, hp = setup
+    choice = choose_ratio(task, hp, Resources(1024), LADDER, 0.8, 0.0, 64)
+    assert choice.ratio is None
+    assert "smallest ratio 0.0625 needs" in choice.reason and "safety 0.8" in choice.reason
+
+
+def test_deadline_excludes_slow_ratios(setup) -> None:
+    task, hp = setup
+    flops = {r: estimate_flops(task, hp, r, 64) for r in LADDER}
+    rate = 1e9
+    deadline = flops[0.25] / rate * 1.01  # 0.25 just fits, 0.5 does not
+    choice = choose_ratio(task, hp, Resources(2**40, rate), LADDER, 0.8, deadline, 64)
+    assert choice.ratio == 0.25 and choice.step_s <= deadline
+    none = choose_ratio(task, hp, Resources(2**40, 1.0), LADDER, 0.8, 1e-3, 64)
+    assert none.ratio is None and "deadline" in none.reason
+
+
+def test_simulated_memory_budgets_map_to_ratios() -> None:
+    from rabo.job import Job
+
+    cfg = config.load(None, ["data.dataset=digits", "model.hidden=[512, 512]", "clients.count=3",
+                             "clients.memory_budgets=[1GiB, 3MiB, 1KiB]"])
+    ratios = Job.from_config(cfg).simulated_ratios()
+    assert ratios[0] == 1.0 and 0 < ratios[1] < 1.0 and ratios[2] == 0.0
