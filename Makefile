@@ -31,7 +31,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 demo: install
-	$(BIN)/rabo simulate --config configs/default.yaml --out $(OUT)
+	$(BIN)/rabo local --config configs/default.yaml --workers 4 --out $(OUT)
 
 lint: install
 	$(BIN)/ruff check rabo coordinator worker tests

@@ -36,51 +36,75 @@ class CoverageAverager:
     """Accumulates weighted slices of one variable and returns their coverage average.
 
     ``add`` is called once per client update, in a fixed order (client id) so that every
-    transport sums in the same order and produces bit-identical results.
+    transport sums in the same order and produces bit-identical results. Slices made of a few
+    dense blocks (static and rolling masks) are accumulated block by block at memory speed;
+    scattered slices (random masks) through one flat ``index_add_``.
     """
 
     def __init__(self, like: Mapping[str, torch.Tensor]) -> None:
         self._sum = {k: torch.zeros_like(t) for k, t in like.items()}
         self._weight = {k: torch.zeros_like(t) for k, t in like.items()}
-        self._count = {k: torch.zeros(t.shape, dtype=torch.int32, device=t.device)
-                       for k, t in like.items()}
+        self._count: dict[str, torch.Tensor] | None = None  # None: equal to _weight (all w = 1)
+        self._avg: Params | None = None
+        self._coverage_sum = 0  # sum of coverage over coordinates = total slice sizes added
 
     def add(self, slice_plan: SlicePlan, values: Mapping[str, torch.Tensor], weight: float = 1.0
             ) -> None:
-        for name, idx in slice_plan.index.items():
-            s = values[name].to(self._sum[name].device, self._sum[name].dtype)
-            if idx is None:
-                self._sum[name].add_(s, alpha=weight)
-                self._weight[name].add_(weight)
-                self._count[name].add_(1)
-                continue
-            flat = idx.to(s.device).reshape(-1)
-            self._sum[name].view(-1).index_add_(0, flat, s.reshape(-1), alpha=weight)
-            self._weight[name].view(-1).index_add_(
-                0, flat, torch.full((flat.numel(),), weight, dtype=s.dtype, device=s.device))
-            self._count[name].view(-1).index_add_(
-                0, flat, torch.ones(flat.numel(), dtype=torch.int32, device=s.device))
+        if self._avg is not None:
+            raise RuntimeError("add() after average()")
+        if weight != 1.0 and self._count is None:
+            self._count = {k: w.clone() for k, w in self._weight.items()}
+        self._coverage_sum += slice_plan.numel()
+        for name in slice_plan.shapes:
+            acc, wsum = self._sum[name], self._weight[name]
+            cnt = self._count[name] if self._count is not None else None
+            s = values[name].to(acc.device, acc.dtype)
+            blocks = slice_plan.blocks[name]
+            if slice_plan.whole[name]:
+                acc.add_(s, alpha=weight)
+                wsum.add_(weight)
+                if cnt is not None:
+                    cnt.add_(1.0)
+            elif blocks is not None:
+                for full_sl, sub_sl in blocks:
+                    acc[full_sl].add_(s[sub_sl], alpha=weight)
+                    wsum[full_sl].add_(weight)
+                    if cnt is not None:
+                        cnt[full_sl].add_(1.0)
+            else:
+                idx = slice_plan.index[name]
+                assert idx is not None
+                flat = idx.to(s.device).reshape(-1)
+                acc.view(-1).index_add_(0, flat, s.reshape(-1), alpha=weight)
+                ones = torch.ones(1, dtype=s.dtype, device=s.device).expand(flat.numel())
+                wsum.view(-1).index_add_(0, flat, ones, alpha=weight)
+                if cnt is not None:
+                    cnt.view(-1).index_add_(0, flat, ones)
 
     def average(self) -> Params:
         """Per coordinate: weighted mean over the clients that covered it, 0 where none did."""
-        return {k: torch.where(self._weight[k] > 0, self._sum[k] / self._weight[k].clamp_min(
-            torch.finfo(self._sum[k].dtype).tiny), torch.zeros_like(self._sum[k]))
-            for k in self._sum}
-
-    def covered(self) -> dict[str, torch.Tensor]:
-        return {k: c > 0 for k, c in self._count.items()}
+        if self._avg is None:
+            # uncovered coordinates hold sum 0 and weight 0: 0 / tiny = 0, no mask needed
+            self._avg = {k: self._sum[k].div_(self._weight[k].clamp(
+                min=torch.finfo(self._sum[k].dtype).tiny)) for k in self._sum}
+        return self._avg
 
     def counts(self) -> dict[str, torch.Tensor]:
-        return dict(self._count)
+        """Coverage: how many clients covered each coordinate."""
+        src = self._count if self._count is not None else self._weight
+        return {k: c.round().to(torch.int32) for k, c in src.items()}
+
+    def covered(self) -> dict[str, torch.Tensor]:
+        return {k: w > 0 for k, w in self._weight.items()}
 
     def stats(self) -> CoverageStats:
-        total = sum(c.numel() for c in self._count.values())
+        src = self._count if self._count is not None else self._weight
+        total = sum(c.numel() for c in src.values())
         if total == 0:
             return CoverageStats(0, 0.0, 0, 0)
-        cmin = min(int(c.min()) for c in self._count.values() if c.numel())
-        csum = sum(int(c.sum()) for c in self._count.values())
-        zero = sum(int((c == 0).sum()) for c in self._count.values())
-        return CoverageStats(cmin, csum / total, zero, total)
+        nonzero = sum(int(torch.count_nonzero(c)) for c in src.values())
+        cmin = 0.0 if nonzero < total else min(float(c.min()) for c in src.values() if c.numel())
+        return CoverageStats(round(cmin), self._coverage_sum / total, total - nonzero, total)
 
 
 def apply_average(full: Mapping[str, torch.Tensor], averager: CoverageAverager, step: float = 1.0

@@ -72,6 +72,17 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from rabo.report import report
+
+    try:
+        print(report(args.dir))
+    except FileNotFoundError:
+        print(f"rabo report: error: {args.dir} has no metrics.jsonl", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_bench_estimator(args: argparse.Namespace) -> int:
     from rabo.bench.estimator import main as bench_main
 
@@ -96,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="show the config schema, or a resolved config")
     add_config_args(p, rounds=False)
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("report", help="a run folder as a table and PNG plots")
+    p.add_argument("dir", metavar="DIR", help="run folder holding metrics.jsonl")
+    p.set_defaults(func=cmd_report)
 
     bench = sub.add_parser("bench", help="benchmarks that print measured ratios")
     bsub = bench.add_subparsers(dest="bench", metavar="BENCH")

@@ -274,17 +274,18 @@ class RoundEngine:
                 y_c, v_c = self._lower_of(state, plan.client_id)
                 y_clients[plan.client_id] = scatter(y_c, plan.y, upd.y, add=True)
                 v_clients[plan.client_id] = scatter(v_c, plan.y, upd.v, add=True)
+        cov_x, cov_y = xa.stats(), ya.stats()
         avg_x = xa.average()
         opt = state.opt
         if self.cfg.algorithm == "rabo":
-            x, opt = outer_step(self.cfg, state.x, avg_x, xa.covered(), state.opt)
+            covered = xa.covered() if cov_x.zero else None
+            x, opt = outer_step(self.cfg, state.x, avg_x, covered, state.opt)
         else:
             x = {k: state.x[k] + self.cfg.outer.server_lr * avg_x[k] for k in state.x}
         if personalized:
             y, v = state.y, state.v
         else:
             y, v = apply_average(state.y, ya), apply_average(state.v, va)
-        cov_x, cov_y = xa.stats(), ya.stats()
         c_star = cov_x.min if state.c_x_star is None else min(state.c_x_star, cov_x.min)
         new_state = GlobalState(round=round_, x=x, y=y, v=v, opt=opt, y_clients=y_clients,
                                 v_clients=v_clients, c_x_star=c_star)
@@ -367,39 +368,66 @@ def _bound(loss: Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor
 
 
 def outer_step(cfg: Config, x: Mapping[str, torch.Tensor], grad: Mapping[str, torch.Tensor],
-               covered: Mapping[str, torch.Tensor], opt: Mapping[str, Params]
+               covered: Mapping[str, torch.Tensor] | None, opt: Mapping[str, Params]
                ) -> tuple[Params, dict[str, Params]]:
     """One coordinator x step (RABO). Only covered coordinates move, and only their optimizer
-    state advances: an uncovered coordinate keeps its value and its momentum."""
+    state advances: an uncovered coordinate keeps its value and its momentum. ``covered`` is
+    None when every coordinate was covered (then no masking is needed).
+
+    Adam keeps per-coordinate bias corrections, so that a coordinate's correction counts the
+    rounds it was actually updated in. The previous state's tensors are never modified.
+    """
     lr = cfg.outer.lr
     kind = cfg.outer.optimizer
     new_x: Params = {}
     new_opt: dict[str, Params] = {k: dict(v) for k, v in opt.items()}
-    if kind == "sgd":
+    if kind == "sgd":  # an uncovered coordinate has a zero averaged gradient: no mask needed
         return {k: x[k] - lr * grad[k] for k in x}, new_opt
     beta1 = cfg.outer.momentum
     for k in x:
-        mask = covered[k]
+        mask = covered[k] if covered is not None else None
         g = grad[k]
         if kind == "momentum":
-            buf = opt.get("momentum", {}).get(k, torch.zeros_like(x[k]))
-            buf = torch.where(mask, beta1 * buf + g, buf)
-            new_opt.setdefault("momentum", {})[k] = buf
-            new_x[k] = torch.where(mask, x[k] - lr * buf, x[k])
-        else:  # adam, with a per-coordinate step count so that coverage gaps are exact
+            old = opt.get("momentum", {}).get(k)
+            buf = g.clone() if old is None else torch.add(g, old, alpha=beta1)
+            step = buf
+        else:
             beta2 = cfg.outer.beta2
-            m = opt.get("adam_m", {}).get(k, torch.zeros_like(x[k]))
-            s = opt.get("adam_v", {}).get(k, torch.zeros_like(x[k]))
-            n = opt.get("adam_t", {}).get(k, torch.zeros_like(x[k]))
-            m = torch.where(mask, beta1 * m + (1 - beta1) * g, m)
-            s = torch.where(mask, beta2 * s + (1 - beta2) * g * g, s)
-            n = torch.where(mask, n + 1, n)
-            m_hat = m / (1 - beta1 ** n.clamp_min(1))
-            s_hat = s / (1 - beta2 ** n.clamp_min(1))
-            step = lr * m_hat / (torch.sqrt(s_hat) + 1e-8)
-            new_x[k] = torch.where(mask, x[k] - step, x[k])
+            old_m = opt.get("adam_m", {}).get(k)
+            old_s = opt.get("adam_v", {}).get(k)
+            old_c1 = opt.get("adam_c1", {}).get(k)
+            old_c2 = opt.get("adam_c2", {}).get(k)
+            m = g * (1 - beta1) if old_m is None else torch.add(old_m * beta1, g,
+                                                                 alpha=1 - beta1)
+            s = g * g * (1 - beta2) if old_s is None else torch.addcmul(old_s * beta2, g, g,
+                                                                        value=1 - beta2)
+            # bias corrections c = 1 - beta^n per coordinate, advanced without powers:
+            # 1 - beta^(n+1) = (1 - beta) + beta (1 - beta^n)
+            c1 = (torch.full_like(g, 1 - beta1) if old_c1 is None
+                  else torch.add(old_c1 * beta1, 1 - beta1))
+            c2 = (torch.full_like(g, 1 - beta2) if old_c2 is None
+                  else torch.add(old_c2 * beta2, 1 - beta2))
+            if mask is not None:
+                zero = torch.zeros_like(g)
+                m = torch.where(mask, m, zero if old_m is None else old_m)
+                s = torch.where(mask, s, zero if old_s is None else old_s)
+                c1 = torch.where(mask, c1, zero if old_c1 is None else old_c1)
+                c2 = torch.where(mask, c2, zero if old_c2 is None else old_c2)
+            # step = m_hat / (sqrt(s_hat) + eps); uncovered coordinates are masked out below
+            tiny = torch.finfo(g.dtype).tiny
+            denom = (s / c2.clamp(min=tiny)).sqrt_().add_(1e-8)
+            step = (m / c1.clamp(min=tiny)).div_(denom)
             new_opt.setdefault("adam_m", {})[k] = m
             new_opt.setdefault("adam_v", {})[k] = s
-            new_opt.setdefault("adam_t", {})[k] = n
+            new_opt.setdefault("adam_c1", {})[k] = c1
+            new_opt.setdefault("adam_c2", {})[k] = c2
+        if kind == "momentum":
+            if mask is not None:
+                old_buf = torch.zeros_like(g) if old is None else old
+                buf = torch.where(mask, buf, old_buf)
+            new_opt.setdefault("momentum", {})[k] = buf
+            step = buf
+        new = torch.add(x[k], step, alpha=-lr)
+        new_x[k] = new if mask is None else torch.where(mask, new, x[k])
     return new_x, new_opt
 

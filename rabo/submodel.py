@@ -14,6 +14,8 @@ hyperparameters that mirror a network's layout are pruned with the same indices.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -45,27 +47,73 @@ class ParamLayout:
 Layout = dict[str, ParamLayout]
 
 
-@dataclass(frozen=True)
-class SlicePlan:
-    """Flat indices (shaped like the slice) of each tensor's kept entries; ``None`` = whole."""
+MAX_BLOCKS = 16  # beyond this many rectangular blocks a tensor uses one flat gather instead
 
-    index: dict[str, torch.Tensor | None]
-    shapes: dict[str, tuple[int, ...]]
+Block = tuple[tuple[slice, ...], tuple[slice, ...]]  # (slices of the full tensor, of the slice)
+
+
+class SlicePlan:
+    """How to cut each tensor of a layout down to a submodel, and put it back.
+
+    Per tensor: the slice's shape and either ``None`` (the whole tensor is kept), a short list
+    of rectangular blocks (static and rolling masks keep contiguous runs of units, so their
+    slices are a few dense sub-rectangles that copy and accumulate at memory speed), or, when
+    the kept units are scattered (random masks), the flat indices of the kept entries.
+    """
+
+    def __init__(self, layout: Mapping[str, ParamLayout], per_dim: dict[str, list[torch.Tensor]],
+                 blocks: dict[str, list[Block] | None]) -> None:
+        self._layout = {k: layout[k] for k in per_dim}
+        self._per_dim = per_dim
+        self.blocks = blocks
+        self.shapes: dict[str, tuple[int, ...]] = {
+            k: tuple(int(i.numel()) for i in dims) for k, dims in per_dim.items()}
+        self.whole = {k: self.shapes[k] == self._layout[k].shape for k in per_dim}
+        self._flat: dict[str, torch.Tensor | None] | None = None
 
     def numel(self) -> int:
-        total = 0
-        for shape in self.shapes.values():
-            n = 1
-            for s in shape:
-                n *= s
-            total += n
-        return total
+        return sum(math.prod(shape) for shape in self.shapes.values())
 
-    def to(self, device: torch.device | str) -> SlicePlan:
-        return SlicePlan(
-            {k: (None if i is None else i.to(device)) for k, i in self.index.items()},
-            dict(self.shapes),
-        )
+    @property
+    def index(self) -> dict[str, torch.Tensor | None]:
+        """Flat indices (shaped like the slice) of each tensor's kept entries; None = whole."""
+        if self._flat is None:
+            self._flat = {k: None if self.whole[k] else _flat_index(self._layout[k].shape, dims)
+                          for k, dims in self._per_dim.items()}
+        return self._flat
+
+
+def _flat_index(shape: tuple[int, ...], per_dim: list[torch.Tensor]) -> torch.Tensor:
+    sub_shape = [int(i.numel()) for i in per_dim]
+    flat = torch.zeros(sub_shape, dtype=torch.int64)
+    stride = 1
+    for d in range(len(shape) - 1, -1, -1):
+        view = [1] * len(shape)
+        view[d] = sub_shape[d]
+        flat = flat + per_dim[d].view(view) * stride
+        stride *= shape[d]
+    return flat.contiguous()
+
+
+def _runs(idx: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(full start, slice start, length) of each run of consecutive indices."""
+    n = int(idx.numel())
+    if n == 0:
+        return []
+    breaks = (torch.nonzero(idx[1:] != idx[:-1] + 1).flatten() + 1).tolist()
+    starts, ends = [0, *breaks], [*breaks, n]
+    return [(int(idx[a]), a, b - a) for a, b in zip(starts, ends, strict=True)]
+
+
+def _blocks(per_dim: list[torch.Tensor]) -> list[Block] | None:
+    runs = [_runs(i) for i in per_dim]
+    if math.prod(len(r) for r in runs) > MAX_BLOCKS:
+        return None
+    out: list[Block] = []
+    for combo in itertools.product(*runs):
+        out.append((tuple(slice(f, f + n) for f, _, n in combo),
+                    tuple(slice(s, s + n) for _, s, n in combo)))
+    return out
 
 
 def _axis_index(axis: Axis | None, size: int, kept: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -79,32 +127,32 @@ def _axis_index(axis: Axis | None, size: int, kept: Mapping[str, torch.Tensor]) 
 
 def plan(layout: Mapping[str, ParamLayout], kept: Mapping[str, torch.Tensor]) -> SlicePlan:
     """The slice plan of ``layout`` under the kept units ``kept`` (group -> sorted indices)."""
-    index: dict[str, torch.Tensor | None] = {}
-    shapes: dict[str, tuple[int, ...]] = {}
+    per_dim: dict[str, list[torch.Tensor]] = {}
+    blocks: dict[str, list[Block] | None] = {}
     for name, lay in layout.items():
-        per_dim = [_axis_index(a, s, kept) for a, s in zip(lay.axes, lay.shape, strict=False)]
-        sub_shape = tuple(int(i.numel()) for i in per_dim)
-        shapes[name] = sub_shape
-        if sub_shape == lay.shape:
-            index[name] = None
-            continue
-        flat = torch.zeros(sub_shape, dtype=torch.int64)
-        stride = 1
-        for d in range(len(lay.shape) - 1, -1, -1):
-            view = [1] * len(lay.shape)
-            view[d] = sub_shape[d]
-            flat = flat + per_dim[d].view(view) * stride
-            stride *= lay.shape[d]
-        index[name] = flat.contiguous()
-    return SlicePlan(index, shapes)
+        dims = [_axis_index(a, s, kept) for a, s in zip(lay.axes, lay.shape, strict=True)]
+        per_dim[name] = dims
+        blocks[name] = _blocks(dims)
+    return SlicePlan(layout, per_dim, blocks)
 
 
 def extract(full: Mapping[str, torch.Tensor], slice_plan: SlicePlan) -> Params:
     """Contiguous tensors holding only the kept entries of ``full``."""
     out: Params = {}
-    for name, idx in slice_plan.index.items():
-        t = full[name]
-        out[name] = t.detach().clone() if idx is None else t.reshape(-1)[idx.to(t.device)]
+    for name, shape in slice_plan.shapes.items():
+        t = full[name].detach()
+        blocks = slice_plan.blocks[name]
+        if slice_plan.whole[name]:
+            out[name] = t.clone()
+        elif blocks is not None:
+            sub = torch.empty(shape, dtype=t.dtype, device=t.device)
+            for full_sl, sub_sl in blocks:
+                sub[sub_sl] = t[full_sl]
+            out[name] = sub
+        else:
+            idx = slice_plan.index[name]
+            assert idx is not None
+            out[name] = t.reshape(-1)[idx.to(t.device)]
     return out
 
 
@@ -128,19 +176,28 @@ def scatter(full: Mapping[str, torch.Tensor], slice_plan: SlicePlan,
     check_slices(sub, slice_plan)
     out: Params = {}
     for name, t in full.items():
-        if name not in slice_plan.index:
+        if name not in slice_plan.shapes:
             out[name] = t.clone()
             continue
-        idx = slice_plan.index[name]
         s = sub[name].to(device=t.device, dtype=t.dtype)
-        if idx is None:
+        if slice_plan.whole[name]:
             out[name] = t + s if add else s.clone()
             continue
-        flat = t.detach().clone().reshape(-1)
-        i = idx.to(t.device).reshape(-1)
-        if add:
-            flat.index_add_(0, i, s.reshape(-1))
+        res = t.detach().clone()
+        blocks = slice_plan.blocks[name]
+        if blocks is not None:
+            for full_sl, sub_sl in blocks:
+                if add:
+                    res[full_sl] += s[sub_sl]
+                else:
+                    res[full_sl] = s[sub_sl]
         else:
-            flat.index_copy_(0, i, s.reshape(-1))
-        out[name] = flat.view(t.shape)
+            idx = slice_plan.index[name]
+            assert idx is not None
+            flat, i = res.view(-1), idx.to(t.device).reshape(-1)
+            if add:
+                flat.index_add_(0, i, s.reshape(-1))
+            else:
+                flat.index_copy_(0, i, s.reshape(-1))
+        out[name] = res
     return out

@@ -1,0 +1,117 @@
+"""``rabo local``: a coordinator and N worker OS processes on 127.0.0.1.
+
+The coordinator runs in this process; each worker is ``python -m worker`` with its own memory
+budget, CPU threads and log file under ``OUT/logs/``. Workers die with this process (Linux
+parent-death signal), and on any exit, Ctrl-C included, every worker is terminated, waited for,
+and killed if it lingers: no process is left behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import cycle, islice
+from pathlib import Path
+from typing import Any
+
+from coordinator.server import Server, serve
+from rabo.config import Config
+
+log = logging.getLogger("rabo.local")
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class WorkerProcess:
+    index: int
+    memory_limit: str | None
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def spawn_workers(target: str, count: int, out_dir: Path, memory_limits: Sequence[str] | None,
+                  threads: int, extra_args: Sequence[str] = (), env: dict[str, str] | None = None
+                  ) -> list[WorkerProcess]:
+    logs = out_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    limits: list[str | None] = (list(islice(cycle(memory_limits), count)) if memory_limits
+                                else [None] * count)
+    procs = []
+    for i in range(count):
+        cmd = [sys.executable, "-m", "worker", "--coordinator", target, "--name", f"worker-{i}",
+               "--client-id", str(i), "--threads", str(threads), "--give-up-s", "60",
+               *extra_args]
+        if limits[i]:
+            cmd += ["--memory-limit", str(limits[i])]
+        log_path = logs / f"worker-{i}.log"
+        with log_path.open("wb") as f:
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
+                                    preexec_fn=_die_with_parent if sys.platform == "linux"
+                                    else None, env=env)
+        procs.append(WorkerProcess(i, limits[i], proc, log_path))
+    return procs
+
+
+def stop_workers(procs: Sequence[WorkerProcess], grace_s: float = 5.0) -> None:
+    """SIGTERM, wait up to ``grace_s``, then SIGKILL whatever is left; reap everything."""
+    for w in procs:
+        if w.proc.poll() is None:
+            w.proc.terminate()
+    deadline = time.monotonic() + grace_s
+    for w in procs:
+        remaining = max(0.0, deadline - time.monotonic())
+        try:
+            w.proc.wait(remaining)
+        except subprocess.TimeoutExpired:
+            w.proc.kill()
+            w.proc.wait()
+
+
+def run_local(cfg: Config, workers: int, out_dir: Path,
+              memory_limits: Sequence[str] | None = None,
+              progress: Callable[[dict[str, Any]], None] | None = None,
+              threads: int = 0, worker_args: Sequence[str] = ()) -> Server:
+    """Run a whole job; returns the finished server (its driver holds records and summary)."""
+    threads = threads or max(1, (os.cpu_count() or 1) // max(workers, 1))
+    server = serve(cfg, out_dir, bind="127.0.0.1:0", progress=progress, linger_s=2.0)
+    procs = spawn_workers(f"127.0.0.1:{server.port}", workers, out_dir, memory_limits, threads,
+                          worker_args)
+    failed: set[int] = set()
+    try:
+        while not server.wait(0.5):
+            for w in procs:
+                code = w.proc.poll()
+                if code not in (None, 0) and w.index not in failed:
+                    failed.add(w.index)
+                    log.error("worker-%d exited with status %s; its log ends:\n%s", w.index,
+                              code, w.tail())
+            if len(failed) == len(procs):
+                server.driver.finish("every worker process exited")
+                raise RuntimeError("every worker process exited; see "
+                                   f"{out_dir / 'logs'} for their logs")
+    finally:
+        server.stop(grace=1.0)
+        stop_workers(procs)
+    if server.driver.error is not None:
+        raise server.driver.error
+    return server

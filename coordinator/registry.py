@@ -1,0 +1,129 @@
+"""Who is registered: worker ids, session credentials, client slots, profiles and liveness.
+
+Time is injected (``clock``) so expiry is tested without sleeping, as in Flower's state tests.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from rabo_proto.v1 import rabo_pb2 as pb
+
+
+class RegistryError(Exception):
+    """Base of registry refusals; ``code`` names the gRPC status the servicer answers with."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class UnknownWorker(RegistryError):
+    code = "UNAUTHENTICATED"
+
+
+class BadCredential(RegistryError):
+    code = "PERMISSION_DENIED"
+
+
+class RegistryFull(RegistryError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+@dataclass
+class WorkerRecord:
+    worker_id: str
+    credential: str
+    client_id: int
+    name: str
+    profile: pb.ResourceProfile
+    registered_at: float
+    last_seen: float
+    peer: str = ""
+    history: list[str] = field(default_factory=list)
+
+
+class Registry:
+    """Thread-safe registry of workers; client slots are the data partitions 0..slots-1."""
+
+    def __init__(self, slots: int, expire_after_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.slots = slots
+        self.expire_after_s = expire_after_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._workers: dict[str, WorkerRecord] = {}
+        self.expired_total = 0
+
+    def register(self, name: str, profile: pb.ResourceProfile, requested_client: int,
+                 peer: str = "") -> WorkerRecord:
+        with self._lock:
+            self._expire_locked()
+            taken = {w.client_id for w in self._workers.values()}
+            if 0 <= requested_client < self.slots and requested_client not in taken:
+                client_id = requested_client
+            else:
+                free = [c for c in range(self.slots) if c not in taken]
+                if not free:
+                    raise RegistryFull(f"all {self.slots} client slots are taken "
+                                       "(clients.count); no more workers are needed")
+                client_id = free[0]
+            now = self.clock()
+            rec = WorkerRecord(worker_id=secrets.token_hex(8),
+                               credential=secrets.token_urlsafe(32), client_id=client_id,
+                               name=name or "worker", profile=profile, registered_at=now,
+                               last_seen=now, peer=peer)
+            self._workers[rec.worker_id] = rec
+            return rec
+
+    def authenticate(self, worker_id: str, credential: str) -> WorkerRecord:
+        """The live record of ``worker_id`` if ``credential`` is its own (constant time)."""
+        with self._lock:
+            self._expire_locked()
+            rec = self._workers.get(worker_id)
+            if rec is None:
+                raise UnknownWorker(f"unknown worker id {worker_id!r} (not registered, or "
+                                    "expired after missed heartbeats): register again")
+            if not hmac.compare_digest(rec.credential.encode(), credential.encode()):
+                raise BadCredential(f"wrong credential for worker {worker_id}")
+            return rec
+
+    def touch(self, worker_id: str, profile: pb.ResourceProfile | None = None,
+              peer: str | None = None) -> None:
+        with self._lock:
+            rec = self._workers.get(worker_id)
+            if rec is None:
+                return
+            rec.last_seen = self.clock()
+            if profile is not None and profile.ByteSize():
+                rec.profile = profile
+            if peer:
+                rec.peer = peer
+
+    def remove(self, worker_id: str) -> bool:
+        with self._lock:
+            return self._workers.pop(worker_id, None) is not None
+
+    def live(self) -> list[WorkerRecord]:
+        with self._lock:
+            self._expire_locked()
+            return sorted(self._workers.values(), key=lambda w: w.client_id)
+
+    def get(self, worker_id: str) -> WorkerRecord | None:
+        with self._lock:
+            return self._workers.get(worker_id)
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._expire_locked()
+            return len(self._workers)
+
+    def _expire_locked(self) -> None:
+        cutoff = self.clock() - self.expire_after_s
+        dead = [wid for wid, w in self._workers.items() if w.last_seen < cutoff]
+        for wid in dead:
+            del self._workers[wid]
+        self.expired_total += len(dead)

@@ -1,0 +1,71 @@
+"""Coordinator side of the wire: rabo types to and from rabo.v1 messages (the one place)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from rabo.engine import Assignment, ClientHyper, ClientPlan, Update
+from rabo.masks import MaskSpec
+from rabo.policy import Resources
+from rabo_proto.codec import Encoded, WireError, WireTensor, tensor_meta
+from rabo_proto.v1 import rabo_pb2 as pb
+
+
+def mask_to_pb(mask: MaskSpec) -> pb.MaskSpec:
+    return pb.MaskSpec(policy=mask.policy, ratio=mask.ratio, round=mask.round, seed=mask.seed,
+                       stride=mask.stride)
+
+
+def hyper_to_pb(h: ClientHyper) -> pb.ClientHyper:
+    return pb.ClientHyper(
+        algorithm=h.algorithm, inner_steps=h.inner_steps, inner_lr=h.inner_lr,
+        local_steps=h.local_steps, local_lr=h.local_lr, batch_size=h.batch_size,
+        estimator=h.estimator, delta=h.delta, eta_v=h.eta_v, radius=h.radius,
+        neumann_terms=h.neumann_terms, neumann_eta=h.neumann_eta, seed=h.seed)
+
+
+def encode_assignment(a: Assignment, worker_id: str, chunk_bytes: int) -> Encoded:
+    tensors = ([WireTensor("x", k, t) for k, t in a.x.items()]
+               + [WireTensor("y", k, t) for k, t in a.y.items()]
+               + [WireTensor("v", k, t) for k, t in a.v.items()])
+    return Encoded(a.round, worker_id, tensors, chunk_bytes)
+
+
+def assignment_header(a: Assignment, encoded: Encoded, deadline_s: float, reason: str
+                      ) -> pb.AssignmentMessage:
+    return pb.AssignmentMessage(assignment=pb.Assignment(
+        round=a.round, client_id=a.client_id, mask=mask_to_pb(a.mask),
+        hyper=hyper_to_pb(a.hyper), payload=encoded.header, deadline_s=deadline_s,
+        reason=reason))
+
+
+def expected_update(plan: ClientPlan, dtype: torch.dtype = torch.float32) -> list[pb.TensorMeta]:
+    """The tensors (names, shapes, dtypes) an update for ``plan`` must hold, in order."""
+    metas = [tensor_meta("x", n, dtype, s) for n, s in plan.x.shapes.items()]
+    metas += [tensor_meta("y", n, dtype, s) for n, s in plan.y.shapes.items()]
+    metas += [tensor_meta("v", n, dtype, s) for n, s in plan.y.shapes.items()]
+    return metas
+
+
+def update_from_wire(header: pb.UpdateHeader, tensors: Sequence[WireTensor]) -> Update:
+    m = header.measurements
+    for name, value in (("compute_s", m.compute_s), ("upper_loss", m.upper_loss),
+                        ("receive_s", m.receive_s)):
+        if not math.isfinite(value) or (name != "upper_loss" and value < 0):
+            raise WireError(f"measurement {name} = {value} is not a finite, non-negative number")
+    if m.samples < 0:
+        raise WireError(f"measurement samples = {m.samples} is negative")
+    parts: dict[str, dict[str, torch.Tensor]] = {"x": {}, "y": {}, "v": {}}
+    for t in tensors:
+        parts[t.part][t.name] = t.tensor
+    return Update(round=header.round, client_id=header.client_id, x=parts["x"], y=parts["y"],
+                  v=parts["v"], samples=int(m.samples), upper_loss=float(m.upper_loss),
+                  compute_s=float(m.compute_s), peak_mem_bytes=int(m.peak_mem_bytes))
+
+
+def resources_of(profile: pb.ResourceProfile) -> Resources:
+    return Resources(memory_budget_bytes=int(profile.memory_budget_bytes),
+                     flops_per_s=float(profile.flops_per_s))

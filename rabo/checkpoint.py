@@ -1,0 +1,106 @@
+"""Checkpoints of the global state: tensors only, written atomically, with a checksum.
+
+Format: ``torch.save`` of a dict of tensors and plain numbers (read back with
+``weights_only=True``, so nothing executable is ever unpickled) and a JSON sidecar with the
+file's SHA-256, round and config. Writing goes to a temporary file that is fsynced and renamed,
+so a crash never leaves a half-written checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rabo.engine import GlobalState
+from rabo.errors import RaboError
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class CheckpointError(RaboError):
+    """A checkpoint is missing, truncated, corrupt or does not match its checksum."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_write(path: Path, write: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def state_dict(state: GlobalState) -> dict[str, Any]:
+    return {
+        "round": state.round,
+        "c_x_star": -1 if state.c_x_star is None else state.c_x_star,
+        "x": state.x, "y": state.y, "v": state.v, "opt": state.opt,
+        "y_clients": {str(k): v for k, v in state.y_clients.items()},
+        "v_clients": {str(k): v for k, v in state.v_clients.items()},
+    }
+
+
+def from_state_dict(d: dict[str, Any]) -> GlobalState:
+    return GlobalState(
+        round=int(d["round"]), x=d["x"], y=d["y"], v=d["v"], opt=d["opt"],
+        y_clients={int(k): v for k, v in d["y_clients"].items()},
+        v_clients={int(k): v for k, v in d["v_clients"].items()},
+        c_x_star=None if int(d["c_x_star"]) < 0 else int(d["c_x_star"]),
+    )
+
+
+def save(directory: str | Path, state: GlobalState, meta: dict[str, Any] | None = None,
+         name: str = CHECKPOINT) -> Path:
+    """Write ``directory/name`` and its ``.json`` sidecar atomically; returns the path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    _fsync_write(path, lambda f: torch.save(state_dict(state), f))
+    sidecar = {"file": name, "sha256": _sha256(path), "round": state.round, **(meta or {})}
+    _fsync_write(path.with_suffix(".json"),
+                 lambda f: f.write(json.dumps(sidecar, indent=2).encode()))
+    return path
+
+
+def load(path: str | Path) -> tuple[GlobalState, dict[str, Any]]:
+    """Read and verify a checkpoint; raises :class:`CheckpointError` naming what is wrong."""
+    path = Path(path)
+    sidecar_path = path.with_suffix(".json")
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path}: not found")
+    try:
+        sidecar = json.loads(sidecar_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path}: its sidecar {sidecar_path.name} is "
+                              "missing") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: sidecar unreadable: {exc}") from None
+    digest = _sha256(path)
+    if digest != sidecar.get("sha256"):
+        raise CheckpointError(f"checkpoint {path}: SHA-256 {digest[:16]}... does not match "
+                              f"the sidecar's {str(sidecar.get('sha256'))[:16]}... "
+                              "(truncated or corrupt)")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        state = from_state_dict(data)
+    except Exception as exc:  # noqa: BLE001 - any decoding failure means a bad file
+        raise CheckpointError(f"checkpoint {path}: cannot decode: {exc}") from None
+    return state, sidecar

@@ -1,0 +1,75 @@
+"""``rabo worker``: join a coordinator and work until the run is over.
+
+Every flag has an environment variable equivalent (for containers): RABO_COORDINATOR,
+RABO_MEMORY_LIMIT, RABO_DEVICE, RABO_THREADS, RABO_CLIENT_ID, RABO_WORKER_NAME.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+
+from rabo.units import parse_bytes
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    p.add_argument("--coordinator", default=env("RABO_COORDINATOR"), metavar="HOST:PORT",
+                   help="coordinator address (env RABO_COORDINATOR)")
+    p.add_argument("--memory-limit", default=env("RABO_MEMORY_LIMIT"), metavar="SIZE",
+                   help="memory this worker may spend on training state, e.g. 2GiB "
+                        "(env RABO_MEMORY_LIMIT; default: cgroup limit, else available memory)")
+    p.add_argument("--device", default=env("RABO_DEVICE", "auto"),
+                   help="auto, cpu, cuda or cuda:N (env RABO_DEVICE)")
+    p.add_argument("--threads", type=int, default=int(env("RABO_THREADS", "0")),
+                   help="torch CPU threads (0: torch's default; env RABO_THREADS)")
+    p.add_argument("--client-id", type=int, default=int(env("RABO_CLIENT_ID", "-1")),
+                   help="data partition to ask for (-1: any free one; env RABO_CLIENT_ID)")
+    p.add_argument("--name", default=env("RABO_WORKER_NAME", socket.gethostname()),
+                   help="a name for logs (env RABO_WORKER_NAME)")
+    p.add_argument("--poll-s", type=float, default=5.0, help="long-poll length")
+    p.add_argument("--give-up-s", type=float, default=0.0,
+                   help="exit after this long without reaching the coordinator (0: never)")
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from worker.client import Worker, WorkerExit, WorkerOptions
+
+    if not args.coordinator:
+        print("rabo worker: error: --coordinator HOST:PORT (or RABO_COORDINATOR) is required",
+              file=sys.stderr)
+        return 2
+    try:
+        limit = parse_bytes(args.memory_limit) if args.memory_limit else None
+    except ValueError as exc:
+        print(f"rabo worker: error: --memory-limit: {exc}", file=sys.stderr)
+        return 2
+    opts = WorkerOptions(target=args.coordinator, name=args.name, memory_limit=limit,
+                         device=args.device, threads=args.threads, client_id=args.client_id,
+                         poll_s=args.poll_s, give_up_s=args.give_up_s)
+    try:
+        worker = Worker(opts)
+    except WorkerExit as exc:
+        print(f"rabo worker: error: {exc}", file=sys.stderr)
+        return exc.code
+    worker.install_signal_handlers()
+    return worker.run()
+
+
+def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("worker", help="join a coordinator as a worker")
+    add_worker_args(p)
+    p.set_defaults(func=cmd_worker)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rabo worker")
+    add_worker_args(parser)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return cmd_worker(args)

@@ -1,0 +1,265 @@
+"""The worker: register, heartbeat, fetch assignments, run the client step, stream updates.
+
+Network failures are retried with capped exponential backoff and full jitter (the AWS
+architecture blog's "Exponential Backoff and Jitter"); a coordinator that forgot this worker
+(restart, expiry) is answered by registering again. SIGTERM / SIGINT finish the step in hand,
+say goodbye (Leave) and exit 0; a second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import psutil
+import torch
+
+from rabo import config
+from rabo.engine import client_step
+from rabo.job import Job
+from rabo_proto.codec import Assembler, WireError, check_header
+from rabo_proto.v1 import rabo_pb2 as pb
+from rabo_proto.v1 import rabo_pb2_grpc as pb_grpc
+from worker.profile import build_profile
+from worker.wire import assignment_from_wire, update_messages
+
+log = logging.getLogger("rabo.worker")
+PROTOCOL_VERSION = 1
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+             grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.ABORTED,
+             grpc.StatusCode.CANCELLED}
+FORGOTTEN = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+
+
+class WorkerExit(Exception):
+    """The worker must stop; ``code`` is the process exit status."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter; ``sleep`` is injectable for tests."""
+
+    def __init__(self, initial: float = 0.5, cap: float = 15.0,
+                 rng: random.Random | None = None) -> None:
+        self.initial, self.cap = initial, cap
+        self.attempt = 0
+        self.rng = rng or random.Random()
+
+    def next_delay(self) -> float:
+        ceiling = min(self.cap, self.initial * 2**self.attempt)
+        self.attempt += 1
+        return self.rng.uniform(0, ceiling)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+@dataclass
+class WorkerOptions:
+    target: str
+    name: str = "worker"
+    memory_limit: int | None = None
+    device: str = "auto"
+    threads: int = 0
+    client_id: int = -1
+    poll_s: float = 5.0
+    max_message_bytes: int = 64 * 1024 * 1024
+    give_up_s: float = 0.0  # stop retrying after this long without the coordinator (0: never)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise WorkerExit("--device cuda was asked for but torch sees no CUDA device", 2)
+    return torch.device(name)
+
+
+class Worker:
+    def __init__(self, opts: WorkerOptions, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.opts = opts
+        self.sleep = sleep
+        self.stop = threading.Event()
+        self.device = pick_device(opts.device)
+        if opts.threads > 0:
+            torch.set_num_threads(opts.threads)
+        self.flops: float | None = None
+        self.baseline_rss = psutil.Process().memory_info().rss
+        self._jobs: dict[str, Job] = {}
+        self._call: Any = None  # the in-flight long poll, cancelled on a signal
+        self.rounds_done = 0
+        self.worker_id = ""
+        self.credential = ""
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, _frame: Any) -> None:
+            if self.stop.is_set():
+                raise SystemExit(128 + signum)
+            log.info("signal %d: finishing the step in hand, then leaving", signum)
+            self.stop.set()
+            call = self._call
+            if call is not None:
+                call.cancel()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def profile(self) -> pb.ResourceProfile:
+        """A fresh profile (cgroups and memory re-read; the step benchmark measured once)."""
+        held = max(0, psutil.Process().memory_info().rss - self.baseline_rss)
+        p = build_profile(self.device, self.opts.memory_limit, self.opts.threads, None,
+                          self.flops, held_bytes=held)
+        self.flops = p.flops_per_s
+        return p
+
+    def run(self) -> int:
+        """Work until the run is finished (0), a signal (0) or a fatal refusal (non-zero)."""
+        opts = self.opts
+        backoff = Backoff()
+        lost_since: float | None = None
+        options = [("grpc.max_send_message_length", opts.max_message_bytes),
+                   ("grpc.max_receive_message_length", opts.max_message_bytes)]
+        with grpc.insecure_channel(opts.target, options=options) as channel:
+            stub = pb_grpc.CoordinatorStub(channel)
+            while not self.stop.is_set():
+                try:
+                    finished = self._session(stub)
+                    if finished:
+                        return 0
+                    backoff.reset()
+                except grpc.RpcError as exc:
+                    code = exc.code()  # type: ignore[attr-defined]
+                    if self.stop.is_set():
+                        break
+                    if code in FORGOTTEN:
+                        log.warning("coordinator does not know this worker (%s): registering "
+                                    "again", exc.details())  # type: ignore[attr-defined]
+                        self.worker_id = ""
+                        continue
+                    if code not in RETRYABLE:
+                        log.error("coordinator refused: %s: %s", code.name,
+                                  exc.details())  # type: ignore[attr-defined]
+                        return 3
+                    now = time.monotonic()
+                    lost_since = lost_since or now
+                    if opts.give_up_s and now - lost_since > opts.give_up_s:
+                        log.error("no coordinator at %s for %.0fs: giving up", opts.target,
+                                  now - lost_since)
+                        return 4
+                    delay = backoff.next_delay()
+                    log.info("coordinator unreachable (%s); retrying in %.1fs", code.name, delay)
+                    self.sleep(delay)
+                    continue
+                except WorkerExit as exc:
+                    log.error("%s", exc)
+                    return exc.code
+                lost_since = None
+            self._leave(stub)
+        return 0
+
+    def _leave(self, stub: pb_grpc.CoordinatorStub) -> None:
+        if not self.worker_id:
+            return
+        with contextlib.suppress(grpc.RpcError):
+            stub.Leave(pb.LeaveRequest(worker_id=self.worker_id, credential=self.credential,
+                                       reason="worker stopped by a signal"), timeout=2.0)
+
+    # ------------------------------------------------------------------ one session
+
+    def _session(self, stub: pb_grpc.CoordinatorStub) -> bool:
+        """Register (if needed) and work; True when the coordinator says the run is over."""
+        if not self.worker_id:
+            reply = stub.Register(pb.RegisterRequest(
+                name=self.opts.name, profile=self.profile(), client_id=self.opts.client_id,
+                protocol=PROTOCOL_VERSION), timeout=30.0)
+            self.worker_id, self.credential = reply.worker_id, reply.credential
+            self.client_id, self.chunk_bytes = reply.client_id, reply.chunk_bytes
+            self.heartbeat_s = reply.heartbeat_s
+            self.job = self._job(reply.config_json)
+            log.info("registered as %s, client %d", self.worker_id, self.client_id)
+            hb = threading.Thread(target=self._heartbeats, args=(stub, self.worker_id),
+                                  daemon=True, name="rabo-heartbeat")
+            hb.start()
+        last_round = 0
+        last_wait = ""
+        while not self.stop.is_set():
+            call = stub.FetchAssignment(pb.FetchRequest(
+                worker_id=self.worker_id, credential=self.credential, after_round=last_round,
+                wait_s=self.opts.poll_s), timeout=self.opts.poll_s + 30.0)
+            self._call = call
+            try:
+                first = next(call)
+                kind = first.WhichOneof("body")
+                if kind == "finished":
+                    log.info("run finished: %s", first.finished.reason)
+                    return True
+                if kind == "wait":
+                    if first.wait.reason != last_wait and "no round open" not in first.wait.reason:
+                        log.warning("%s", first.wait.reason)
+                    last_wait = first.wait.reason
+                    continue
+                if kind != "assignment":
+                    raise WorkerExit(f"unexpected first message {kind!r}", 5)
+                start = time.perf_counter()
+                assignment = self._receive(first.assignment, call)
+                receive_s = time.perf_counter() - start
+            finally:
+                self._call = None
+            data = self.job.data.clients[assignment.client_id]
+            update = client_step(self.job.task, assignment, data, self.device)
+            _, messages = update_messages(update, self.worker_id, self.credential,
+                                          self.chunk_bytes, receive_s)
+            reply = stub.SubmitUpdate(messages, timeout=max(30.0, first.assignment.deadline_s))
+            last_round = assignment.round
+            self.rounds_done += 1
+            log.info("round %d done: ratio %g, %.2fs compute, %s", assignment.round,
+                     assignment.mask.ratio, update.compute_s, reply.message)
+        return False
+
+    def _receive(self, msg: pb.Assignment, call: Any) -> Any:
+        try:
+            check_header(msg.payload, None, max_total_bytes=1 << 40)
+            assembler = Assembler(msg.payload, max_chunk_bytes=max(self.chunk_bytes, 1))
+            for m in call:
+                if m.WhichOneof("body") != "chunk":
+                    raise WireError("only chunks may follow an assignment")
+                assembler.add(m.chunk)
+            tensors = assembler.finish(check_finite=True)
+            return assignment_from_wire(msg, tensors)
+        except WireError as exc:
+            raise WorkerExit(f"bad assignment from the coordinator: {exc}", 5) from None
+
+    def _job(self, config_json: str) -> Job:
+        job = self._jobs.get(config_json)
+        if job is None:
+            cfg = config.from_dict(json.loads(config_json))
+            job = Job.from_config(cfg)
+            self._jobs = {config_json: job}
+        return job
+
+    def _heartbeats(self, stub: pb_grpc.CoordinatorStub, worker_id: str) -> None:
+        while not self.stop.wait(self.heartbeat_s):
+            if worker_id != self.worker_id:
+                return  # re-registered: a newer heartbeat thread took over
+            try:
+                reply = stub.Heartbeat(pb.HeartbeatRequest(
+                    worker_id=worker_id, credential=self.credential, profile=self.profile()),
+                    timeout=max(2.0, self.heartbeat_s))
+                if reply.finished:
+                    return
+            except grpc.RpcError as exc:
+                log.debug("heartbeat failed: %s", exc.code())  # type: ignore[attr-defined]

@@ -1,0 +1,51 @@
+"""Worker side of the wire: rabo.v1 messages to and from rabo types (the one place)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from rabo.engine import Assignment, ClientHyper, Update
+from rabo.masks import MaskSpec
+from rabo_proto.codec import Encoded, WireError, WireTensor
+from rabo_proto.v1 import rabo_pb2 as pb
+
+
+def assignment_from_wire(msg: pb.Assignment, tensors: Sequence[WireTensor]) -> Assignment:
+    m, h = msg.mask, msg.hyper
+    try:
+        mask = MaskSpec(policy=m.policy, ratio=m.ratio, round=m.round, seed=m.seed,
+                        stride=m.stride)
+    except ValueError as exc:
+        raise WireError(f"assignment mask: {exc}") from None
+    hyper = ClientHyper(
+        algorithm=h.algorithm, inner_steps=h.inner_steps, inner_lr=h.inner_lr,
+        local_steps=h.local_steps, local_lr=h.local_lr, batch_size=h.batch_size,
+        estimator=h.estimator, delta=h.delta, eta_v=h.eta_v, radius=h.radius,
+        neumann_terms=h.neumann_terms, neumann_eta=h.neumann_eta, seed=h.seed)
+    parts: dict[str, dict] = {"x": {}, "y": {}, "v": {}}
+    for t in tensors:
+        parts[t.part][t.name] = t.tensor
+    return Assignment(round=msg.round, client_id=msg.client_id, mask=mask, hyper=hyper,
+                      x=parts["x"], y=parts["y"], v=parts["v"])
+
+
+def update_messages(update: Update, worker_id: str, credential: str, chunk_bytes: int,
+                    receive_s: float) -> tuple[Encoded, Iterator[pb.UpdateMessage]]:
+    tensors = ([WireTensor("x", k, t) for k, t in update.x.items()]
+               + [WireTensor("y", k, t) for k, t in update.y.items()]
+               + [WireTensor("v", k, t) for k, t in update.v.items()])
+    encoded = Encoded(update.round, worker_id, tensors, chunk_bytes)
+    header = pb.UpdateHeader(
+        worker_id=worker_id, credential=credential, round=update.round,
+        client_id=update.client_id, payload=encoded.header,
+        measurements=pb.Measurements(compute_s=update.compute_s,
+                                     peak_mem_bytes=update.peak_mem_bytes,
+                                     samples=update.samples, upper_loss=update.upper_loss,
+                                     receive_s=receive_s))
+
+    def stream() -> Iterator[pb.UpdateMessage]:
+        yield pb.UpdateMessage(header=header)
+        for chunk in encoded.chunks():
+            yield pb.UpdateMessage(chunk=chunk)
+
+    return encoded, stream()
