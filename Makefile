@@ -40,5 +40,10 @@ lint: install
 bench: install
 	$(BIN)/rabo bench estimator
 
+# Regenerate the wire modules from proto/ (tests/test_proto.py fails when they are stale).
+proto: install
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. --pyi_out=. \
+		proto/rabo_proto/v1/rabo.proto
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache

@@ -1,3 +1,312 @@
-"""placeholder replaced below"""
-def add_transport_args(p): pass
-def cmd_bench_transport(args): return 0
+"""``rabo bench transport``: what moving a P-parameter model costs, measured in one run.
+
+A real coordinator (this process) and N real worker processes (``python -m worker.echo``: the
+full protocol, zero compute) on 127.0.0.1 run R rounds of task A with an MLP sized to P
+parameters; ratios are cycled over the workers. Printed:
+
+* ``payload_bytes`` / ``message_bytes`` / ``wire_bytes`` per round (tensor bytes; serialized
+  gRPC messages; bytes on the TCP connections from the kernel's counters), and their ratio;
+* per ratio, the fraction of the full model's payload a worker receives and sends, against r^2;
+* ``round_overhead_s``: median round wall time (open to aggregated) minus the slowest worker's
+  compute, against ``loopback_transfer_s``: the same wire bytes through a plain socket pair on
+  127.0.0.1, measured in the same run;
+* ``aggregation_bytes_per_s``: update bytes over the time of the coverage averaging of x, y and
+  v on the same shapes (and ``server_step_bytes_per_s``, the averaging plus the x optimizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from rabo import config
+
+
+def add_transport_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", type=float, default=10e6, help="model parameters (default 10M)")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--ratios", default="1,0.5,0.25,0.125", help="cycled over the workers")
+    p.add_argument("--chunk-bytes", type=int, default=1024 * 1024)
+    p.add_argument("--json", action="store_true")
+
+
+def hidden_for(params: float, inputs: int = 64, classes: int = 10) -> int:
+    """h with an MLP inputs-h-h-classes of about ``params`` parameters."""
+    # h^2 + (inputs + classes + 2) h + classes - params = 0
+    b = inputs + classes + 2
+    return max(4, int((-b + math.sqrt(b * b + 4 * (params - classes))) / 2))
+
+
+def loopback_seconds(nbytes: int, repeats: int = 3) -> float:
+    """Median time to push ``nbytes`` through a TCP socket pair on 127.0.0.1."""
+    block = bytes(1 << 20)
+    times = []
+    for _ in range(repeats):
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        cli = socket.create_connection(srv.getsockname())
+        conn, _ = srv.accept()
+        done = threading.Event()
+
+        def reader(c: socket.socket = conn, finished: threading.Event = done) -> None:
+            buf = bytearray(1 << 20)
+            left = nbytes
+            view = memoryview(buf)
+            while left > 0:
+                n = c.recv_into(view, min(left, len(buf)))
+                if n == 0:
+                    break
+                left -= n
+            finished.set()
+
+        t = threading.Thread(target=reader)
+        t.start()
+        start = time.perf_counter()
+        left = nbytes
+        while left > 0:
+            n = min(left, len(block))
+            cli.sendall(block[:n])
+            left -= n
+        done.wait()
+        times.append(time.perf_counter() - start)
+        t.join()
+        for s in (cli, conn, srv):
+            s.close()
+    return statistics.median(times)
+
+
+def grpc_floor_seconds(down_bytes: int, up_bytes: int, chunk_bytes: int, repeats: int = 3
+                       ) -> float:
+    """Median time to stream the same bytes through bare gRPC (one server-streaming call for
+    the downloads, one client-streaming call for the uploads, nothing else) on 127.0.0.1: the
+    floor that gRPC Python itself sets under the coordinator's work."""
+    from concurrent import futures
+
+    import grpc
+
+    from rabo_proto.v1 import rabo_pb2 as pb
+    from rabo_proto.v1 import rabo_pb2_grpc as pb_grpc
+
+    block = bytes(chunk_bytes)
+
+    def pieces(total: int):
+        off = 0
+        while off < total:
+            n = min(chunk_bytes, total - off)
+            yield off, block[:n]
+            off += n
+
+    class Bare(pb_grpc.CoordinatorServicer):
+        def FetchAssignment(self, request, context):  # noqa: N802 - gRPC method name
+            for off, data in pieces(down_bytes):
+                yield pb.AssignmentMessage(chunk=pb.Chunk(offset=off, data=data))
+
+        def SubmitUpdate(self, request_iterator, context):  # noqa: N802
+            for _ in request_iterator:
+                pass
+            return pb.SubmitReply(accepted=True)
+
+    opts = [("grpc.max_send_message_length", 4 * chunk_bytes + (1 << 20)),
+            ("grpc.max_receive_message_length", 4 * chunk_bytes + (1 << 20))]
+    server = grpc.server(futures.ThreadPoolExecutor(4), options=opts)
+    pb_grpc.add_CoordinatorServicer_to_server(Bare(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    times = []
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=opts) as channel:
+            stub = pb_grpc.CoordinatorStub(channel)
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for _ in stub.FetchAssignment(pb.FetchRequest()):
+                    pass
+                stub.SubmitUpdate(pb.UpdateMessage(chunk=pb.Chunk(offset=o, data=d))
+                                  for o, d in pieces(up_bytes))
+                times.append(time.perf_counter() - start)
+    finally:
+        server.stop(0)
+    return statistics.median(times)
+
+
+def aggregation_rate(cfg: config.Config, ratios: list[float], repeats: int = 3
+                     ) -> tuple[float, float]:
+    """(coverage-averaging bytes/s, whole server-step bytes/s) on the run's shapes."""
+    import torch
+
+    from rabo.aggregation import CoverageAverager, apply_average
+    from rabo.engine import Update
+    from rabo.job import Job
+
+    job = Job.from_config(cfg)
+    eng = job.engine
+    state = eng.init_state()
+    gen = torch.Generator().manual_seed(0)
+    results = []
+    for cid, r in enumerate(ratios):
+        plan = eng.plan(1, cid, r)
+        a = eng.assign(state, plan)
+
+        def rnd(p: dict) -> dict:
+            return {k: torch.randn(t.shape, generator=gen) for k, t in p.items()}
+
+        results.append((plan, Update(1, cid, rnd(a.x), rnd(a.y), rnd(a.v), 1, 0.0)))
+    nbytes = sum(u.payload_numel() * 4 for _, u in results)
+    avg_times, step_times = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for full, part in ((state.x, "x"), (state.y, "y"), (state.v, "v")):
+            acc = CoverageAverager(full)
+            for plan, upd in results:
+                acc.add(plan.x if part == "x" else plan.y, getattr(upd, part))
+            acc.stats()
+            apply_average(full, acc)
+        avg_times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        eng.server_step(state, results)
+        step_times.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(avg_times), nbytes / statistics.median(step_times)
+
+
+def run_transport(params: float, workers: int, rounds: int, ratios: list[float],
+                  chunk_bytes: int) -> dict[str, Any]:
+    from coordinator.local import stop_workers
+    from coordinator.server import serve
+
+    hidden = hidden_for(params)
+    cycled = [ratios[i % len(ratios)] for i in range(workers)]
+    cfg = config.load(None, [
+        "data.dataset=digits", f"model.hidden=[{hidden}, {hidden}]", f"rounds={rounds}",
+        f"clients.count={workers}", f"cluster.workers={workers}", f"clients.ratios={cycled}",
+        "outer.optimizer=sgd", f"eval_every={rounds}", f"cluster.chunk_bytes={chunk_bytes}",
+        f"cluster.max_message_bytes={max(4 * chunk_bytes, 4 << 20)}",
+        "cluster.round_deadline_s=600", "cluster.register_timeout_s=600", "mask.policy=static"])
+    out = Path(tempfile.mkdtemp(prefix="rabo-bench-transport-"))
+    server = serve(cfg, None, bind="127.0.0.1:0", linger_s=1.0)
+    procs = []
+    env = dict(os.environ, GRPC_VERBOSITY="ERROR", RABO_DIE_WITH_PARENT=str(os.getpid()))
+    try:
+        for i in range(workers):
+            log = (out / f"echo-{i}.log").open("wb")
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "worker.echo", "--coordinator",
+                 f"127.0.0.1:{server.port}", "--client-id", str(i),
+                 "--max-message-bytes", str(max(4 * chunk_bytes, 4 << 20))],
+                stdout=log, stderr=subprocess.STDOUT, env=env))
+        while not server.wait(0.5):
+            if all(p.poll() not in (None, 0) for p in procs):
+                raise RuntimeError(f"every echo worker failed; logs in {out}")
+    finally:
+        server.stop(grace=1.0)
+        from coordinator.local import WorkerProcess
+
+        stop_workers([WorkerProcess(i, None, p, out / f"echo-{i}.log")
+                      for i, p in enumerate(procs)])
+    if server.driver.error is not None:
+        raise server.driver.error
+    records = server.driver.records
+    if os.environ.get("RABO_BENCH_DEBUG"):
+        for r in records:
+            print(json.dumps({k: r[k] for k in ("round", "round_s", "aggregation_s", "eval_s")}),
+                  [(c["ratio"], c["transfer_s"], c["receive_s"], c["upload_s"])
+                   for c in r["clients"]], file=sys.stderr)
+    num_params = server.coord.job.model.num_params()
+    y_numel = sum(math.prod(lay.shape) for lay in server.coord.job.task.y_layout.values())
+    full_payload = 4 * (num_params + y_numel)  # x + y + v: the backbone, the head twice
+    # the first round includes the workers' connection set-up; leave it out when we can
+    steady = records[1:] if len(records) > 1 else records
+    per_round = []
+    for r in steady:
+        clients = r["clients"]
+        wire = [c["wire_down_bytes"] for c in clients] + [c["wire_up_bytes"] for c in clients]
+        per_round.append({
+            "payload": sum(c["payload_down_bytes"] + c["payload_up_bytes"] for c in clients),
+            "message": sum(c["message_down_bytes"] + c["message_up_bytes"] for c in clients),
+            "wire": sum(wire) if all(w is not None for w in wire) else None,
+            "overhead": r["round_s"] - max((c["compute_s"] for c in clients), default=0.0),
+        })
+    payload = statistics.median(p["payload"] for p in per_round)
+    message = statistics.median(p["message"] for p in per_round)
+    wires = [p["wire"] for p in per_round if p["wire"] is not None]
+    wire = statistics.median(wires) if wires else None
+    overhead = statistics.median(p["overhead"] for p in per_round)
+    loop_s = loopback_seconds(int(wire or message))
+    down = statistics.median(sum(c["payload_down_bytes"] for c in r["clients"]) for r in steady)
+    up = statistics.median(sum(c["payload_up_bytes"] for c in r["clients"]) for r in steady)
+    floor_s = grpc_floor_seconds(int(down), int(up), chunk_bytes)
+    by_ratio: dict[str, Any] = {}
+    for c in steady[-1]["clients"]:
+        key = f"{c['ratio']:g}"
+        by_ratio[key] = {
+            "down_fraction": c["payload_down_bytes"] / full_payload,
+            "up_fraction": c["payload_up_bytes"] / full_payload,
+            "r_squared_plus_0.03": c["ratio"] ** 2 + 0.03,
+        }
+    agg, step = aggregation_rate(cfg, cycled)
+    return {
+        "params": num_params, "hidden": hidden, "workers": workers, "rounds": rounds,
+        "chunk_bytes": chunk_bytes, "ratios": cycled,
+        "payload_bytes": payload, "message_bytes": message, "wire_bytes": wire,
+        "wire_vs_payload": (wire / payload) if wire else None,
+        "message_vs_payload": message / payload,
+        "round_overhead_s": overhead, "loopback_transfer_s": loop_s,
+        "overhead_vs_loopback": overhead / loop_s,
+        "grpc_floor_s": floor_s, "overhead_vs_grpc_floor": overhead / floor_s,
+        "aggregation_bytes_per_s": agg, "server_step_bytes_per_s": step,
+        "payload_fraction_by_ratio": by_ratio,
+        "wire_method": "kernel tcp_info (sock_diag)" if wire else "unavailable",
+    }
+
+
+def cmd_bench_transport(args: argparse.Namespace) -> int:
+    ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+    result = run_transport(args.params, args.workers, args.rounds, ratios, args.chunk_bytes)
+    targets = []
+    if result["wire_vs_payload"] is not None:
+        targets.append(("wire bytes / payload bytes", result["wire_vs_payload"], "<=", 1.03))
+    targets.append(("round overhead / loopback transfer", result["overhead_vs_loopback"], "<=",
+                    1.5))
+    targets.append(("aggregation GB/s", result["aggregation_bytes_per_s"] / 1e9, ">=", 1.0))
+    for r, f in result["payload_fraction_by_ratio"].items():
+        targets.append((f"ratio {r}: payload fraction", max(f["down_fraction"],
+                                                             f["up_fraction"]),
+                        "<=", f["r_squared_plus_0.03"]))
+    result["targets"] = [{"what": w, "value": v, "target": f"{op} {b:g}",
+                          "met": v <= b if op == "<=" else v >= b} for w, v, op, b in targets]
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    mib = 2**20
+    print(f"model: {result['params']:,} parameters (MLP 64-{result['hidden']}-"
+          f"{result['hidden']}-10), {result['workers']} echo worker processes, ratios "
+          f"{result['ratios']}, {result['rounds']} rounds, chunks of "
+          f"{result['chunk_bytes'] / mib:g} MiB")
+    print(f"per round: payload {result['payload_bytes'] / mib:.2f} MiB, messages "
+          f"{result['message_bytes'] / mib:.2f} MiB, wire "
+          + (f"{result['wire_bytes'] / mib:.2f} MiB" if result["wire_bytes"] else "n/a"))
+    print(f"round overhead {result['round_overhead_s'] * 1e3:.1f} ms; the same bytes over a "
+          f"loopback socket pair {result['loopback_transfer_s'] * 1e3:.1f} ms, through bare "
+          f"gRPC streams {result['grpc_floor_s'] * 1e3:.1f} ms")
+    print(f"aggregation {result['aggregation_bytes_per_s'] / 1e9:.2f} GB/s of update bytes "
+          f"(whole server step with the x optimizer: "
+          f"{result['server_step_bytes_per_s'] / 1e9:.2f} GB/s)")
+    for r, f in result["payload_fraction_by_ratio"].items():
+        print(f"ratio {r:>6}: receives {f['down_fraction']:.4f}, sends {f['up_fraction']:.4f} of "
+              f"the full payload (r^2 + 0.03 = {f['r_squared_plus_0.03']:.4f})")
+    print("targets")
+    for t in result["targets"]:
+        print(f"    {'met ' if t['met'] else 'MISS'} {t['what']} = {t['value']:.3f} "
+              f"(target {t['target']})")
+    return 0

@@ -1,17 +1,16 @@
 """``rabo local``: a coordinator and N worker OS processes on 127.0.0.1.
 
 The coordinator runs in this process; each worker is ``python -m worker`` with its own memory
-budget, CPU threads and log file under ``OUT/logs/``. Workers die with this process (Linux
-parent-death signal), and on any exit, Ctrl-C included, every worker is terminated, waited for,
-and killed if it lingers: no process is left behind.
+budget, CPU threads and log file under ``OUT/logs/``. Workers die with this process (they ask
+Linux for a parent-death signal, see ``rabo.runtime.die_with_parent``), and on any exit, Ctrl-C
+included, every worker is terminated, waited for, and killed if it lingers: no process is left
+behind.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,16 +22,9 @@ from typing import Any
 
 from coordinator.server import Server, serve
 from rabo.config import Config
+from rabo.runtime import PARENT_ENV
 
 log = logging.getLogger("rabo.local")
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 @dataclass
@@ -54,6 +46,9 @@ def spawn_workers(target: str, count: int, out_dir: Path, memory_limits: Sequenc
                   ) -> list[WorkerProcess]:
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    env = dict(env if env is not None else os.environ)
+    env[PARENT_ENV] = str(os.getpid())
+    env.setdefault("GRPC_VERBOSITY", "ERROR")
     limits: list[str | None] = (list(islice(cycle(memory_limits), count)) if memory_limits
                                 else [None] * count)
     procs = []
@@ -65,9 +60,7 @@ def spawn_workers(target: str, count: int, out_dir: Path, memory_limits: Sequenc
             cmd += ["--memory-limit", str(limits[i])]
         log_path = logs / f"worker-{i}.log"
         with log_path.open("wb") as f:
-            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
-                                    preexec_fn=_die_with_parent if sys.platform == "linux"
-                                    else None, env=env)
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
         procs.append(WorkerProcess(i, limits[i], proc, log_path))
     return procs
 
@@ -105,10 +98,14 @@ def run_local(cfg: Config, workers: int, out_dir: Path,
                     failed.add(w.index)
                     log.error("worker-%d exited with status %s; its log ends:\n%s", w.index,
                               code, w.tail())
-            if len(failed) == len(procs):
-                server.driver.finish("every worker process exited")
-                raise RuntimeError("every worker process exited; see "
-                                   f"{out_dir / 'logs'} for their logs")
+            started = server.coord.ticket is not None
+            alive = sum(1 for w in procs if w.proc.poll() is None)
+            if failed and (not started or alive < cfg.cluster.min_workers):
+                why = ("a worker failed before the first round" if not started
+                       else f"only {alive} worker processes left (cluster.min_workers = "
+                            f"{cfg.cluster.min_workers})")
+                server.driver.finish(why)
+                raise RuntimeError(f"{why}; see {out_dir / 'logs'} for the workers' logs")
     finally:
         server.stop(grace=1.0)
         stop_workers(procs)

@@ -46,6 +46,7 @@ from rabo.job import Job, evaluate
 from rabo.metrics import MetricsWriter, write_json
 from rabo.policy import choose_ratio
 from rabo.runner import round_record, summarize
+from rabo.runtime import tune_allocator
 from rabo_proto.codec import Assembler, WireError, check_header, message_bytes
 from rabo_proto.v1 import rabo_pb2 as pb
 from rabo_proto.v1 import rabo_pb2_grpc as pb_grpc
@@ -234,7 +235,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         # replaced (aggregation waits for the round to close), and each worker's payload is
         # built only when it asks, so payloads are not all held in memory at once.
         task.counters_start = c.read_counters(task.peer)
-        assignment = c.job.engine.assign(state, task.plan)
+        assignment = c.job.engine.assign(state, task.plan, copy=False)
         encoded = encode_assignment(assignment, wid, c.cfg.cluster.chunk_bytes)
         task.payload_down = encoded.total_bytes
         header = assignment_header(assignment, encoded, max(0.0, ticket.deadline - c.clock()),
@@ -494,6 +495,7 @@ class RoundDriver:
         new_state, stats = c.job.engine.server_step(c.state, results)  # type: ignore[arg-type]
         with c.cond:
             c.state = new_state
+        done_at = c.clock()
         test = None
         if ticket.round % c.cfg.eval_every == 0 or ticket.round == c.cfg.rounds:
             test = evaluate(c.job.task, c.state.x, c.state.y, c.job.data.test)
@@ -501,8 +503,10 @@ class RoundDriver:
         workers = []
         for t in sorted(ticket.tasks.values(), key=lambda t: t.plan.client_id):
             workers.append(self._worker_record(t))
-        rec = round_record(stats, c.state, now - start, now - ticket.opened_at,
+        # round_s: open to aggregated (transfers, compute, aggregation); eval_s is apart
+        rec = round_record(stats, c.state, now - start, done_at - ticket.opened_at,
                            [w for w in workers if w["arrived"]], test)
+        rec["eval_s"] = round(now - done_at, 6)
         rec["left_out"] = [w for w in workers if not w["arrived"]]
         rec["not_assigned"] = dict(ticket.not_assigned)
         rec["compute_s"] = max((w["compute_s"] for w in rec["clients"]), default=0.0)
@@ -578,6 +582,7 @@ def serve(cfg: Config, out_dir: str | Path | None = None, bind: str | None = Non
           job: Job | None = None, linger_s: float = 3.0) -> Server:
     """Start the coordinator: the gRPC server and the round driver thread. Returns at once;
     ``Server.wait()`` blocks until the run is over."""
+    tune_allocator()
     job = job or Job.from_config(cfg)
     out = Path(out_dir) if out_dir is not None else None
     coord = Coordinator(cfg, job, out)

@@ -207,7 +207,8 @@ class ClusterConfig:
     register_timeout_s: float = opt(300.0, "how long to wait for workers before round 1", gt=0)
     heartbeat_s: float = opt(2.0, "worker heartbeat interval", gt=0)
     heartbeat_misses: int = opt(5, "missed heartbeats before a worker expires", ge=1)
-    chunk_bytes: int = opt(2 * 1024 * 1024, "tensor chunk size on the wire", ge=1024)
+    chunk_bytes: int = opt(1024 * 1024, "tensor chunk size on the wire (1 MiB streamed about "
+                           "twice as fast as 2 MiB through gRPC Python here)", ge=1024)
     max_message_bytes: int = opt(64 * 1024 * 1024, "gRPC maximum message size", ge=64 * 1024)
     metrics_port: int = opt(0, "Prometheus metrics port on the coordinator (0: off)", ge=0,
                             le=65535)

@@ -226,11 +226,14 @@ class RoundEngine:
         return ClientPlan(round, client_id, mask, self.task.x_plan(mask, client_id),
                           self.task.y_plan(mask))
 
-    def assign(self, state: GlobalState, plan: ClientPlan) -> Assignment:
+    def assign(self, state: GlobalState, plan: ClientPlan, copy: bool = True) -> Assignment:
+        """The slices of ``plan``; ``copy=False`` shares whole tensors with ``state`` (for
+        read-only use, e.g. encoding them for the wire while the state stands still)."""
         y_full, v_full = self._lower_of(state, plan.client_id)
         return Assignment(
             round=plan.round, client_id=plan.client_id, mask=plan.mask, hyper=self.hyper,
-            x=extract(state.x, plan.x), y=extract(y_full, plan.y), v=extract(v_full, plan.y),
+            x=extract(state.x, plan.x, copy), y=extract(y_full, plan.y, copy),
+            v=extract(v_full, plan.y, copy),
         )
 
     def _lower_of(self, state: GlobalState, client_id: int) -> tuple[Params, Params]:

@@ -136,14 +136,19 @@ def plan(layout: Mapping[str, ParamLayout], kept: Mapping[str, torch.Tensor]) ->
     return SlicePlan(layout, per_dim, blocks)
 
 
-def extract(full: Mapping[str, torch.Tensor], slice_plan: SlicePlan) -> Params:
-    """Contiguous tensors holding only the kept entries of ``full``."""
+def extract(full: Mapping[str, torch.Tensor], slice_plan: SlicePlan, copy: bool = True
+            ) -> Params:
+    """Contiguous tensors holding only the kept entries of ``full``.
+
+    ``copy=False`` returns a whole kept tensor as itself rather than a copy: for read-only use
+    (encoding for the wire) of a state that is not modified meanwhile.
+    """
     out: Params = {}
     for name, shape in slice_plan.shapes.items():
         t = full[name].detach()
         blocks = slice_plan.blocks[name]
         if slice_plan.whole[name]:
-            out[name] = t.clone()
+            out[name] = t.clone() if copy else t
         elif blocks is not None:
             sub = torch.empty(shape, dtype=t.dtype, device=t.device)
             for full_sl, sub_sl in blocks:

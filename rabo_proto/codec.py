@@ -52,7 +52,9 @@ def _raw(t: torch.Tensor) -> memoryview:
         t = t.view(torch.int16)
     if t.dtype not in WIRE_DTYPES and t.dtype != torch.int16:
         raise WireError(f"dtype {t.dtype} cannot cross the wire")
-    return memoryview(t.numpy()).cast("B")
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).numpy()).cast("B")
 
 
 def tensor_meta(part: str, name: str, dtype: torch.dtype, shape: Sequence[int]) -> pb.TensorMeta:
@@ -201,7 +203,11 @@ class Assembler:
                                      ).view(list(meta.shape))
             offset += n
             label = f"{PART_NAMES[meta.part]}.{meta.name}"
-            if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            # the sum is finite when every entry is (one pass, no temporary); only a non-finite
+            # sum needs the exact test, which also tells overflow apart from NaN / inf entries
+            if (check_finite and t.is_floating_point() and t.numel()
+                    and not bool(torch.isfinite(t.sum(dtype=torch.float64)))
+                    and not bool(torch.isfinite(t).all())):
                 raise WireError(f"tensor {label} holds NaN or infinite values")
             out.append(WireTensor(PART_NAMES[meta.part], meta.name, t))
         return out

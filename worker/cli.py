@@ -66,6 +66,9 @@ def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAct
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rabo.runtime import die_with_parent
+
+    die_with_parent()
     parser = argparse.ArgumentParser(prog="rabo worker")
     add_worker_args(parser)
     parser.add_argument("-v", "--verbose", action="store_true")

@@ -26,6 +26,7 @@ import torch
 from rabo import config
 from rabo.engine import client_step
 from rabo.job import Job
+from rabo.runtime import tune_allocator
 from rabo_proto.codec import Assembler, WireError, check_header
 from rabo_proto.v1 import rabo_pb2 as pb
 from rabo_proto.v1 import rabo_pb2_grpc as pb_grpc
@@ -89,6 +90,7 @@ def pick_device(name: str) -> torch.device:
 
 class Worker:
     def __init__(self, opts: WorkerOptions, sleep: Callable[[float], None] = time.sleep) -> None:
+        tune_allocator()
         self.opts = opts
         self.sleep = sleep
         self.stop = threading.Event()

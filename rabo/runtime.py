@@ -1,0 +1,59 @@
+"""Process-level tuning shared by the coordinator and the workers."""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_tuned = False
+
+
+def tune_allocator(keep_bytes: int = 1 << 30) -> bool:
+    """Keep large freed blocks in glibc's heap instead of returning them to the system.
+
+    glibc serves blocks above its mmap threshold (at most 32 MiB by default) with fresh
+    mappings and unmaps them on free, so every new full-model tensor (a coordinator allocates
+    several per round) page-faults all of its pages in again. Raising the mmap and trim
+    thresholds lets those blocks be reused: the coordinator's server step ran about 2.5x faster
+    on a 10M-parameter model (``rabo bench transport``). The process keeps up to its peak heap.
+    Returns False where this is not glibc (no change).
+    """
+    global _tuned
+    if _tuned or not sys.platform.startswith("linux"):
+        return _tuned
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, keep_bytes)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, 2 * keep_bytes))
+    except (OSError, AttributeError):
+        return False
+    _tuned = ok
+    return ok
+
+
+PARENT_ENV = "RABO_DIE_WITH_PARENT"
+
+
+def die_with_parent() -> None:
+    """If started by ``rabo local`` (``RABO_DIE_WITH_PARENT`` holds its pid), ask Linux to send
+    this process SIGTERM when that parent dies, so that no worker outlives a killed launcher.
+
+    Set here, in the child after exec, rather than in a ``preexec_fn``: forking a process whose
+    gRPC threads are running and then running Python before exec can crash the child in gRPC's
+    fork handlers; without ``preexec_fn`` the launcher spawns with vfork/exec.
+    """
+    import os
+    import signal
+
+    expected = os.environ.get(PARENT_ENV)
+    if not expected or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(expected):  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -1,0 +1,81 @@
+"""Helpers for tests that talk to a real coordinator over a real socket on 127.0.0.1."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from rabo_proto.codec import Assembler, Encoded, WireTensor
+from rabo_proto.v1 import rabo_pb2 as pb
+from rabo_proto.v1 import rabo_pb2_grpc as pb_grpc
+
+
+@dataclass
+class Session:
+    stub: pb_grpc.CoordinatorStub
+    channel: grpc.Channel
+    worker_id: str
+    credential: str
+    client_id: int
+    chunk_bytes: int
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def connect(port: int, client_id: int = -1, budget: int = 1 << 34) -> Session:
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = pb_grpc.CoordinatorStub(channel)
+    profile = pb.ResourceProfile(hostname="test", memory_budget_bytes=budget, device="cpu",
+                                 flops_per_s=1e9)
+    reply = stub.Register(pb.RegisterRequest(name="test", profile=profile, client_id=client_id,
+                                             protocol=1), timeout=10, wait_for_ready=True)
+    return Session(stub, channel, reply.worker_id, reply.credential, reply.client_id,
+                   reply.chunk_bytes)
+
+
+def fetch(s: Session, after_round: int = 0, wait_s: float = 10.0
+          ) -> tuple[pb.Assignment, list[WireTensor]]:
+    call = s.stub.FetchAssignment(pb.FetchRequest(worker_id=s.worker_id, credential=s.credential,
+                                                  after_round=after_round, wait_s=wait_s),
+                                  timeout=wait_s + 10)
+    first = next(call)
+    assert first.WhichOneof("body") == "assignment", first
+    asm = Assembler(first.assignment.payload, max_chunk_bytes=s.chunk_bytes)
+    for m in call:
+        asm.add(m.chunk)
+    return first.assignment, asm.finish()
+
+
+def zero_update(tensors: list[WireTensor]) -> list[WireTensor]:
+    """An update with the assignment's tensors (x: hypergradient, y/v: deltas), all zero."""
+    return [WireTensor(t.part, t.name, torch.zeros_like(t.tensor)) for t in tensors]
+
+
+def update_stream(s: Session, round_: int, client_id: int, tensors: list[WireTensor],
+                  chunk_bytes: int | None = None, worker_id: str | None = None,
+                  credential: str | None = None, mutate_chunks=None, mutate_header=None
+                  ) -> Iterator[pb.UpdateMessage]:
+    wid = worker_id if worker_id is not None else s.worker_id
+    enc = Encoded(round_, wid, tensors, chunk_bytes or s.chunk_bytes)
+    header = pb.UpdateHeader(worker_id=wid,
+                             credential=credential if credential is not None else s.credential,
+                             round=round_, client_id=client_id, payload=enc.header,
+                             measurements=pb.Measurements(compute_s=0.1, samples=10,
+                                                          upper_loss=1.0))
+    if mutate_header:
+        mutate_header(header)
+    chunks = list(enc.chunks())
+    if mutate_chunks:
+        chunks = mutate_chunks(chunks)
+    yield pb.UpdateMessage(header=header)
+    for c in chunks:
+        yield pb.UpdateMessage(chunk=c)
+
+
+def crc(data: bytes) -> int:
+    return zlib.crc32(data)

@@ -1,0 +1,62 @@
+"""One config, one seed, every transport: the same final x, y and v (to 1e-6).
+
+The main correctness test of the system (docs/architecture.md): the in-process runner is the
+reference; each transport runs the same job with real processes and is compared with it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rabo import checkpoint, config
+from rabo.engine import GlobalState
+from rabo.params import max_abs_diff
+from rabo.runner import simulate
+
+OVERRIDES = ["data.dataset=digits", "model.hidden=[48, 32]", "clients.count=3", "rounds=3",
+             "clients.ratios=[1, 0.5, 0.25]", "mask.policy=rolling", "inner.steps=2",
+             "data.batch_size=32", "outer.optimizer=adam", "outer.lr=0.01",
+             "estimator.name=fd-central"]
+ENV = dict(os.environ, GRPC_VERBOSITY="ERROR")
+
+
+def run_grpc(tmp: Path) -> GlobalState:
+    out = tmp / "grpc"
+    cmd = [sys.executable, "-m", "rabo.cli", "local", "--workers", "3", "--threads", "1",
+           "--out", str(out), *sum((["--set", o] for o in OVERRIDES), [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    state, _ = checkpoint.load(out / "checkpoint.pt")
+    return state
+
+
+TRANSPORTS = {"grpc": run_grpc}
+
+
+@pytest.fixture(scope="module")
+def reference() -> GlobalState:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers run with one thread each
+    try:
+        return simulate(config.load(None, OVERRIDES)).state
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", sorted(TRANSPORTS))
+def test_transport_matches_in_process(transport: str, reference: GlobalState,
+                                      tmp_path: Path) -> None:
+    state = TRANSPORTS[transport](tmp_path)
+    assert state.round == reference.round == 3
+    for part in ("x", "y", "v"):
+        diff = max_abs_diff(getattr(reference, part), getattr(state, part))
+        assert diff <= 1e-6, f"{transport}: {part} differs by {diff}"
+    assert max_abs_diff(reference.x, simulate(config.load(None, [*OVERRIDES, "rounds=2"])).state.x
+                        ) > 1e-4  # the comparison can fail: one round less is far away
