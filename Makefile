@@ -39,6 +39,7 @@ lint: install
 
 bench: install
 	$(BIN)/rabo bench estimator
+	$(BIN)/rabo bench transport
 
 # Regenerate the wire modules from proto/ (tests/test_proto.py fails when they are stale).
 proto: install

@@ -63,6 +63,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     from rabo import config
 
+    if args.markdown:
+        print(config.markdown(), end="")
+        return 0
     if args.config or args.overrides:
         cfg = load_config(args)
         print(json.dumps(config.to_dict(cfg), indent=2))
@@ -106,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="show the config schema, or a resolved config")
     add_config_args(p, rounds=False)
+    p.add_argument("--markdown", action="store_true", help="the schema as docs/config.md")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("report", help="a run folder as a table and PNG plots")

@@ -80,3 +80,8 @@ def test_describe_lists_every_key_with_help() -> None:
     keys = {r[0] for r in rows}
     assert {"estimator.delta", "mask.policy", "policy.safety", "lower_level"} <= keys
     assert all(r[3] for r in rows)
+
+
+def test_docs_config_md_is_current() -> None:
+    assert (ROOT / "docs" / "config.md").read_text() == config.markdown(), \
+        "docs/config.md is stale: run `rabo config --markdown > docs/config.md`"
