@@ -310,3 +310,92 @@ def cmd_bench_transport(args: argparse.Namespace) -> int:
         print(f"    {'met ' if t['met'] else 'MISS'} {t['what']} = {t['value']:.3f} "
               f"(target {t['target']})")
     return 0
+
+
+# --------------------------------------------------------------------------- compare-transports
+
+
+def add_compare_args(p: argparse.ArgumentParser) -> None:
+    from rabo.cli import add_config_args
+
+    add_config_args(p)
+    p.add_argument("--workers", type=int, default=3)
+    p.add_argument("--out", metavar="DIR", help="keep both run folders here")
+    p.add_argument("--json", action="store_true")
+
+
+def _medians(run_dir: Path) -> dict[str, Any]:
+    from rabo.metrics import read_metrics
+
+    records = read_metrics(run_dir)
+    steady = records[1:] if len(records) > 1 else records
+
+    def med(key: str) -> float | None:
+        values = [r[key] for r in steady if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    return {"rounds": len(records), "payload_bytes": med("payload_bytes"),
+            "wire_bytes": med("wire_bytes"), "round_s": med("round_s"),
+            "compute_s": med("compute_s"), "transfer_s": med("transfer_s"),
+            "aggregation_s": med("aggregation_s"),
+            "test_acc": records[-1].get("test_acc") if records else None}
+
+
+def cmd_compare_transports(args: argparse.Namespace) -> int:
+    """The same job over gRPC and over torch.distributed (gloo), side by side."""
+    from coordinator.local import run_local
+    from rabo import checkpoint
+    from rabo.cli import load_config
+    from rabo.params import max_abs_diff
+
+    workers = args.workers
+    args.overrides = [*args.overrides, f"clients.count={workers}", f"cluster.workers={workers}"]
+    cfg = load_config(args)
+    base = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="rabo-compare-"))
+    grpc_dir, dist_dir = base / "grpc", base / "gloo"
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    print(f"gRPC: coordinator + {workers} worker processes ...", flush=True)
+    run_local(cfg, workers, grpc_dir, cfg.clients.memory_budgets, threads=threads)
+    print(f"torch.distributed (gloo): torchrun with {workers + 1} processes ...", flush=True)
+    sets = sum((["--set", o] for o in args.overrides), [])
+    if args.config:
+        sets = ["--config", args.config, *sets]
+    if getattr(args, "rounds", None):
+        sets += ["--rounds", str(args.rounds)]
+    env = dict(os.environ, GRPC_VERBOSITY="ERROR", RABO_DIE_WITH_PARENT=str(os.getpid()))
+    if cfg.clients.memory_budgets and not cfg.clients.ratios:
+        print("note: the gloo ranks share this machine's memory; pass the budgets as fixed "
+              "clients.ratios for an identical job", flush=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(workers + 1),
+         "--master-port", str(_free_port()), "-m", "rabo.dist", "--backend", "gloo",
+         "--threads", str(threads), "--out", str(dist_dir), *sets],
+        capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        print(proc.stdout[-2000:] + proc.stderr[-2000:], file=sys.stderr)
+        return 1
+    g, d = _medians(grpc_dir), _medians(dist_dir)
+    sg, _ = checkpoint.load(grpc_dir / "checkpoint.pt")
+    sd, _ = checkpoint.load(dist_dir / "checkpoint.pt")
+    diff = max(max_abs_diff(sg.x, sd.x), max_abs_diff(sg.y, sd.y), max_abs_diff(sg.v, sd.v))
+    result = {"grpc": g, "gloo": d, "max_abs_diff_final_state": diff, "run_dirs": str(base)}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    mib = 2**20
+    print(f"{'median per round':24} {'gRPC':>12} {'gloo':>12}")
+    for key, unit, scale in (("payload_bytes", "MiB", mib), ("wire_bytes", "MiB", mib),
+                             ("round_s", "s", 1), ("compute_s", "s", 1),
+                             ("transfer_s", "s", 1), ("aggregation_s", "s", 1)):
+        cells = [f"{v / scale:12.4f}" if v is not None else f"{'n/a':>12}"
+                 for v in (g[key], d[key])]
+        print(f"{key + ' (' + unit + ')':24} {cells[0]} {cells[1]}")
+    print(f"{'final test_acc':24} {g['test_acc']:12.4f} {d['test_acc']:12.4f}")
+    print(f"final x, y, v differ by at most {diff:.2e}; run folders in {base}")
+    return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

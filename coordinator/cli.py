@@ -135,11 +135,20 @@ def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAct
     p.add_argument("--out", metavar="DIR", required=True, help="run folder")
     p.set_defaults(func=cmd_local)
 
-    from coordinator.bench import add_transport_args, cmd_bench_transport
+    from coordinator.bench import (
+        add_compare_args,
+        add_transport_args,
+        cmd_bench_transport,
+        cmd_compare_transports,
+    )
 
     p = bench_sub.add_parser("transport", help="round trip of a P-parameter model, no compute")
     add_transport_args(p)
     p.set_defaults(func=cmd_bench_transport)
+
+    p = bench_sub.add_parser("compare-transports", help="the same job over gRPC and gloo")
+    add_compare_args(p)
+    p.set_defaults(func=cmd_compare_transports)
 
 
 def _json(obj: Any) -> str:

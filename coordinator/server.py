@@ -30,7 +30,6 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from coordinator.netstat import SocketCounters, TcpCounters, parse_peer
 from coordinator.registry import Registry, RegistryError, WorkerRecord
 from coordinator.wire import (
     assignment_header,
@@ -44,6 +43,7 @@ from rabo.config import Config, to_dict
 from rabo.engine import ClientPlan, GlobalState, Update, sample_participants
 from rabo.job import Job, evaluate
 from rabo.metrics import MetricsWriter, write_json
+from rabo.netstat import SocketCounters, TcpCounters, parse_peer
 from rabo.policy import choose_ratio
 from rabo.runner import round_record, summarize
 from rabo.runtime import tune_allocator

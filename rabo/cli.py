@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR", help="run folder holding metrics.jsonl")
     p.set_defaults(func=cmd_report)
 
+    from rabo.dist import add_dist_args, cmd_dist
+
+    p = sub.add_parser("dist", help="run over torch.distributed (launch with torchrun)")
+    add_dist_args(p)
+    p.set_defaults(func=cmd_dist)
+
     bench = sub.add_parser("bench", help="benchmarks that print measured ratios")
     bsub = bench.add_subparsers(dest="bench", metavar="BENCH")
     bsub.required = True

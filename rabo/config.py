@@ -210,6 +210,8 @@ class ClusterConfig:
     chunk_bytes: int = opt(1024 * 1024, "tensor chunk size on the wire (1 MiB streamed about "
                            "twice as fast as 2 MiB through gRPC Python here)", ge=1024)
     max_message_bytes: int = opt(64 * 1024 * 1024, "gRPC maximum message size", ge=64 * 1024)
+    dist_timeout_s: float = opt(120.0, "torch.distributed backend: how long a collective, send "
+                                "or receive may wait before the job stops with an error", gt=0)
     metrics_port: int = opt(0, "Prometheus metrics port on the coordinator (0: off)", ge=0,
                             le=65535)
 

@@ -1,7 +1,8 @@
 """One config, one seed, every transport: the same final x, y and v (to 1e-6).
 
 The main correctness test of the system (docs/architecture.md): the in-process runner is the
-reference; each transport runs the same job with real processes and is compared with it.
+reference; each transport (gRPC coordinator + worker processes; torch.distributed over gloo
+launched by torchrun) runs the same job with real processes and is compared with it.
 """
 
 from __future__ import annotations
@@ -36,7 +37,26 @@ def run_grpc(tmp: Path) -> GlobalState:
     return state
 
 
-TRANSPORTS = {"grpc": run_grpc}
+def run_dist(tmp: Path) -> GlobalState:
+    out = tmp / "dist"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
+           "--master-port", str(free_port()), "-m", "rabo.dist", "--threads", "1", "--out",
+           str(out), *sum((["--set", o] for o in OVERRIDES), [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    state, _ = checkpoint.load(out / "checkpoint.pt")
+    return state
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+TRANSPORTS = {"grpc": run_grpc, "dist-gloo": run_dist}
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from rabo.resources import read_cgroup
 from worker.client import Backoff
-from worker.profile import build_profile, read_cgroup
+from worker.profile import build_profile
 
 
 def _write(root: Path, files: dict[str, str]) -> None:
@@ -66,7 +67,7 @@ def test_no_cgroup(tmp_path: Path) -> None:
 
 
 def test_budget_sources(tmp_path: Path) -> None:
-    from worker.profile import CgroupLimits
+    from rabo.resources import CgroupLimits
 
     cpu = torch.device("cpu")
     flag = build_profile(cpu, memory_limit=123 * 2**20, flops_per_s=1.0,

@@ -18,6 +18,7 @@ as unavailable.
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import struct
 import threading
@@ -59,6 +60,15 @@ class SocketCounters:
         return self.bytes_received + HEADER_BYTES_PER_SEGMENT * self.segs_in
 
 
+@dataclass(frozen=True)
+class Connection:
+    local_addr: str
+    local_port: int
+    remote_addr: str
+    remote_port: int
+    counters: SocketCounters
+
+
 def parse_peer(peer: str) -> tuple[str, int] | None:
     """gRPC peer strings: 'ipv4:127.0.0.1:5000', 'ipv6:[::1]:5000'; None for others (unix)."""
     if peer.startswith("ipv4:"):
@@ -89,19 +99,62 @@ class TcpCounters:
             addr = addr.ipv4_mapped
         family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
         try:
-            for sport, dport, dst, info in self._dump(family):
+            for sport, dport, dst, _, info in self._dump(family):
                 if sport == local_port and dport == port and dst == addr:
                     return _decode(info)
             if family == socket.AF_INET:  # a dual-stack listener sees v4 peers as v6-mapped
                 mapped = ipaddress.IPv6Address(f"::ffff:{addr}")
-                for sport, dport, dst, info in self._dump(socket.AF_INET6):
+                for sport, dport, dst, _, info in self._dump(socket.AF_INET6):
                     if sport == local_port and dport == port and dst == mapped:
                         return _decode(info)
         except OSError:
             return None
         return None
 
+    def connections(self) -> list[Connection] | None:
+        """Every established TCP connection of this process, with its counters."""
+        inodes = _own_socket_inodes()
+        if inodes is None:
+            return None
+        out = []
+        try:
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for src, sport, dport, dst, inode, info in self._dump_full(family):
+                    c = _decode(info)
+                    if inode in inodes and c is not None:
+                        out.append(Connection(str(src), sport, str(dst), dport, c))
+        except OSError:
+            return None
+        return out
+
+    def process_totals(self, exclude_ports: frozenset[int] = frozenset()
+                       ) -> SocketCounters | None:
+        """Sum of the counters of every established TCP connection this process holds
+        (matched by socket inode through /proc/self/fd), leaving out connections whose remote
+        port is in ``exclude_ports`` (e.g. a rendezvous store). None where unavailable."""
+        inodes = _own_socket_inodes()
+        if inodes is None:
+            return None
+        total = SocketCounters(0, 0, 0, 0)
+        try:
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for _, dport, _, inode, info in self._dump(family):
+                    if inode in inodes and dport not in exclude_ports:
+                        c = _decode(info)
+                        if c is not None:
+                            total = SocketCounters(
+                                total.bytes_sent + c.bytes_sent,
+                                total.bytes_received + c.bytes_received,
+                                total.segs_out + c.segs_out, total.segs_in + c.segs_in)
+        except OSError:
+            return None
+        return total
+
     def _dump(self, family: int):
+        for _, sport, dport, dst, inode, info in self._dump_full(family):
+            yield sport, dport, dst, inode, info
+
+    def _dump_full(self, family: int):
         with self._lock:
             self._seq += 1
             seq = self._seq
@@ -130,21 +183,41 @@ class TcpCounters:
                     pos += (length + 3) & ~3
 
 
+def _own_socket_inodes() -> set[int] | None:
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    inodes = set()
+    for name in names:
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
 def _parse_diag(body: bytes, family: int):
     if len(body) < 72:
         return None
     sport, dport = struct.unpack_from("!HH", body, 4)
-    raw_dst = body[24:40]
-    dst: ipaddress.IPv4Address | ipaddress.IPv6Address = (
-        ipaddress.IPv4Address(raw_dst[:4]) if family == socket.AF_INET
-        else ipaddress.IPv6Address(raw_dst))
+    (inode,) = struct.unpack_from("=I", body, 68)
+    raw_src, raw_dst = body[8:24], body[24:40]
+    src: ipaddress.IPv4Address | ipaddress.IPv6Address
+    dst: ipaddress.IPv4Address | ipaddress.IPv6Address
+    if family == socket.AF_INET:
+        src, dst = ipaddress.IPv4Address(raw_src[:4]), ipaddress.IPv4Address(raw_dst[:4])
+    else:
+        src, dst = ipaddress.IPv6Address(raw_src), ipaddress.IPv6Address(raw_dst)
     pos = 72
     while pos + 4 <= len(body):
         alen, atype = struct.unpack_from("=HH", body, pos)
         if alen < 4:
             break
         if atype == INET_DIAG_INFO:
-            return sport, dport, dst, body[pos + 4:pos + alen]
+            return src, sport, dport, dst, inode, body[pos + 4:pos + alen]
         pos += (alen + 3) & ~3
     return None
 

@@ -1,0 +1,449 @@
+"""The torch.distributed backend: the same round engine over gloo (CPU) or nccl (GPU).
+
+Launched by torchrun (``torchrun --nnodes N --nproc-per-node P -m rabo.dist --config FILE``)
+or any launcher that sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT. Rank 0 coordinates;
+ranks 1..W-1 are workers, rank r serving client r-1. Per round, all ranks in lockstep:
+
+1. every worker measures its resources (``rabo.resources``); an all-gather brings them to
+   rank 0, which picks each worker's ratio with the same policy code as the gRPC coordinator;
+2. rank 0 broadcasts the round's ratios (0: not taking part);
+3. rank 0 sends each participant only its packed x, y, v slices (point-to-point); the worker,
+   which derives the same slice plan from (round, client, ratio), unpacks them;
+4. the worker runs the client step and sends back its packed update and its measurements;
+5. rank 0 runs the server step, evaluates and writes ``metrics.jsonl`` in the gRPC schema.
+
+Bytes on the wire (gloo) come from the kernel's counters of rank 0's TCP connections to each
+worker, mapped to ranks by exchanging the workers' local endpoints once at start. With nccl
+the transport is not a TCP socket the coordinator can see: wire fields are null.
+
+A rank that dies ends the job: its peers' pending send/recv fails (connection closed) or times
+out after ``cluster.dist_timeout_s``; each rank then exits non-zero with a message naming the
+round, and torchrun tears the job down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from itertools import cycle, islice
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from rabo import checkpoint
+from rabo.config import Config, to_dict
+from rabo.engine import Assignment, ClientPlan, Update, client_step, sample_participants
+from rabo.errors import RaboError
+from rabo.job import Job, evaluate
+from rabo.metrics import MetricsWriter, write_json
+from rabo.netstat import SocketCounters, TcpCounters
+from rabo.params import Params
+from rabo.policy import Resources, choose_ratio
+from rabo.resources import measure
+from rabo.runner import format_progress, round_record, summarize
+from rabo.runtime import tune_allocator
+from rabo.units import parse_bytes
+
+log = logging.getLogger("rabo.dist")
+PROFILE_FIELDS = 2  # memory budget, flops/s
+META_FIELDS = 6  # compute_s, peak_mem_bytes, samples, upper_loss, receive_s, send_s
+MAX_ENDPOINTS = 16  # local TCP endpoints a worker reports (gloo opens one or a few per peer)
+
+
+class DistError(RaboError):
+    """The distributed job cannot go on (a rank failed, timed out or was misconfigured)."""
+
+
+@dataclass
+class Context:
+    cfg: Config
+    job: Job
+    rank: int
+    world: int
+    backend: str
+    comm_device: torch.device  # where tensors travel (cuda for nccl)
+    compute_device: torch.device
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def pack(parts: list[Params], device: torch.device) -> torch.Tensor:
+    """One contiguous float32 buffer of every tensor of ``parts``, in order."""
+    flat = [t.reshape(-1).to(torch.float32) for p in parts for t in p.values()]
+    return torch.cat(flat).to(device) if flat else torch.zeros(0, device=device)
+
+
+def unpack(buf: torch.Tensor, shapes: list[dict[str, tuple[int, ...]]]) -> list[Params]:
+    out: list[Params] = []
+    pos = 0
+    buf = buf.cpu()
+    for part in shapes:
+        d: Params = {}
+        for name, shape in part.items():
+            n = 1
+            for s in shape:
+                n *= s
+            d[name] = buf[pos:pos + n].view(shape).clone()
+            pos += n
+        out.append(d)
+    if pos != buf.numel():
+        raise DistError(f"packed buffer holds {buf.numel()} values, the plan {pos}")
+    return out
+
+
+def plan_shapes(plan: ClientPlan) -> list[dict[str, tuple[int, ...]]]:
+    return [plan.x.shapes, plan.y.shapes, plan.y.shapes]
+
+
+def plan_numel(plan: ClientPlan) -> int:
+    return plan.x.numel() + 2 * plan.y.numel()
+
+
+# --------------------------------------------------------------------------- wire counters
+
+
+def _ip_value(addr: str) -> int:
+    ip = ipaddress.ip_address(addr)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return int(ip) & ((1 << 53) - 1)  # exact in float64 for IPv4 (and most IPv6 suffixes)
+
+
+def local_endpoints(store_port: int) -> torch.Tensor:
+    """This process's TCP endpoints (ip, port) other than the rendezvous store, padded."""
+    out = torch.zeros(MAX_ENDPOINTS, 2, dtype=torch.float64)
+    conns = TcpCounters().connections() or []
+    mine = [c for c in conns if c.remote_port != store_port and c.local_port != store_port]
+    for i, c in enumerate(mine[:MAX_ENDPOINTS]):
+        out[i, 0] = _ip_value(c.local_addr)
+        out[i, 1] = c.local_port
+    return out
+
+
+class RankCounters:
+    """Rank 0's per-worker wire counters: its connections whose remote end is a worker's."""
+
+    def __init__(self, endpoints: torch.Tensor) -> None:
+        self.tcp = TcpCounters()
+        self.owner: dict[tuple[int, int], int] = {}
+        for rank in range(1, endpoints.shape[0]):
+            for ip, port in endpoints[rank].tolist():
+                if port:
+                    self.owner[(int(ip), int(port))] = rank
+
+    def read(self) -> dict[int, SocketCounters] | None:
+        conns = self.tcp.connections()
+        if conns is None or not self.owner:
+            return None
+        totals: dict[int, SocketCounters] = {}
+        for c in conns:
+            rank = self.owner.get((_ip_value(c.remote_addr), c.remote_port))
+            if rank is None:
+                continue
+            t = totals.get(rank, SocketCounters(0, 0, 0, 0))
+            totals[rank] = SocketCounters(t.bytes_sent + c.counters.bytes_sent,
+                                          t.bytes_received + c.counters.bytes_received,
+                                          t.segs_out + c.counters.segs_out,
+                                          t.segs_in + c.counters.segs_in)
+        return totals
+
+
+# --------------------------------------------------------------------------- the ranks
+
+
+def _ratio(ctx: Context, client_id: int, resources: Resources) -> tuple[float | None, str]:
+    cfg = ctx.cfg
+    if cfg.clients.ratios:
+        r = list(islice(cycle(cfg.clients.ratios), client_id + 1))[-1]
+        return r, f"fixed ratio {r:g} (clients.ratios)"
+    choice = choose_ratio(ctx.job.task, ctx.job.hyper, resources, cfg.policy.ladder,
+                          cfg.policy.safety, cfg.policy.deadline_s, cfg.data.batch_size or 1)
+    return choice.ratio, choice.reason
+
+
+def _gather_profiles(ctx: Context, mine: torch.Tensor) -> torch.Tensor:
+    parts = [torch.zeros(PROFILE_FIELDS, dtype=torch.float64, device=ctx.comm_device)
+             for _ in range(ctx.world)]
+    dist.all_gather(parts, mine.to(ctx.comm_device))
+    return torch.stack([p.cpu() for p in parts])
+
+
+def _broadcast_ratios(ctx: Context, ratios: torch.Tensor) -> torch.Tensor:
+    buf = ratios.to(ctx.comm_device)
+    dist.broadcast(buf, src=0)
+    return buf.cpu()
+
+
+def run_coordinator(ctx: Context, out: Path | None, progress: bool = True) -> dict[str, Any]:
+    cfg, job = ctx.cfg, ctx.job
+    engine = job.engine
+    state = engine.init_state()
+    endpoints = _gather_endpoints(ctx, torch.zeros(MAX_ENDPOINTS, 2, dtype=torch.float64))
+    counters = RankCounters(endpoints) if ctx.backend == "gloo" else None
+    writer = MetricsWriter(out) if out else None
+    records: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    try:
+        for q in range(1, cfg.rounds + 1):
+            opened = time.perf_counter()
+            profiles = _gather_profiles(ctx, torch.zeros(PROFILE_FIELDS, dtype=torch.float64))
+            participants = set(sample_participants(cfg.seed, q, list(range(ctx.world - 1)),
+                                                   cfg.clients.participation))
+            ratios = torch.zeros(ctx.world, dtype=torch.float64)
+            plans: dict[int, ClientPlan] = {}
+            reasons: dict[int, str] = {}
+            not_assigned: dict[str, str] = {}
+            for rank in range(1, ctx.world):
+                cid = rank - 1
+                if cid not in participants:
+                    continue
+                res = Resources(int(profiles[rank, 0]), float(profiles[rank, 1]))
+                ratio, why = _ratio(ctx, cid, res)
+                if ratio is None:
+                    not_assigned[f"rank{rank}"] = f"not assigned: {why}"
+                    continue
+                ratios[rank] = ratio
+                plans[rank] = engine.plan(q, cid, ratio)
+                reasons[rank] = why
+            _broadcast_ratios(ctx, ratios)
+            before = counters.read() if counters else None
+            sent_at = time.perf_counter()
+            sends, outgoing = [], []  # the buffers live until their sends complete
+            for rank, plan in plans.items():
+                a = engine.assign(state, plan, copy=False)
+                outgoing.append(pack([a.x, a.y, a.v], ctx.comm_device))
+                sends.append(dist.isend(outgoing[-1], dst=rank))
+            bufs = {rank: torch.empty(plan_numel(p), dtype=torch.float32, device=ctx.comm_device)
+                    for rank, p in plans.items()}
+            metas = {rank: torch.empty(META_FIELDS, dtype=torch.float64, device=ctx.comm_device)
+                     for rank in plans}
+            recvs = [(rank, dist.irecv(bufs[rank], src=rank), dist.irecv(metas[rank], src=rank))
+                     for rank in plans]
+            for work in sends:
+                _wait(work)
+            arrived: dict[int, float] = {}
+            for rank, rb, rm in recvs:
+                _wait(rb)
+                _wait(rm)
+                arrived[rank] = time.perf_counter()
+            after = counters.read() if counters else None
+            results = []
+            clients = []
+            for rank, plan in sorted(plans.items()):
+                x, y, v = unpack(bufs[rank], plan_shapes(plan))
+                m = metas[rank].cpu().tolist()
+                upd = Update(q, plan.client_id, x, y, v, samples=int(m[2]), upper_loss=m[3],
+                             compute_s=m[0], peak_mem_bytes=int(m[1]))
+                results.append((plan, upd))
+                wire = (after[rank].minus(before[rank])
+                        if after and before and rank in after and rank in before else None)
+                payload = 4 * plan_numel(plan)
+                elapsed = arrived[rank] - sent_at
+                clients.append({
+                    "worker_id": f"rank{rank}", "client_id": plan.client_id,
+                    "ratio": plan.ratio, "reason": reasons[rank],
+                    "payload_down_elems": plan_numel(plan), "payload_up_elems": plan_numel(plan),
+                    "payload_down_bytes": payload, "payload_up_bytes": payload,
+                    "message_down_bytes": payload, "message_up_bytes": payload + 8 * META_FIELDS,
+                    "wire_down_bytes": wire.bytes_sent if wire else None,
+                    "wire_up_bytes": wire.bytes_received if wire else None,
+                    "wire_down_l2_bytes": wire.l2_sent() if wire else None,
+                    "wire_up_l2_bytes": wire.l2_received() if wire else None,
+                    "compute_s": round(m[0], 6), "receive_s": round(m[4], 6),
+                    "upload_s": round(m[5], 6),
+                    "transfer_s": round(max(0.0, elapsed - m[0]), 6),
+                    "peak_mem_bytes": int(m[1]), "samples": int(m[2]), "upper_loss": m[3],
+                })
+            if not results:
+                raise DistError(f"round {q}: no worker could take part: {not_assigned}")
+            state, stats = engine.server_step(state, results)
+            done_at = time.perf_counter()
+            test = None
+            if q % cfg.eval_every == 0 or q == cfg.rounds:
+                test = evaluate(job.task, state.x, state.y, job.data.test)
+            now = time.perf_counter()
+            rec = round_record(stats, state, now - start, done_at - opened, clients, test)
+            rec["eval_s"] = round(now - done_at, 6)
+            rec["not_assigned"] = not_assigned
+            rec["left_out"] = []
+            rec["compute_s"] = max(c["compute_s"] for c in clients)
+            rec["transfer_s"] = max(c["transfer_s"] for c in clients)
+            wires = [c["wire_down_bytes"] for c in clients] + [c["wire_up_bytes"]
+                                                               for c in clients]
+            rec["wire_bytes"] = sum(wires) if all(w is not None for w in wires) else None
+            rec["payload_bytes"] = sum(c["payload_down_bytes"] + c["payload_up_bytes"]
+                                       for c in clients)
+            records.append(rec)
+            if writer:
+                writer.write(rec)
+            if progress:
+                mib = (rec["wire_bytes"] or rec["payload_bytes"]) / 2**20
+                print(format_progress(rec, cfg.rounds) + f"  wire {mib:.1f} MiB", flush=True)
+    finally:
+        if writer:
+            writer.close()
+    summary = summarize(cfg, state, records, time.perf_counter() - start,
+                        {"transport": f"torch.distributed ({ctx.backend})",
+                         "world_size": ctx.world,
+                         "wire_bytes_total": sum(r["wire_bytes"] or 0 for r in records)})
+    if out:
+        checkpoint.save(out, state, {"config": to_dict(cfg)})
+        write_json(out / "summary.json", summary)
+    return summary
+
+
+def _wait(work: Any) -> None:
+    if work is not None:
+        work.wait()
+
+
+def _gather_endpoints(ctx: Context, mine: torch.Tensor) -> torch.Tensor:
+    parts = [torch.zeros(MAX_ENDPOINTS, 2, dtype=torch.float64, device=ctx.comm_device)
+             for _ in range(ctx.world)]
+    dist.all_gather(parts, mine.to(ctx.comm_device))
+    return torch.stack([p.cpu() for p in parts])
+
+
+def run_worker(ctx: Context, memory_limit: int | None) -> None:
+    cfg, job = ctx.cfg, ctx.job
+    engine = job.engine
+    cid = ctx.rank - 1
+    store_port = int(os.environ.get("MASTER_PORT", "0"))
+    _gather_endpoints(ctx, local_endpoints(store_port) if ctx.backend == "gloo"
+                      else torch.zeros(MAX_ENDPOINTS, 2, dtype=torch.float64))
+    flops = None
+    for q in range(1, cfg.rounds + 1):
+        prof = measure(ctx.compute_device, memory_limit, flops_per_s=flops)
+        flops = prof.flops_per_s
+        _gather_profiles(ctx, torch.tensor([float(prof.memory_budget_bytes), prof.flops_per_s],
+                                           dtype=torch.float64))
+        ratios = _broadcast_ratios(ctx, torch.zeros(ctx.world, dtype=torch.float64))
+        ratio = float(ratios[ctx.rank])
+        if ratio <= 0:
+            continue
+        plan = engine.plan(q, cid, ratio)
+        buf = torch.empty(plan_numel(plan), dtype=torch.float32, device=ctx.comm_device)
+        t0 = time.perf_counter()
+        dist.recv(buf, src=0)
+        receive_s = time.perf_counter() - t0
+        x, y, v = unpack(buf, plan_shapes(plan))
+        assignment = Assignment(q, cid, plan.mask, engine.hyper, x, y, v)
+        update = client_step(job.task, assignment, job.data.clients[cid], ctx.compute_device)
+        t0 = time.perf_counter()
+        dist.send(pack([update.x, update.y, update.v], ctx.comm_device), dst=0)
+        send_s = time.perf_counter() - t0
+        meta = torch.tensor([update.compute_s, float(update.peak_mem_bytes),
+                             float(update.samples), update.upper_loss, receive_s, send_s],
+                            dtype=torch.float64, device=ctx.comm_device)
+        dist.send(meta, dst=0)
+
+
+# --------------------------------------------------------------------------- entry
+
+
+def add_dist_args(p: argparse.ArgumentParser) -> None:
+    from rabo.cli import add_config_args
+
+    add_config_args(p)
+    p.add_argument("--out", metavar="DIR", help="run folder (written by rank 0)")
+    p.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto",
+                   help="auto: nccl where CUDA is available, else gloo")
+    p.add_argument("--memory-limit", default=os.environ.get("RABO_MEMORY_LIMIT"),
+                   metavar="SIZE", help="this rank's training-memory budget (env "
+                                        "RABO_MEMORY_LIMIT; default: cgroup / available)")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("RABO_THREADS", "0")),
+                   help="torch CPU threads per rank (0: torch's default)")
+    p.add_argument("--timeout-s", type=float, default=0.0,
+                   help="collective / send / recv timeout (0: cluster.dist_timeout_s)")
+
+
+def cmd_dist(args: argparse.Namespace) -> int:
+    from rabo.cli import load_config
+
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        if key not in os.environ:
+            print(f"rabo dist: error: {key} is not set; launch with torchrun, e.g. "
+                  "torchrun --nproc-per-node 3 -m rabo.dist --config FILE", file=sys.stderr)
+            return 2
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world < 2:
+        print("rabo dist: error: needs at least 2 processes (rank 0 coordinates)",
+              file=sys.stderr)
+        return 2
+    overrides = list(args.overrides)
+    args.overrides = [*overrides, f"clients.count={world - 1}"]
+    cfg = load_config(args)
+    backend = args.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        print("rabo dist: error: --backend nccl needs CUDA; use gloo on CPU", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tune_allocator()
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+        comm = compute = torch.device("cuda", local_rank)
+    else:
+        comm = torch.device("cpu")
+        compute = torch.device("cuda", local_rank) if (
+            cfg.device in ("auto", "cuda") and torch.cuda.is_available()) else torch.device("cpu")
+    try:
+        limit = parse_bytes(args.memory_limit) if args.memory_limit else None
+    except ValueError as exc:
+        print(f"rabo dist: error: --memory-limit: {exc}", file=sys.stderr)
+        return 2
+    timeout = timedelta(seconds=args.timeout_s or cfg.cluster.dist_timeout_s)
+    dist.init_process_group(backend, timeout=timeout)
+    where = "coordinator" if rank == 0 else f"worker for client {rank - 1}"
+    try:
+        ctx = Context(cfg, Job.from_config(cfg), rank, world, backend, comm, compute)
+        if rank == 0:
+            print(f"rabo dist: {world - 1} workers over torch.distributed ({backend}); task "
+                  f"{cfg.task}, {cfg.algorithm.upper()}, {cfg.rounds} rounds", flush=True)
+            summary = run_coordinator(ctx, Path(args.out) if args.out else None)
+            print(f"done: test_acc {summary['test_acc']:.4f}, upper_loss "
+                  f"{summary['upper_loss']:.4f}, C_x* {summary['C_x_star']}, "
+                  f"{summary['wall_s']:.1f}s", flush=True)
+        else:
+            run_worker(ctx, limit)
+        dist.barrier()
+    except (RuntimeError, DistError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"rabo dist: rank {rank} ({where}): error: {msg}. A peer rank failed, "
+              "disconnected or timed out; the job stops.", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rabo.dist",
+                                     description="RABO over torch.distributed (rank 0 "
+                                                 "coordinates); launch with torchrun")
+    add_dist_args(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return cmd_dist(args)
+    except RaboError as exc:
+        print(f"rabo dist: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The torch.distributed backend with real process groups (gloo) launched by torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+ENV = dict(os.environ, GRPC_VERBOSITY="ERROR")
+JOB = ["--set", "data.dataset=digits", "--set", "model.hidden=[48, 32]",
+       "--set", "clients.ratios=[1, 0.5, 0.25]", "--threads", "1"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_three_processes_with_gloo(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [*TORCHRUN, "--nproc-per-node", "3", "--master-port", str(free_port()), "-m",
+         "rabo.dist", "--backend", "gloo", "--rounds", "3", "--out", str(out), *JOB],
+        capture_output=True, text=True, timeout=240, env=ENV)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 workers over torch.distributed (gloo)" in proc.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2, 3]
+    for rec in records:
+        assert {c["worker_id"]: c["ratio"] for c in rec["clients"]} == {"rank1": 1.0,
+                                                                          "rank2": 0.5}
+        for c in rec["clients"]:
+            # kernel counters of rank 0's gloo connections to that rank
+            assert c["payload_down_bytes"] <= c["wire_down_bytes"] < c["payload_down_bytes"] \
+                + 4096
+            assert c["payload_up_bytes"] <= c["wire_up_bytes"] < c["payload_up_bytes"] + 4096
+            assert c["compute_s"] > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["transport"] == "torch.distributed (gloo)" and summary["world_size"] == 3
+
+
+@pytest.mark.slow
+def test_two_node_launch_with_c10d_rendezvous(tmp_path: Path) -> None:
+    """Two torchrun launchers (two "nodes" of 2 processes) meet at a c10d rendezvous on
+    127.0.0.1 and run the job to the end."""
+    port = free_port()
+    out = tmp_path / "run"
+    common = ["--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+              "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "rabo-test",
+              "-m", "rabo.dist", "--backend", "gloo", "--rounds", "2", "--out", str(out), *JOB]
+    nodes = [subprocess.Popen([*TORCHRUN, *common], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=ENV)
+             for _ in range(2)]
+    outputs = [n.communicate(timeout=240)[0] for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), "\n".join(outputs)
+    assert any("3 workers over torch.distributed (gloo)" in o for o in outputs)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and len(records[-1]["clients"]) == 3
+
+
+def _rank_pid(launcher: psutil.Process, rank: int) -> int | None:
+    for child in launcher.children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank):
+                return child.pid
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return None
+
+
+@pytest.mark.slow
+def test_killed_rank_ends_the_job_with_an_error(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [*TORCHRUN, "--nproc-per-node", "3", "--master-port", str(free_port()), "-m",
+         "rabo.dist", "--backend", "gloo", "--rounds", "100000", "--timeout-s", "20",
+         "--out", str(out), *JOB],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.exists() and metrics.stat().st_size):
+        time.sleep(0.2)
+    assert metrics.exists(), "no round finished"
+    pid = _rank_pid(psutil.Process(proc.pid), 2)
+    assert pid is not None
+    started = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    output = proc.communicate(timeout=90)[0]
+    assert proc.returncode != 0
+    assert time.monotonic() - started < 60, "the job did not stop in bounded time"
+    assert "rabo dist: rank 0 (coordinator): error:" in output or "ChildFailedError" in output \
+        or "failed" in output.lower(), output[-3000:]
