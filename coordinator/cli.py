@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -40,31 +39,83 @@ def grpc_progress(total: int):
     return show
 
 
+def _security(args: argparse.Namespace):
+    from coordinator.server import Security
+    from rabo.auth import load_tls, load_tokens
+
+    return Security(tls=load_tls(args.tls_cert, args.tls_key, args.tls_ca),
+                    tokens=load_tokens(args.token_file))
+
+
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from coordinator.server import serve
+    from rabo import checkpoint, config
 
-    cfg = load_config(args)
+    resume_state = None
     out = Path(args.out) if args.out else None
-    server = serve(cfg, out, bind=args.bind, progress=grpc_progress(cfg.rounds))
-    print(f"rabo coordinator: listening on {args.bind or cfg.cluster.bind} (port {server.port}),"
-          f" waiting for {cfg.cluster.workers or cfg.clients.count} workers", flush=True)
+    if args.resume:
+        run_dir = Path(args.resume)
+        resume_state, sidecar, path, skipped = checkpoint.load_latest(run_dir)
+        for bad, why in skipped:
+            print(f"rabo coordinator: skipping {bad.name}: {why}", file=sys.stderr)
+        print(f"rabo coordinator: resuming from {path} (round {resume_state.round})",
+              flush=True)
+        if not args.config:
+            data = config.apply_overrides(dict(sidecar.get("config") or {}), args.overrides)
+            if args.rounds is not None:
+                data["rounds"] = args.rounds
+            cfg = config.from_dict(data)
+        else:
+            cfg = load_config(args)
+        out = out or run_dir
+    else:
+        cfg = load_config(args)
+    server = serve(cfg, out, bind=args.bind, progress=grpc_progress(cfg.rounds),
+                   security=_security(args), resume=resume_state,
+                   health_port=args.health_port, metrics_port=args.metrics_port)
+    print(f"rabo coordinator: listening on {args.bind or cfg.cluster.bind} (port {server.port}"
+          + (f", health on {server.health_port}" if server.health_port else "")
+          + f"), waiting for {cfg.cluster.workers or cfg.clients.count} workers", flush=True)
     stopping = threading.Event()
 
     def handler(signum: int, _frame: Any) -> None:
         stopping.set()
-        server.driver.finish(f"coordinator stopped by signal {signum}")
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
     while not server.wait(0.5):
-        pass
+        if stopping.is_set():
+            # checkpoint the last completed round, then stop; --resume continues from it
+            server.stop(grace=2.0, checkpoint_now=True)
+            print("rabo coordinator: stopped by a signal; last completed round "
+                  f"{server.coord.state.round} checkpointed"
+                  + (f" in {out} (resume with --resume {out})" if out else ""), flush=True)
+            return 0
     server.stop()
-    if server.driver.error is not None and not stopping.is_set():
+    if server.driver.error is not None:
         print(f"rabo coordinator: error: {server.driver.error}", file=sys.stderr)
         return 1
     if server.driver.summary:
         _print_summary(server.driver.summary, out)
     return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when the coordinator's health service answers SERVING (Docker HEALTHCHECK)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(args.address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+    except grpc.RpcError as exc:
+        print(f"rabo health: {args.address}: {exc.code().name}: {exc.details()}",
+              file=sys.stderr)
+        return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.address}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def cmd_local(args: argparse.Namespace) -> int:
@@ -118,11 +169,27 @@ def cmd_local(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAction) -> None:
+    env = os.environ.get
     p = sub.add_parser("coordinator", help="run the gRPC coordinator")
     add_config_args(p)
-    p.add_argument("--bind", metavar="HOST:PORT", help="listen address (config cluster.bind)")
+    p.add_argument("--bind", metavar="HOST:PORT", default=env("RABO_BIND"),
+                   help="listen address (env RABO_BIND; default config cluster.bind)")
     p.add_argument("--out", metavar="DIR", help="run folder")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest "
+                                                   "good checkpoint (config from DIR unless "
+                                                   "--config is given)")
+    p.add_argument("--health-port", type=int, default=_int_env("RABO_HEALTH_PORT"),
+                   help="plaintext health-only port (env RABO_HEALTH_PORT)")
+    p.add_argument("--metrics-port", type=int, default=_int_env("RABO_METRICS_PORT"),
+                   help="Prometheus /metrics port (env RABO_METRICS_PORT)")
+    add_security_args(p, server=True)
     p.set_defaults(func=cmd_coordinator)
+
+    p = sub.add_parser("health", help="check a coordinator's gRPC health service")
+    p.add_argument("--address", default="127.0.0.1:50052", metavar="HOST:PORT")
+    p.add_argument("--service", default="", help="service name ('' = the whole server)")
+    p.add_argument("--timeout", type=float, default=3.0)
+    p.set_defaults(func=cmd_health)
 
     p = sub.add_parser("local", help="coordinator and N worker processes on 127.0.0.1")
     add_config_args(p)
@@ -151,5 +218,19 @@ def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAct
     p.set_defaults(func=cmd_compare_transports)
 
 
-def _json(obj: Any) -> str:
-    return json.dumps(obj, indent=2)
+def _int_env(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
+def add_security_args(p: argparse.ArgumentParser, server: bool) -> None:
+    """TLS files and the token file; each also from its RABO_* environment variable. There is
+    deliberately no flag for the token itself (it would show in ps)."""
+    p.add_argument("--token-file", metavar="FILE",
+                   help="file of accepted bearer tokens, one per line (env RABO_TOKEN_FILE; "
+                        "or the token itself in env RABO_TOKEN)")
+    p.add_argument("--tls-cert", metavar="PEM", help="own certificate (env RABO_TLS_CERT)")
+    p.add_argument("--tls-key", metavar="PEM", help="own private key (env RABO_TLS_KEY)")
+    p.add_argument("--tls-ca", metavar="PEM",
+                   help=("CA of the workers' certificates: requires mutual TLS (env RABO_TLS_CA)"
+                         if server else "CA that signed the coordinator (env RABO_TLS_CA)"))

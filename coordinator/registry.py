@@ -10,7 +10,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from rabo_proto.v1 import rabo_pb2 as pb
 
@@ -43,7 +43,7 @@ class WorkerRecord:
     registered_at: float
     last_seen: float
     peer: str = ""
-    history: list[str] = field(default_factory=list)
+    identity: str = ""  # fingerprint of the client certificate it registered with (mTLS)
 
 
 class Registry:
@@ -59,11 +59,21 @@ class Registry:
         self.expired_total = 0
 
     def register(self, name: str, profile: pb.ResourceProfile, requested_client: int,
-                 peer: str = "") -> WorkerRecord:
+                 peer: str = "", identity: str = "") -> WorkerRecord:
         with self._lock:
             self._expire_locked()
-            taken = {w.client_id for w in self._workers.values()}
-            if 0 <= requested_client < self.slots and requested_client not in taken:
+            taken = {w.client_id: w for w in self._workers.values()}
+            if requested_client >= self.slots:
+                raise RegistryError(f"client slot {requested_client} does not exist: this job "
+                                    f"has {self.slots} (clients.count)")
+            if requested_client >= 0:
+                holder = taken.get(requested_client)
+                if holder is not None:
+                    age = self.clock() - holder.last_seen
+                    raise RegistryFull(
+                        f"client slot {requested_client} is taken by worker {holder.worker_id} "
+                        f"(last seen {age:.1f}s ago; a silent worker expires after "
+                        f"{self.expire_after_s:.0f}s)")
                 client_id = requested_client
             else:
                 free = [c for c in range(self.slots) if c not in taken]
@@ -75,12 +85,13 @@ class Registry:
             rec = WorkerRecord(worker_id=secrets.token_hex(8),
                                credential=secrets.token_urlsafe(32), client_id=client_id,
                                name=name or "worker", profile=profile, registered_at=now,
-                               last_seen=now, peer=peer)
+                               last_seen=now, peer=peer, identity=identity)
             self._workers[rec.worker_id] = rec
             return rec
 
-    def authenticate(self, worker_id: str, credential: str) -> WorkerRecord:
-        """The live record of ``worker_id`` if ``credential`` is its own (constant time)."""
+    def authenticate(self, worker_id: str, credential: str, identity: str = "") -> WorkerRecord:
+        """The live record of ``worker_id`` if ``credential`` is its own (constant time) and,
+        under mutual TLS, the call carries the certificate it registered with."""
         with self._lock:
             self._expire_locked()
             rec = self._workers.get(worker_id)
@@ -89,6 +100,9 @@ class Registry:
                                     "expired after missed heartbeats): register again")
             if not hmac.compare_digest(rec.credential.encode(), credential.encode()):
                 raise BadCredential(f"wrong credential for worker {worker_id}")
+            if rec.identity and not hmac.compare_digest(rec.identity, identity):
+                raise BadCredential(f"worker {worker_id} registered with another client "
+                                    "certificate")
             return rec
 
     def touch(self, worker_id: str, profile: pb.ResourceProfile | None = None,

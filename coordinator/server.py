@@ -30,7 +30,15 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from coordinator.monitoring import Monitor
 from coordinator.registry import Registry, RegistryError, WorkerRecord
+from coordinator.security import (
+    RateLimiter,
+    TokenInterceptor,
+    peer_host,
+    peer_identity,
+    server_credentials,
+)
 from coordinator.wire import (
     assignment_header,
     encode_assignment,
@@ -39,10 +47,11 @@ from coordinator.wire import (
     update_from_wire,
 )
 from rabo import checkpoint
+from rabo.auth import TlsFiles
 from rabo.config import Config, to_dict
 from rabo.engine import ClientPlan, GlobalState, Update, sample_participants
 from rabo.job import Job, evaluate
-from rabo.metrics import MetricsWriter, write_json
+from rabo.metrics import MetricsWriter, truncate_metrics, write_json
 from rabo.netstat import SocketCounters, TcpCounters, parse_peer
 from rabo.policy import choose_ratio
 from rabo.runner import round_record, summarize
@@ -75,6 +84,7 @@ class WorkerTask:
     sent_at: float | None = None
     counters_start: SocketCounters | None = None
     peer: str = ""
+    last_progress: float | None = None  # when bytes of this task last moved, either way
     receiving: bool = False
     update: Update | None = None
     received_at: float | None = None
@@ -106,15 +116,19 @@ class Coordinator:
     """State shared by the servicer and the driver."""
 
     def __init__(self, cfg: Config, job: Job, out_dir: Path | None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 state: GlobalState | None = None, monitor: Monitor | None = None) -> None:
         self.cfg = cfg
         self.job = job
         self.out_dir = out_dir
         self.clock = clock
         c = cfg.cluster
         self.registry = Registry(cfg.clients.count, c.heartbeat_s * c.heartbeat_misses, clock)
+        self.register_limiter = RateLimiter(c.register_rate_per_s, 4 * c.register_rate_per_s,
+                                            clock)
         self.cond = threading.Condition()
-        self.state: GlobalState = job.engine.init_state()
+        self.state: GlobalState = state if state is not None else job.engine.init_state()
+        self.monitor = monitor
         self.ticket: RoundTicket | None = None
         self.finished = False
         self.finish_reason = ""
@@ -126,6 +140,8 @@ class Coordinator:
     def reject(self, kind: str) -> None:
         with self.cond:
             self.rejected[kind] = self.rejected.get(kind, 0) + 1
+        if self.monitor:
+            self.monitor.rejected.labels(kind).inc()
 
     def read_counters(self, peer: str) -> SocketCounters | None:
         addr = parse_peer(peer)
@@ -148,7 +164,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def _auth(self, worker_id: str, credential: str, context: grpc.ServicerContext
               ) -> WorkerRecord:
         try:
-            return self.c.registry.authenticate(worker_id, credential)
+            return self.c.registry.authenticate(worker_id, credential, peer_identity(context))
         except RegistryError as exc:
             self.c.reject("auth")
             _abort(context, getattr(grpc.StatusCode, exc.code), str(exc))
@@ -163,12 +179,21 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         if self.c.finished:
             _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
                    f"the run is over: {self.c.finish_reason}")
+        host = peer_host(context.peer())
+        if not self.c.register_limiter.allow(host):
+            self.c.reject("register-rate")
+            _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                   f"too many registrations from {host}; at most "
+                   f"{self.c.cfg.cluster.register_rate_per_s:g} per second")
         try:
             rec = self.c.registry.register(request.name, request.profile, request.client_id,
-                                           context.peer())
+                                           context.peer(), peer_identity(context))
         except RegistryError as exc:
+            self.c.reject("register")
             _abort(context, getattr(grpc.StatusCode, exc.code), str(exc))
             raise
+        if self.c.monitor:
+            self.c.monitor.registrations.inc()
         log.info("registered worker %s (%s) as client %d: budget %d MiB (%s), %.1f GFLOP/s",
                  rec.worker_id, rec.name, rec.client_id,
                  rec.profile.memory_budget_bytes >> 20, rec.profile.budget_source,
@@ -243,9 +268,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         sent = message_bytes(header)
         yield header
         for chunk in encoded.chunks():
+            task.last_progress = c.clock()  # the previous message has been taken by gRPC
             msg = pb.AssignmentMessage(chunk=chunk)
             sent += message_bytes(msg)
             yield msg
+        task.last_progress = c.clock()
         task.message_down = sent
 
     # ------------------------------------------------------------------ updates
@@ -337,6 +364,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 raise WireError("only chunks may follow the update header")
             assembler.add(msg.chunk)
             received += message_bytes(msg)
+            task.last_progress = self.c.clock()
         tensors = assembler.finish(check_finite=True)
         task.message_up = received
         return update_from_wire(h, tensors), assembler
@@ -348,11 +376,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 class RoundDriver:
     """Runs the rounds; see the module docstring."""
 
-    def __init__(self, coord: Coordinator, progress: Callable[[dict[str, Any]], None] | None,
-                 max_round_retries: int = 3) -> None:
+    def __init__(self, coord: Coordinator, progress: Callable[[dict[str, Any]], None] | None
+                 ) -> None:
         self.c = coord
         self.progress = progress
-        self.max_round_retries = max_round_retries
+        self.retries = 0
         self.records: list[dict[str, Any]] = []
         self.error: BaseException | None = None
         self.summary: dict[str, Any] = {}
@@ -362,7 +390,7 @@ class RoundDriver:
         want = c.cfg.cluster.workers or c.cfg.clients.count
         give_up = c.clock() + c.cfg.cluster.register_timeout_s
         with c.cond:
-            while len(c.registry) < want:
+            while len(c.registry) < want and not c.finished:
                 if c.clock() >= give_up:
                     have = len(c.registry)
                     if have >= c.cfg.cluster.min_workers:
@@ -409,17 +437,23 @@ class RoundDriver:
         return ticket
 
     def wait_round(self, ticket: RoundTicket) -> None:
+        """Until every assigned update is in, or every live worker's is, or the deadline has
+        passed and no assigned transfer has moved bytes for ``stall_timeout_s``."""
         c = self.c
+        stall = c.cfg.cluster.stall_timeout_s
         with c.cond:
-            while not ticket.complete():
+            while not ticket.complete() and not c.finished:
                 now = c.clock()
-                if now >= ticket.deadline:
-                    break
                 live = {w.worker_id for w in c.registry.live()}
                 if all(t.update is not None or t.worker_id not in live
                        for t in ticket.tasks.values()):
                     break  # everyone still alive has answered
-                c.cond.wait(min(ticket.deadline - now, 0.5))
+                if now >= ticket.deadline:
+                    moving = [t for t in ticket.tasks.values() if t.update is None
+                              and t.last_progress is not None and now - t.last_progress < stall]
+                    if not moving:
+                        break
+                c.cond.wait(0.25 if now >= ticket.deadline else min(ticket.deadline - now, 0.5))
             ticket.closed = True
             c.cond.notify_all()
 
@@ -440,50 +474,83 @@ class RoundDriver:
     def _run(self) -> None:
         c = self.c
         cfg = c.cfg
+        if c.out_dir and c.state.round:
+            self.records = truncate_metrics(c.out_dir, c.state.round)
+            log.info("resuming after round %d", c.state.round)
         self.wait_for_workers()
-        writer = MetricsWriter(c.out_dir) if c.out_dir else None
+        writer = MetricsWriter(c.out_dir, append=True) if c.out_dir else None
         start = c.clock()
         try:
             for q in range(c.state.round + 1, cfg.rounds + 1):
-                for attempt in range(self.max_round_retries + 1):
-                    ticket = self.open_round(q)
-                    self.wait_round(ticket)
-                    done = [t for t in ticket.tasks.values() if t.update is not None]
-                    if len(done) >= cfg.cluster.min_workers:
-                        break
-                    log.warning("round %d attempt %d: %d updates arrived, %d needed "
-                                "(cluster.min_workers); the model is unchanged, retrying",
-                                q, attempt + 1, len(done), cfg.cluster.min_workers)
-                    if not c.registry.live():
-                        self._wait_any_worker()
-                else:
-                    raise CoordinatorError(
-                        f"round {q}: fewer than {cfg.cluster.min_workers} updates in "
-                        f"{self.max_round_retries + 1} attempts")
+                ticket, done = self._round_with_retries(q)
+                if c.finished:
+                    return  # stopped from outside mid-round: this round is not aggregated
                 rec = self._aggregate(ticket, done, start)
                 self.records.append(rec)
                 if writer:
                     writer.write(rec)
+                if c.monitor:
+                    c.monitor.observe_round(rec, len(c.registry))
                 if self.progress:
                     self.progress(rec)
+                every = cfg.cluster.checkpoint_every
+                if c.out_dir and every and q % every == 0 and q < cfg.rounds:
+                    self.save_checkpoint()
         finally:
             if writer:
                 writer.close()
         self.summary = summarize(cfg, c.state, self.records, c.clock() - start,
                                  {"transport": "grpc",
-                                  "wire_bytes_total": sum(r["wire_bytes"] or 0
+                                  "wire_bytes_total": sum(r.get("wire_bytes") or 0
                                                           for r in self.records),
-                                  "rejected_messages": dict(c.rejected)})
+                                  "rejected_messages": dict(c.rejected),
+                                  "workers_left_out": sum(len(r.get("left_out", []))
+                                                          for r in self.records),
+                                  "round_retries": self.retries})
         if c.out_dir:
+            self.save_checkpoint()
             checkpoint.save(c.out_dir, c.state, {"config": to_dict(cfg)})
             write_json(c.out_dir / "summary.json", self.summary)
         self.finish(f"all {cfg.rounds} rounds done")
+
+    def _round_with_retries(self, q: int) -> tuple[RoundTicket, list[WorkerTask]]:
+        """Run round q; with fewer than ``cluster.min_workers`` updates the model stays as it
+        is and the same round (same masks and batches) is run again, up to
+        ``cluster.max_round_retries`` times: aggregating a thin round would let a few workers
+        steer the model, and retrying keeps the run deterministic."""
+        c, cfg = self.c, self.c.cfg
+        for attempt in range(cfg.cluster.max_round_retries + 1):
+            ticket = self.open_round(q)
+            self.wait_round(ticket)
+            done = [t for t in ticket.tasks.values() if t.update is not None]
+            if len(done) >= cfg.cluster.min_workers or c.finished:
+                return ticket, done
+            self.retries += 1
+            log.warning("round %d attempt %d: %d updates arrived, %d needed "
+                        "(cluster.min_workers); the model is unchanged, retrying",
+                        q, attempt + 1, len(done), cfg.cluster.min_workers)
+            if not c.registry.live():
+                self._wait_any_worker()
+        raise CoordinatorError(f"round {q}: fewer than {cfg.cluster.min_workers} updates in "
+                               f"{cfg.cluster.max_round_retries + 1} attempts")
+
+    def save_checkpoint(self) -> None:
+        """Checkpoint the last completed round (safe from any thread: the state is replaced,
+        never modified in place)."""
+        c = self.c
+        if not c.out_dir:
+            return
+        with c.cond:
+            state = c.state
+        path = checkpoint.save_rotating(c.out_dir, state, {"config": to_dict(c.cfg)},
+                                        c.cfg.cluster.keep_checkpoints)
+        log.info("checkpoint of round %d: %s", state.round, path.name)
 
     def _wait_any_worker(self) -> None:
         c = self.c
         give_up = c.clock() + c.cfg.cluster.register_timeout_s
         with c.cond:
-            while not c.registry.live():
+            while not c.registry.live() and not c.finished:
                 if c.clock() >= give_up:
                     raise CoordinatorError("no live workers left")
                 c.cond.wait(0.5)
@@ -553,6 +620,12 @@ class RoundDriver:
 
 
 @dataclass
+class Security:
+    tls: TlsFiles = field(default_factory=TlsFiles)
+    tokens: list[bytes] = field(default_factory=list)
+
+
+@dataclass
 class Server:
     grpc_server: grpc.Server
     coord: Coordinator
@@ -560,44 +633,80 @@ class Server:
     thread: threading.Thread
     port: int
     health: health.HealthServicer
+    health_server: grpc.Server | None = None
+    health_port: int = 0
 
     def wait(self, timeout: float | None = None) -> bool:
         self.thread.join(timeout)
         return not self.thread.is_alive()
 
-    def stop(self, grace: float = 2.0) -> None:
+    def stop(self, grace: float = 2.0, checkpoint_now: bool = False) -> None:
+        """Stop serving; ``checkpoint_now`` first saves the last completed round (SIGTERM)."""
         if not self.coord.finished:
             self.driver.finish("coordinator stopped")
+            if checkpoint_now:
+                self.driver.save_checkpoint()
         self.health.enter_graceful_shutdown()
         self.grpc_server.stop(grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
 
 
 def grpc_options(cfg: Config) -> list[tuple[str, int]]:
     m = cfg.cluster.max_message_bytes
-    return [("grpc.max_send_message_length", m), ("grpc.max_receive_message_length", m)]
+    return [("grpc.max_send_message_length", m), ("grpc.max_receive_message_length", m),
+            # workers ping every 20 s while idle (see worker/client.py); allow it
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1)]
 
 
 def serve(cfg: Config, out_dir: str | Path | None = None, bind: str | None = None,
           progress: Callable[[dict[str, Any]], None] | None = None,
-          job: Job | None = None, linger_s: float = 3.0) -> Server:
+          job: Job | None = None, linger_s: float = 3.0, security: Security | None = None,
+          resume: GlobalState | None = None, health_port: int | None = None,
+          metrics_port: int | None = None) -> Server:
     """Start the coordinator: the gRPC server and the round driver thread. Returns at once;
-    ``Server.wait()`` blocks until the run is over."""
+    ``Server.wait()`` blocks until the run is over. ``resume`` continues from a checkpointed
+    state (its round is the last completed one)."""
     tune_allocator()
+    security = security or Security()
     job = job or Job.from_config(cfg)
     out = Path(out_dir) if out_dir is not None else None
-    coord = Coordinator(cfg, job, out)
+    monitor = None
+    mport = cfg.cluster.metrics_port if metrics_port is None else metrics_port
+    if mport:
+        monitor = Monitor()
+        monitor.serve(mport)
+    coord = Coordinator(cfg, job, out, state=resume, monitor=monitor)
     n = cfg.cluster.workers or cfg.clients.count
+    interceptors = [TokenInterceptor(security.tokens, lambda kind: coord.reject(f"auth-{kind}"))
+                    ] if security.tokens else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max(16, 3 * n + 8),
                                                     thread_name_prefix="rabo-rpc"),
-                         options=grpc_options(cfg))
+                         options=grpc_options(cfg), interceptors=interceptors)
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coord), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = bind or cfg.cluster.bind
-    port = server.add_insecure_port(address)
+    try:
+        if security.tls.cert is not None:
+            port = server.add_secure_port(address, server_credentials(security.tls))
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise CoordinatorError(f"cannot bind {address}: {exc}") from None
     if port == 0:
         raise CoordinatorError(f"cannot bind {address}")
     coord.port = port
+    hport = cfg.cluster.health_port if health_port is None else health_port
+    health_server = None
+    if hport:
+        # kubelet's gRPC probes cannot speak TLS: health alone on a plaintext port
+        health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        host = address.rsplit(":", 1)[0]
+        hport = health_server.add_insecure_port(f"{host}:{hport}")
+        health_server.start()
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -610,6 +719,7 @@ def serve(cfg: Config, out_dir: str | Path | None = None, bind: str | None = Non
 
     thread = threading.Thread(target=run, name="rabo-rounds", daemon=True)
     thread.start()
-    host = address.rsplit(":", 1)[0]
-    log.info("coordinator listening on %s:%d", host, port)
-    return Server(server, coord, driver, thread, port, health_servicer)
+    log.info("coordinator listening on %s (port %d%s%s)", address, port,
+             ", TLS" + (" with client certificates" if security.tls.ca else "")
+             if security.tls.cert else "", ", token required" if security.tokens else "")
+    return Server(server, coord, driver, thread, port, health_servicer, health_server, hport)

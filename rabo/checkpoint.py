@@ -104,3 +104,48 @@ def load(path: str | Path) -> tuple[GlobalState, dict[str, Any]]:
     except Exception as exc:  # noqa: BLE001 - any decoding failure means a bad file
         raise CheckpointError(f"checkpoint {path}: cannot decode: {exc}") from None
     return state, sidecar
+
+
+def _numbered(directory: Path) -> list[Path]:
+    return sorted(directory.glob("ckpt-*.pt"), reverse=True)
+
+
+def save_rotating(directory: str | Path, state: GlobalState, meta: dict[str, Any] | None = None,
+                  keep: int = 3) -> Path:
+    """Write ``ckpt-<round>.pt`` and delete all but the newest ``keep`` numbered checkpoints."""
+    directory = Path(directory)
+    path = save(directory, state, meta, name=f"ckpt-{state.round:06d}.pt")
+    for old in _numbered(directory)[keep:]:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".json").unlink(missing_ok=True)
+    return path
+
+
+def load_latest(directory: str | Path
+                ) -> tuple[GlobalState, dict[str, Any], Path, list[tuple[Path, str]]]:
+    """The newest checkpoint in ``directory`` that verifies, plus the ones skipped and why.
+
+    Candidates, newest round first: the numbered checkpoints and the final ``checkpoint.pt``.
+    A corrupt or truncated one is reported (in the returned list) and the previous good one is
+    used; :class:`CheckpointError` when none verifies.
+    """
+    directory = Path(directory)
+    candidates: list[tuple[int, Path]] = []
+    for path in [*_numbered(directory), directory / CHECKPOINT]:
+        if not path.exists():
+            continue
+        try:
+            rnd = int(json.loads(path.with_suffix(".json").read_text()).get("round", -1))
+        except (OSError, ValueError):
+            rnd = int(path.stem.split("-")[-1]) if path.stem.startswith("ckpt-") else -1
+        candidates.append((rnd, path))
+    skipped: list[tuple[Path, str]] = []
+    for _, path in sorted(candidates, key=lambda c: c[0], reverse=True):
+        try:
+            state, sidecar = load(path)
+        except CheckpointError as exc:
+            skipped.append((path, str(exc)))
+            continue
+        return state, sidecar, path, skipped
+    why = "; ".join(e for _, e in skipped) or "no checkpoint files"
+    raise CheckpointError(f"no usable checkpoint in {directory}: {why}")

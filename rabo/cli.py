@@ -86,6 +86,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    from rabo.certs import write_bundle
+
+    out = write_bundle(args.out, workers=args.workers, hosts=args.hosts, days=args.days)
+    print(f"wrote a development CA, a coordinator certificate, {args.workers} worker "
+          f"certificates and a token to {out}")
+    print(f"coordinator: --tls-cert {out}/coordinator.crt --tls-key {out}/coordinator.key "
+          f"--tls-ca {out}/ca.crt --token-file {out}/token")
+    print(f"worker i:    --tls-ca {out}/ca.crt --tls-cert {out}/worker-i.crt "
+          f"--tls-key {out}/worker-i.key --token-file {out}/token")
+    return 0
+
+
 def cmd_bench_estimator(args: argparse.Namespace) -> int:
     from rabo.bench.estimator import main as bench_main
 
@@ -111,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p, rounds=False)
     p.add_argument("--markdown", action="store_true", help="the schema as docs/config.md")
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("certs", help="make a development CA, coordinator and worker certs")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--workers", type=int, default=4, help="worker certificates to make")
+    p.add_argument("--hosts", nargs="*", default=[],
+                   help="extra DNS names / IPs for the coordinator certificate")
+    p.add_argument("--days", type=float, default=365.0, help="validity")
+    p.set_defaults(func=cmd_certs)
 
     p = sub.add_parser("report", help="a run folder as a table and PNG plots")
     p.add_argument("dir", metavar="DIR", help="run folder holding metrics.jsonl")

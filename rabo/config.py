@@ -203,7 +203,21 @@ class ClusterConfig:
     bind: str = opt("127.0.0.1:50051", "coordinator gRPC address HOST:PORT (port 0: pick one)")
     min_workers: int = opt(1, "updates needed to aggregate a round", ge=1)
     workers: int = opt(0, "workers to wait for before round 1 (0: clients.count)", ge=0)
-    round_deadline_s: float = opt(120.0, "a round closes this long after it opened", gt=0)
+    round_deadline_s: float = opt(120.0, "a round closes this long after it opened (later while "
+                                  "a worker's transfer still makes progress, see stall_timeout_s)",
+                                  gt=0)
+    stall_timeout_s: float = opt(15.0, "past the deadline a round stays open while some assigned "
+                                 "worker's bytes moved within this many seconds", gt=0)
+    max_round_retries: int = opt(3, "times a round with fewer than min_workers updates is "
+                                 "retried (model unchanged) before the run stops", ge=0)
+    checkpoint_every: int = opt(5, "checkpoint every N rounds (0: only at the end and on "
+                                "SIGTERM)", ge=0)
+    keep_checkpoints: int = opt(3, "checkpoints kept in the run folder (older ones deleted)",
+                                ge=1)
+    register_rate_per_s: float = opt(5.0, "registrations allowed per second from one peer "
+                                     "address (bursts of 4x)", gt=0)
+    health_port: int = opt(0, "plaintext port serving only grpc.health.v1 (for kubelet probes, "
+                           "which cannot do TLS); 0: off", ge=0, le=65535)
     register_timeout_s: float = opt(300.0, "how long to wait for workers before round 1", gt=0)
     heartbeat_s: float = opt(2.0, "worker heartbeat interval", gt=0)
     heartbeat_misses: int = opt(5, "missed heartbeats before a worker expires", ge=1)

@@ -61,3 +61,25 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     with path.open() as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_metrics(run_dir: str | Path, last_round: int) -> list[dict[str, Any]]:
+    """Keep only the records of rounds <= ``last_round`` (resuming re-runs the later ones);
+    returns the kept records."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a line cut short by a crash ends the usable part
+        if rec.get("round", 0) <= last_round:
+            kept.append(rec)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, path)
+    return kept

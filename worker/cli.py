@@ -33,6 +33,17 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--poll-s", type=float, default=5.0, help="long-poll length")
     p.add_argument("--give-up-s", type=float, default=0.0,
                    help="exit after this long without reaching the coordinator (0: never)")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="bearer token file (env RABO_TOKEN_FILE, or the token in RABO_TOKEN)")
+    p.add_argument("--tls-ca", metavar="PEM", help="CA that signed the coordinator's "
+                                                   "certificate: enables TLS (env RABO_TLS_CA)")
+    p.add_argument("--tls-cert", metavar="PEM", help="client certificate for mutual TLS "
+                                                     "(env RABO_TLS_CERT)")
+    p.add_argument("--tls-key", metavar="PEM", help="client key (env RABO_TLS_KEY)")
+    p.add_argument("--tls-server-name", default=env("RABO_TLS_SERVER_NAME"),
+                   help="name to expect in the coordinator's certificate (env "
+                        "RABO_TLS_SERVER_NAME)")
+    p.add_argument("--step-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -47,9 +58,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"rabo worker: error: --memory-limit: {exc}", file=sys.stderr)
         return 2
+    from rabo.auth import load_tls, load_tokens
+    from rabo.errors import ConfigError
+
+    try:
+        tls = load_tls(args.tls_cert, args.tls_key, args.tls_ca)
+        tokens = load_tokens(args.token_file)
+    except ConfigError as exc:
+        print(f"rabo worker: error: {exc}", file=sys.stderr)
+        return 2
     opts = WorkerOptions(target=args.coordinator, name=args.name, memory_limit=limit,
                          device=args.device, threads=args.threads, client_id=args.client_id,
-                         poll_s=args.poll_s, give_up_s=args.give_up_s)
+                         poll_s=args.poll_s, give_up_s=args.give_up_s, tls=tls,
+                         token=tokens[0] if tokens else None,
+                         server_name=args.tls_server_name, step_delay_s=args.step_delay_s)
     try:
         worker = Worker(opts)
     except WorkerExit as exc:

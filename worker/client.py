@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -24,6 +24,7 @@ import psutil
 import torch
 
 from rabo import config
+from rabo.auth import TlsFiles
 from rabo.engine import client_step
 from rabo.job import Job
 from rabo.runtime import tune_allocator
@@ -31,6 +32,7 @@ from rabo_proto.codec import Assembler, WireError, check_header
 from rabo_proto.v1 import rabo_pb2 as pb
 from rabo_proto.v1 import rabo_pb2_grpc as pb_grpc
 from worker.profile import build_profile
+from worker.security import open_channel
 from worker.wire import assignment_from_wire, update_messages
 
 log = logging.getLogger("rabo.worker")
@@ -78,6 +80,10 @@ class WorkerOptions:
     poll_s: float = 5.0
     max_message_bytes: int = 64 * 1024 * 1024
     give_up_s: float = 0.0  # stop retrying after this long without the coordinator (0: never)
+    tls: TlsFiles = field(default_factory=TlsFiles)
+    token: bytes | None = None
+    server_name: str | None = None
+    step_delay_s: float = 0.0  # fault injection for tests: sleep before each submission
 
 
 def pick_device(name: str) -> torch.device:
@@ -134,8 +140,14 @@ class Worker:
         backoff = Backoff()
         lost_since: float | None = None
         options = [("grpc.max_send_message_length", opts.max_message_bytes),
-                   ("grpc.max_receive_message_length", opts.max_message_bytes)]
-        with grpc.insecure_channel(opts.target, options=options) as channel:
+                   ("grpc.max_receive_message_length", opts.max_message_bytes),
+                   # a dead coordinator or a broken route shows up as a failed ping within
+                   # ~30 s even in the middle of a long transfer; no transfer deadline needed
+                   ("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000),
+                   ("grpc.keepalive_permit_without_calls", 1),
+                   ("grpc.http2.max_pings_without_data", 0)]
+        channel = open_channel(opts.target, options, opts.tls, opts.token, opts.server_name)
+        with channel:
             stub = pb_grpc.CoordinatorStub(channel)
             while not self.stop.is_set():
                 try:
@@ -151,6 +163,14 @@ class Worker:
                         log.warning("coordinator does not know this worker (%s): registering "
                                     "again", exc.details())  # type: ignore[attr-defined]
                         self.worker_id = ""
+                        continue
+                    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not self.worker_id:
+                        # our slot is still held by our previous (expiring) self, or
+                        # registrations are rate limited: wait and try again
+                        delay = backoff.next_delay()
+                        log.info("registration refused (%s); retrying in %.1fs",
+                                 exc.details(), delay)  # type: ignore[attr-defined]
+                        self.sleep(delay)
                         continue
                     if code not in RETRYABLE:
                         log.error("coordinator refused: %s: %s", code.name,
@@ -201,7 +221,7 @@ class Worker:
         while not self.stop.is_set():
             call = stub.FetchAssignment(pb.FetchRequest(
                 worker_id=self.worker_id, credential=self.credential, after_round=last_round,
-                wait_s=self.opts.poll_s), timeout=self.opts.poll_s + 30.0)
+                wait_s=self.opts.poll_s))
             self._call = call
             try:
                 first = next(call)
@@ -223,9 +243,13 @@ class Worker:
                 self._call = None
             data = self.job.data.clients[assignment.client_id]
             update = client_step(self.job.task, assignment, data, self.device)
+            if self.opts.step_delay_s:
+                time.sleep(self.opts.step_delay_s)
             _, messages = update_messages(update, self.worker_id, self.credential,
                                           self.chunk_bytes, receive_s)
-            reply = stub.SubmitUpdate(messages, timeout=max(30.0, first.assignment.deadline_s))
+            # no fixed deadline on the upload: a large update over a slow link may take long;
+            # keepalive pings detect a dead peer, and the coordinator closes stalled rounds
+            reply = stub.SubmitUpdate(messages)
             last_round = assignment.round
             self.rounds_done += 1
             log.info("round %d done: ratio %g, %.2fs compute, %s", assignment.round,

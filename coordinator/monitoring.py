@@ -1,0 +1,51 @@
+"""Prometheus metrics of the coordinator (``cluster.metrics_port`` / ``--metrics-port``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+
+class Monitor:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.round = Gauge("rabo_round", "Last completed round", registry=r)
+        self.workers = Gauge("rabo_workers_live", "Registered, non-expired workers", registry=r)
+        self.test_acc = Gauge("rabo_test_accuracy", "Test accuracy after the last round",
+                              registry=r)
+        self.upper_loss = Gauge("rabo_upper_loss", "Workers' upper-level loss", registry=r)
+        self.coverage_x = Gauge("rabo_coverage_x_min", "Minimum coverage of x, last round",
+                                registry=r)
+        self.payload = Counter("rabo_payload_bytes", "Tensor payload bytes", ["direction"],
+                               registry=r)
+        self.wire = Counter("rabo_wire_bytes", "Bytes on the workers' TCP connections",
+                            ["direction"], registry=r)
+        self.rejected = Counter("rabo_rejected_messages", "Refused calls and updates",
+                                ["kind"], registry=r)
+        self.registrations = Counter("rabo_registrations", "Accepted registrations",
+                                     registry=r)
+        self.left_out = Counter("rabo_left_out_workers",
+                                "Assigned workers whose update missed the round", registry=r)
+        self.round_seconds = Histogram("rabo_round_seconds", "Round wall time (open to "
+                                       "aggregated)", registry=r,
+                                       buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
+        start_http_server(port, addr=addr, registry=self.registry)
+
+    def observe_round(self, rec: dict[str, Any], live: int) -> None:
+        self.round.set(rec["round"])
+        self.workers.set(live)
+        if rec.get("test_acc") is not None:
+            self.test_acc.set(rec["test_acc"])
+        self.upper_loss.set(rec["upper_loss"])
+        self.coverage_x.set(rec["coverage_x_min"])
+        self.round_seconds.observe(rec["round_s"])
+        self.left_out.inc(len(rec.get("left_out", [])))
+        for c in rec["clients"]:
+            self.payload.labels("down").inc(c["payload_down_bytes"])
+            self.payload.labels("up").inc(c["payload_up_bytes"])
+            if c.get("wire_down_bytes") is not None:
+                self.wire.labels("down").inc(c["wire_down_bytes"])
+                self.wire.labels("up").inc(c["wire_up_bytes"])
