@@ -399,3 +399,86 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- load
+
+
+def run_load(workers: int = 200, heartbeats: int = 5, timeout_s: float = 120.0
+             ) -> dict[str, Any]:
+    """``workers`` lightweight simulated workers (one thread and one channel each) register
+    at once against one coordinator on loopback and heartbeat; latencies of every call."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    from coordinator.server import serve
+    from rabo_proto.v1 import rabo_pb2 as pb
+    from rabo_proto.v1 import rabo_pb2_grpc as pb_grpc
+
+    cfg = config.load(None, ["data.dataset=digits", "model.hidden=[8]",
+                             f"clients.count={workers}", "rounds=1",
+                             "cluster.heartbeat_s=30", "cluster.register_timeout_s=600",
+                             # every simulated worker shares 127.0.0.1
+                             f"cluster.register_rate_per_s={10 * workers}"])
+    server = serve(cfg, None, bind="127.0.0.1:0", linger_s=0)
+    target = f"127.0.0.1:{server.port}"
+    start_gate = threading.Barrier(workers)
+
+    def one(i: int) -> tuple[float, list[float], str]:
+        with grpc.insecure_channel(target) as ch:
+            stub = pb_grpc.CoordinatorStub(ch)
+            grpc.channel_ready_future(ch).result(timeout=timeout_s)
+            start_gate.wait(timeout=timeout_s)
+            t0 = time.perf_counter()
+            reply = stub.Register(pb.RegisterRequest(
+                name=f"sim-{i}", client_id=-1, protocol=1,
+                profile=pb.ResourceProfile(memory_budget_bytes=1 << 30)), timeout=timeout_s)
+            reg = time.perf_counter() - t0
+            lat = []
+            for _ in range(heartbeats):
+                t0 = time.perf_counter()
+                stub.Heartbeat(pb.HeartbeatRequest(worker_id=reply.worker_id,
+                                                   credential=reply.credential),
+                               timeout=timeout_s)
+                lat.append(time.perf_counter() - t0)
+            return reg, lat, reply.worker_id
+
+    began = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(one, range(workers)))
+        registered = len(server.coord.registry)
+    finally:
+        server.stop(0)
+    wall = time.perf_counter() - began
+    hb = sorted(x for _, lat, _ in results for x in lat)
+    reg = sorted(r for r, _, _ in results)
+
+    def pct(values: list[float], p: float) -> float:
+        return values[min(len(values) - 1, int(p / 100 * len(values)))]
+
+    return {"workers": workers, "registered": registered,
+            "distinct_ids": len({w for _, _, w in results}),
+            "heartbeats": len(hb), "heartbeat_p50_ms": 1e3 * pct(hb, 50),
+            "heartbeat_p99_ms": 1e3 * pct(hb, 99), "register_p50_ms": 1e3 * pct(reg, 50),
+            "register_p99_ms": 1e3 * pct(reg, 99), "wall_s": wall}
+
+
+def add_load_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=200)
+    p.add_argument("--heartbeats", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+
+
+def cmd_bench_load(args: argparse.Namespace) -> int:
+    r = run_load(args.workers, args.heartbeats)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"{r['workers']} simulated workers: {r['registered']} registered "
+          f"({r['distinct_ids']} distinct ids), {r['heartbeats']} heartbeats in "
+          f"{r['wall_s']:.1f}s")
+    print(f"register  p50 {r['register_p50_ms']:.1f} ms  p99 {r['register_p99_ms']:.1f} ms")
+    print(f"heartbeat p50 {r['heartbeat_p50_ms']:.1f} ms  p99 {r['heartbeat_p99_ms']:.1f} ms")
+    return 0

@@ -204,7 +204,9 @@ def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAct
 
     from coordinator.bench import (
         add_compare_args,
+        add_load_args,
         add_transport_args,
+        cmd_bench_load,
         cmd_bench_transport,
         cmd_compare_transports,
     )
@@ -216,6 +218,10 @@ def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAct
     p = bench_sub.add_parser("compare-transports", help="the same job over gRPC and gloo")
     add_compare_args(p)
     p.set_defaults(func=cmd_compare_transports)
+
+    p = bench_sub.add_parser("load", help="N simulated workers register and heartbeat at once")
+    add_load_args(p)
+    p.set_defaults(func=cmd_bench_load)
 
 
 def _int_env(name: str) -> int | None:

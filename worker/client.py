@@ -211,11 +211,12 @@ class Worker:
             self.worker_id, self.credential = reply.worker_id, reply.credential
             self.client_id, self.chunk_bytes = reply.client_id, reply.chunk_bytes
             self.heartbeat_s = reply.heartbeat_s
-            self.job = self._job(reply.config_json)
-            log.info("registered as %s, client %d", self.worker_id, self.client_id)
+            # heartbeats first: building the job (loading data) must not look like silence
             hb = threading.Thread(target=self._heartbeats, args=(stub, self.worker_id),
                                   daemon=True, name="rabo-heartbeat")
             hb.start()
+            self.job = self._job(reply.config_json)
+            log.info("registered as %s, client %d", self.worker_id, self.client_id)
         last_round = 0
         last_wait = ""
         while not self.stop.is_set():

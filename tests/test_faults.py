@@ -1,0 +1,221 @@
+"""Dropouts, stragglers, restarts: real worker processes against a real coordinator."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from coordinator.local import WorkerProcess, stop_workers
+from coordinator.server import serve
+from rabo import checkpoint, config
+from rabo.params import max_abs_diff
+
+ENV = dict(os.environ, GRPC_VERBOSITY="ERROR")
+BASE = ["data.dataset=digits", "model.hidden=[32]", "inner.steps=1", "data.batch_size=32",
+        "outer.optimizer=sgd", "cluster.heartbeat_s=0.3", "cluster.heartbeat_misses=4",
+        "cluster.register_timeout_s=60", "mask.policy=rolling"]
+
+
+def _worker(server, out: Path, index: int, extra: tuple[str, ...] = ()) -> WorkerProcess:
+    cmd = [sys.executable, "-m", "worker", "--coordinator", f"127.0.0.1:{server.port}",
+           "--client-id", str(index), "--threads", "1", "--poll-s", "1", "--give-up-s", "60",
+           *extra]
+    path = out / f"worker-{index}-{time.monotonic_ns()}.log"
+    return WorkerProcess(index, None, subprocess.Popen(cmd, stdout=path.open("wb"),
+                                                       stderr=subprocess.STDOUT, env=ENV), path)
+
+
+def _wait_rounds(server, n: int, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while len(server.driver.records) < n and time.monotonic() < end:
+        if server.driver.error:
+            raise server.driver.error
+        time.sleep(0.1)
+    assert len(server.driver.records) >= n, f"only {len(server.driver.records)} rounds"
+
+
+@pytest.mark.slow
+def test_killed_worker_is_left_out_expires_and_rejoins(tmp_path: Path) -> None:
+    cfg = config.load(None, [*BASE, "clients.count=3", "rounds=40", "cluster.min_workers=1",
+                             "cluster.round_deadline_s=20"])
+    server = serve(cfg, tmp_path, bind="127.0.0.1:0", linger_s=1.0)
+    procs = [_worker(server, tmp_path, i, ("--step-delay-s", "0.3")) for i in range(3)]
+    try:
+        _wait_rounds(server, 2)
+        procs[2].proc.send_signal(signal.SIGKILL)  # mid-run, likely mid-round
+        procs[2].proc.wait()
+        killed_at = len(server.driver.records)
+        _wait_rounds(server, killed_at + 3)
+        procs.append(_worker(server, tmp_path, 2, ("--step-delay-s", "0.3")))  # restarts
+        end = time.monotonic() + 90
+        while time.monotonic() < end and not any(
+                any(c["client_id"] == 2 for c in r["clients"])
+                for r in server.driver.records[killed_at + 3:]):
+            time.sleep(0.2)
+        assert server.wait(180), "the run did not finish"
+    finally:
+        server.stop(0)
+        stop_workers(procs)
+    assert server.driver.error is None
+    recs = server.driver.records
+    assert [r["round"] for r in recs] == list(range(1, 41))
+    with_2 = [r["round"] for r in recs if any(c["client_id"] == 2 for c in r["clients"])]
+    without_2 = [r["round"] for r in recs if r["round"] not in with_2]
+    assert without_2, "the killed worker never missed a round"
+    assert with_2[-1] == 40, "the restarted worker was not used again"
+    assert any(r > without_2[0] for r in with_2)
+    assert server.coord.registry.expired_total >= 1
+    # coverage accounts for the missing worker: fewer participants, lower mean coverage
+    full = next(r for r in recs if r["round"] in with_2)
+    thin = next(r for r in recs if r["round"] in without_2)
+    assert thin["participants"] < full["participants"]
+
+
+@pytest.mark.slow
+def test_random_kills_and_restarts_finish_every_round(tmp_path: Path) -> None:
+    rng = random.Random(7)
+    cfg = config.load(None, [*BASE, "clients.count=4", "rounds=16", "cluster.min_workers=1",
+                             "cluster.round_deadline_s=15"])
+    server = serve(cfg, tmp_path, bind="127.0.0.1:0", linger_s=1.0)
+    procs = {i: _worker(server, tmp_path, i) for i in range(4)}
+    spawned = list(procs.values())
+    kills = 0
+    try:
+        for _ in range(5):
+            time.sleep(rng.uniform(0.5, 2.0))
+            if server.wait(0):
+                break
+            i = rng.randrange(4)
+            procs[i].proc.send_signal(signal.SIGKILL)
+            procs[i].proc.wait()
+            kills += 1
+            time.sleep(rng.uniform(0.2, 1.5))
+            procs[i] = _worker(server, tmp_path, i)
+            spawned.append(procs[i])
+        assert server.wait(240), "the run did not finish"
+    finally:
+        server.stop(0)
+        stop_workers(spawned)
+    assert server.driver.error is None, server.driver.error
+    assert kills >= 3
+    assert [r["round"] for r in server.driver.records] == list(range(1, 17))
+    assert (tmp_path / "checkpoint.pt").exists()
+
+
+@pytest.mark.slow
+def test_straggler_is_left_out_and_its_late_update_refused(tmp_path: Path) -> None:
+    cfg = config.load(None, [*BASE, "clients.count=3", "rounds=3", "cluster.min_workers=2",
+                             "cluster.round_deadline_s=2", "cluster.stall_timeout_s=0.5"])
+    server = serve(cfg, tmp_path, bind="127.0.0.1:0", linger_s=1.0)
+    procs = [_worker(server, tmp_path, i) for i in range(2)]
+    procs.append(_worker(server, tmp_path, 2, ("--step-delay-s", "4")))
+    try:
+        assert server.wait(180)
+    finally:
+        server.stop(0)
+        stop_workers(procs)
+    assert server.driver.error is None
+    recs = server.driver.records
+    assert [r["round"] for r in recs] == [1, 2, 3]
+    for r in recs:
+        assert {c["client_id"] for c in r["clients"]} == {0, 1}
+        assert [w["client_id"] for w in r["left_out"]] == [2]
+    assert server.driver.summary["workers_left_out"] == 3
+    # its updates came after their rounds closed: refused, counted, never aggregated
+    refused = server.coord.rejected.get("stale-round", 0) + server.coord.rejected.get("late", 0)
+    assert refused >= 1
+
+
+@pytest.mark.slow
+def test_too_few_updates_retry_the_round(tmp_path: Path) -> None:
+    cfg = config.load(None, [*BASE, "clients.count=2", "rounds=2", "cluster.min_workers=2",
+                             "cluster.round_deadline_s=1.5", "cluster.stall_timeout_s=0.3",
+                             "cluster.max_round_retries=1"])
+    server = serve(cfg, tmp_path, bind="127.0.0.1:0", linger_s=0.5)
+    procs = [_worker(server, tmp_path, 0), _worker(server, tmp_path, 1, ("--step-delay-s", "3"))]
+    try:
+        assert server.wait(120)
+    finally:
+        server.stop(0)
+        stop_workers(procs)
+    assert server.driver.error is not None and "fewer than 2 updates in 2 attempts" in str(
+        server.driver.error)
+    assert server.driver.retries == 2 and server.driver.records == []
+    assert server.coord.state.round == 0  # the model was never changed
+
+
+def _coordinator(out: Path, args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "rabo.cli", "coordinator", *args],
+                            stdout=(out.parent / f"coord-{time.monotonic_ns()}.log").open("wb"),
+                            stderr=subprocess.STDOUT, env=ENV)
+
+
+@pytest.mark.slow
+def test_coordinator_restart_resumes_to_the_same_model(tmp_path: Path) -> None:
+    """SIGTERM the coordinator mid-run, corrupt its newest checkpoint, resume: the workers
+    reconnect by themselves and the final model equals an uninterrupted run's."""
+    sets = [*BASE, "clients.count=2", "rounds=8", "clients.ratios=[1, 0.5]",
+            "cluster.checkpoint_every=1", "cluster.keep_checkpoints=3"]
+    args = sum((["--set", s] for s in sets), [])
+    port = _free_port()
+    out = tmp_path / "run"
+    coord = _coordinator(out, ["--bind", f"127.0.0.1:{port}", "--out", str(out), *args])
+
+    class _S:
+        pass
+
+    server = _S()
+    server.port = port
+    workers = [_worker(server, tmp_path, i, ("--step-delay-s", "0.4")) for i in range(2)]
+    try:
+        metrics = out / "metrics.jsonl"
+        end = time.monotonic() + 120
+        while time.monotonic() < end and (not metrics.exists()
+                                          or len(metrics.read_text().splitlines()) < 4):
+            time.sleep(0.1)
+        coord.send_signal(signal.SIGTERM)
+        assert coord.wait(30) == 0
+        ckpts = sorted(out.glob("ckpt-*.pt"))
+        assert len(ckpts) >= 2
+        newest = ckpts[-1]
+        newest.write_bytes(newest.read_bytes()[:100])  # truncated on disk
+        good_round = int(ckpts[-2].stem.split("-")[1])
+        coord = _coordinator(out, ["--bind", f"127.0.0.1:{port}", "--resume", str(out)])
+        assert coord.wait(180) == 0
+        log = "".join(p.read_text() for p in tmp_path.glob("coord-*.log"))
+        assert f"skipping {newest.name}" in log and "SHA-256" in log
+        assert f"(round {good_round})" in log
+    finally:
+        for p in (coord,):
+            if p.poll() is None:
+                p.kill()
+        stop_workers(workers)
+    rounds = [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text()
+              .splitlines()]
+    assert rounds == list(range(1, 9))  # re-run rounds replaced, none counted twice
+    resumed, _ = checkpoint.load(out / "checkpoint.pt")
+    # the uninterrupted reference, same config and seed
+    ref_out = tmp_path / "ref"
+    from coordinator.local import run_local
+
+    run_local(config.load(None, sets), 2, ref_out, threads=1)
+    reference, _ = checkpoint.load(ref_out / "checkpoint.pt")
+    assert resumed.round == reference.round == 8
+    for part in ("x", "y", "v"):
+        assert max_abs_diff(getattr(resumed, part), getattr(reference, part)) == 0.0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
