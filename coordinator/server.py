@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
-from itertools import cycle, islice
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +52,6 @@ from rabo.engine import ClientPlan, GlobalState, Update, sample_participants
 from rabo.job import Job, evaluate
 from rabo.metrics import MetricsWriter, truncate_metrics, write_json
 from rabo.netstat import SocketCounters, TcpCounters, parse_peer
-from rabo.policy import choose_ratio
 from rabo.runner import round_record, summarize
 from rabo.runtime import tune_allocator
 from rabo_proto.codec import Assembler, WireError, check_header, message_bytes
@@ -404,16 +402,6 @@ class RoundDriver:
                 c.cond.wait(0.5)
         log.info("%d workers registered; starting %d rounds", want, c.cfg.rounds)
 
-    def _ratio_for(self, rec: WorkerRecord) -> tuple[float | None, str]:
-        cfg = self.c.cfg
-        if cfg.clients.ratios:
-            r = list(islice(cycle(cfg.clients.ratios), rec.client_id + 1))[-1]
-            return r, f"fixed ratio {r:g} (clients.ratios)"
-        choice = choose_ratio(self.c.job.task, self.c.job.hyper, resources_of(rec.profile),
-                              cfg.policy.ladder, cfg.policy.safety, cfg.policy.deadline_s,
-                              cfg.data.batch_size or 1)
-        return choice.ratio, choice.reason
-
     def open_round(self, q: int) -> RoundTicket:
         c = self.c
         live = c.registry.live()
@@ -424,7 +412,7 @@ class RoundDriver:
         ticket = RoundTicket(q, now, now + c.cfg.cluster.round_deadline_s)
         for cid in participants:
             rec = by_client[cid]
-            ratio, reason = self._ratio_for(rec)
+            ratio, reason = c.job.ratio_for(cid, resources_of(rec.profile))
             if ratio is None:
                 ticket.not_assigned[rec.worker_id] = f"not assigned: {reason}"
                 log.warning("round %d: worker %s not assigned: %s", q, rec.worker_id, reason)

@@ -108,6 +108,10 @@ class ClientsConfig:
         None, "simulated per-client training memory budget, e.g. [8GiB, 512MiB], cycled; "
         "None with ratios None: every client at ratio 1"
     )
+    mode: Literal["adaptive", "full", "exclusion"] = opt(
+        "adaptive", "adaptive: each client at its own ratio (fixed list or policy); full: every "
+        "client at ratio 1, as if all were rich (the upper-bound baseline); exclusion: only "
+        "clients whose ratio is 1 take part (the baseline that drops the poor)")
 
     def validate(self, key: str) -> None:
         if self.ratios is not None:

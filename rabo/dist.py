@@ -31,7 +31,6 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from itertools import cycle, islice
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,7 @@ from rabo.job import Job, evaluate
 from rabo.metrics import MetricsWriter, write_json
 from rabo.netstat import SocketCounters, TcpCounters
 from rabo.params import Params
-from rabo.policy import Resources, choose_ratio
+from rabo.policy import Resources
 from rabo.resources import measure
 from rabo.runner import format_progress, round_record, summarize
 from rabo.runtime import tune_allocator
@@ -160,16 +159,6 @@ class RankCounters:
 # --------------------------------------------------------------------------- the ranks
 
 
-def _ratio(ctx: Context, client_id: int, resources: Resources) -> tuple[float | None, str]:
-    cfg = ctx.cfg
-    if cfg.clients.ratios:
-        r = list(islice(cycle(cfg.clients.ratios), client_id + 1))[-1]
-        return r, f"fixed ratio {r:g} (clients.ratios)"
-    choice = choose_ratio(ctx.job.task, ctx.job.hyper, resources, cfg.policy.ladder,
-                          cfg.policy.safety, cfg.policy.deadline_s, cfg.data.batch_size or 1)
-    return choice.ratio, choice.reason
-
-
 def _gather_profiles(ctx: Context, mine: torch.Tensor) -> torch.Tensor:
     parts = [torch.zeros(PROFILE_FIELDS, dtype=torch.float64, device=ctx.comm_device)
              for _ in range(ctx.world)]
@@ -207,7 +196,7 @@ def run_coordinator(ctx: Context, out: Path | None, progress: bool = True) -> di
                 if cid not in participants:
                     continue
                 res = Resources(int(profiles[rank, 0]), float(profiles[rank, 1]))
-                ratio, why = _ratio(ctx, cid, res)
+                ratio, why = ctx.job.ratio_for(cid, res)
                 if ratio is None:
                     not_assigned[f"rank{rank}"] = f"not assigned: {why}"
                     continue

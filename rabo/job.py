@@ -43,21 +43,38 @@ class Job:
     def hyper(self) -> ClientHyper:
         return self.engine.hyper
 
+    def ratio_for(self, client_id: int, resources: Resources | None
+                  ) -> tuple[float | None, str]:
+        """A client's ratio and why: ``clients.mode`` over the fixed ``clients.ratios`` or the
+        ratio policy on ``resources`` (None: no resource limit known, ratio 1). The one place
+        every transport asks; None means the client does not take part."""
+        cfg = self.cfg
+        if cfg.clients.mode == "full":
+            return 1.0, "full model (clients.mode: full)"
+        if cfg.clients.ratios:
+            ratio: float | None = list(islice(cycle(cfg.clients.ratios), client_id + 1))[-1]
+            why = f"fixed ratio {ratio:g} (clients.ratios)"
+        elif resources is None:
+            ratio, why = 1.0, "no resource limit known"
+        else:
+            choice = choose_ratio(self.task, self.hyper, resources, cfg.policy.ladder,
+                                  cfg.policy.safety, cfg.policy.deadline_s,
+                                  cfg.data.batch_size or 1)
+            ratio, why = choice.ratio, choice.reason
+        if cfg.clients.mode == "exclusion" and ratio is not None and ratio < 1.0:
+            return None, f"excluded: fits only ratio {ratio:g} (clients.mode: exclusion)"
+        return ratio, why
+
     def simulated_ratios(self) -> list[float]:
-        """Per-client ratios of a simulation: the fixed list, or the policy's choice for each
-        simulated memory budget, or 1 for everyone."""
-        n = self.cfg.clients.count
-        if self.cfg.clients.ratios:
-            return list(islice(cycle(self.cfg.clients.ratios), n))
-        if self.cfg.clients.memory_budgets:
-            ratios = []
-            for budget in islice(cycle(self.cfg.clients.memory_budgets), n):
-                choice = choose_ratio(self.task, self.hyper, Resources(parse_bytes(budget)),
-                                      self.cfg.policy.ladder, self.cfg.policy.safety, 0.0,
-                                      self.cfg.data.batch_size or 1)
-                ratios.append(0.0 if choice.ratio is None else choice.ratio)
-            return ratios
-        return [1.0] * n
+        """Per-client ratios of a simulation (0: does not take part), from the fixed list or
+        the simulated memory budgets (``clients.memory_budgets``, cycled)."""
+        budgets = self.cfg.clients.memory_budgets
+        out = []
+        for cid in range(self.cfg.clients.count):
+            res = (Resources(parse_bytes(budgets[cid % len(budgets)])) if budgets else None)
+            ratio, _ = self.ratio_for(cid, res)
+            out.append(0.0 if ratio is None else ratio)
+        return out
 
 
 def resolve_device(name: str) -> torch.device:

@@ -69,3 +69,18 @@ def test_simulated_memory_budgets_map_to_ratios() -> None:
                              "clients.memory_budgets=[1GiB, 3MiB, 1KiB]"])
     ratios = Job.from_config(cfg).simulated_ratios()
     assert ratios[0] == 1.0 and 0 < ratios[1] < 1.0 and ratios[2] == 0.0
+
+
+def test_modes_full_and_exclusion() -> None:
+    from rabo.job import Job
+
+    base = ["data.dataset=digits", "model.hidden=[512, 512]", "clients.count=3",
+            "clients.memory_budgets=[1GiB, 3MiB, 1KiB]"]
+    full = Job.from_config(config.load(None, [*base, "clients.mode=full"])).simulated_ratios()
+    excl = Job.from_config(config.load(None, [*base, "clients.mode=exclusion"])
+                           ).simulated_ratios()
+    assert full == [1.0, 1.0, 1.0]
+    assert excl == [1.0, 0.0, 0.0]
+    job = Job.from_config(config.load(None, [*base, "clients.mode=exclusion"]))
+    ratio, why = job.ratio_for(1, None)
+    assert ratio == 1.0  # no limit known: fits the full model, so it takes part
