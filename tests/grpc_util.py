@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -77,5 +76,3 @@ def update_stream(s: Session, round_: int, client_id: int, tensors: list[WireTen
         yield pb.UpdateMessage(chunk=c)
 
 
-def crc(data: bytes) -> int:
-    return zlib.crc32(data)

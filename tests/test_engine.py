@@ -172,3 +172,17 @@ def test_cli_bad_config_names_the_key(tmp_path: Path) -> None:
                            "data.dataset=mnist-full", "--set", f"data.root={tmp_path}"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and str(tmp_path) in proc.stderr
+
+
+def test_report_table_and_plots(tmp_path: Path) -> None:
+    from rabo.report import report
+
+    simulate(config.load(None, [*TINY, "rounds=3", "clients.count=2",
+                                "clients.ratios=[1, 0.5]"]), tmp_path)
+    text = report(tmp_path)
+    rows = [line.split() for line in text.splitlines()[2:5]]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [int(r[0]) for r in rows] == [1, 2, 3]
+    assert [float(r[1]) for r in rows] == [round(rec["test_acc"], 4) for rec in records]
+    assert (tmp_path / "accuracy.png").stat().st_size > 1000
+    assert (tmp_path / "bytes_per_ratio.png").stat().st_size > 1000

@@ -147,3 +147,24 @@ def test_zz_valid_update_then_duplicate(cluster) -> None:
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
     assert "duplicate update" in err.value.details()
     assert server.coord.rejected.get("duplicate") == 1
+
+
+def test_worker_that_fits_nothing_is_told_why() -> None:
+    from grpc_util import connect
+
+    cfg = config.load(None, ["data.dataset=digits", "model.hidden=[64]", "clients.count=2",
+                             "cluster.workers=2", "rounds=1", "cluster.round_deadline_s=30"])
+    server = serve(cfg, None, bind="127.0.0.1:0", linger_s=0.0)
+    try:
+        rich, poor = connect(server.port, 0), connect(server.port, 1, budget=1024)
+        call = poor.stub.FetchAssignment(pb.FetchRequest(
+            worker_id=poor.worker_id, credential=poor.credential, wait_s=20), timeout=30)
+        first = next(call)
+        assert first.WhichOneof("body") == "wait"
+        assert "round 1: not assigned: the smallest ratio 0.0625 needs" in first.wait.reason
+        assert poor.worker_id in server.coord.ticket.not_assigned
+        assert rich.worker_id in server.coord.ticket.tasks
+        rich.close()
+        poor.close()
+    finally:
+        server.stop(grace=0)
