@@ -1,0 +1,56 @@
+"""A worker process leaves cleanly on SIGTERM; the coordinator exposes Prometheus metrics."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from coordinator.server import serve
+from rabo import config
+
+ENV = dict(os.environ, GRPC_VERBOSITY="ERROR")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_sigterm_worker_says_goodbye_and_exits_zero() -> None:
+    cfg = config.load(None, ["data.dataset=digits", "model.hidden=[16]", "clients.count=2",
+                             "cluster.workers=2", "rounds=1", "cluster.heartbeat_s=30",
+                             "cluster.register_timeout_s=60"])
+    mport = _free_port()
+    server = serve(cfg, None, bind="127.0.0.1:0", linger_s=0, metrics_port=mport)
+    proc = subprocess.Popen([sys.executable, "-m", "worker", "--coordinator",
+                             f"127.0.0.1:{server.port}", "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    try:
+        end = time.monotonic() + 60
+        while len(server.coord.registry) < 1 and time.monotonic() < end:
+            time.sleep(0.1)
+        assert len(server.coord.registry) == 1
+        time.sleep(1.0)  # it is now long-polling for a round that never opens (needs 2)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+        assert "signal 15" in out
+        # Leave removed it at once: no waiting for heartbeats to expire (30 s x 5 here)
+        assert len(server.coord.registry) == 0
+        text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read()
+        assert b"rabo_registrations_total 1.0" in text
+        assert b"rabo_round " in text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.stop(0)
