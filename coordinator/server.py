@@ -155,6 +155,18 @@ def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -
     context.abort(code, message)
 
 
+_WIRE_KINDS = ("checksum", "truncated", "shape", "dtype", "NaN", "chunk", "measurement",
+               "client id", "tensors do not match")
+
+
+def _wire_kind(message: str) -> str:
+    """A short, bounded label for a refused payload (metrics must not grow per tensor name)."""
+    for kind in _WIRE_KINDS:
+        if kind in message:
+            return kind.replace(" ", "-")
+    return "invalid-payload"
+
+
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def __init__(self, coord: Coordinator) -> None:
         self.c = coord
@@ -315,9 +327,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         except WireError as exc:
             with c.cond:
                 task.receiving = False
-            kind = str(exc).split(":")[0]
+            kind = _wire_kind(str(exc))
             c.reject(kind)
-            code = (grpc.StatusCode.DATA_LOSS if "checksum" in str(exc) or "truncated" in str(exc)
+            code = (grpc.StatusCode.DATA_LOSS if kind in ("checksum", "truncated")
                     else grpc.StatusCode.INVALID_ARGUMENT)
             _abort(context, code, f"update rejected: {exc}")
             raise
