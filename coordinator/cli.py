@@ -219,6 +219,13 @@ def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAct
     add_compare_args(p)
     p.set_defaults(func=cmd_compare_transports)
 
+    from coordinator.netbench import add_network_args, cmd_bench_network
+
+    p = bench_sub.add_parser("network",
+                             help="a real job across network namespaces with tbf-limited links")
+    add_network_args(p)
+    p.set_defaults(func=cmd_bench_network)
+
     p = bench_sub.add_parser("load", help="N simulated workers register and heartbeat at once")
     add_load_args(p)
     p.set_defaults(func=cmd_bench_load)
