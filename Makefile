@@ -46,5 +46,9 @@ proto: install
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. --pyi_out=. \
 		proto/rabo_proto/v1/rabo.proto
 
+# Render every kustomize overlay and validate it against the Kubernetes schemas.
+k8s-check: install
+	deploy/k8s/check.sh
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache
