@@ -53,22 +53,31 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
     resume_state = None
     out = Path(args.out) if args.out else None
+    cfg = None
     if args.resume:
         run_dir = Path(args.resume)
-        resume_state, sidecar, path, skipped = checkpoint.load_latest(run_dir)
-        for bad, why in skipped:
-            print(f"rabo coordinator: skipping {bad.name}: {why}", file=sys.stderr)
-        print(f"rabo coordinator: resuming from {path} (round {resume_state.round})",
-              flush=True)
-        if not args.config:
-            data = config.apply_overrides(dict(sidecar.get("config") or {}), args.overrides)
-            if args.rounds is not None:
-                data["rounds"] = args.rounds
-            cfg = config.from_dict(data)
-        else:
-            cfg = load_config(args)
+        has_any = run_dir.is_dir() and (any(run_dir.glob("ckpt-*.pt"))
+                                        or (run_dir / checkpoint.CHECKPOINT).exists())
+        if has_any:
+            resume_state, sidecar, path, skipped = checkpoint.load_latest(run_dir)
+            for bad, why in skipped:
+                print(f"rabo coordinator: skipping {bad.name}: {why}", file=sys.stderr)
+            print(f"rabo coordinator: resuming from {path} (round {resume_state.round})",
+                  flush=True)
+            if not args.config:
+                data = config.apply_overrides(dict(sidecar.get("config") or {}),
+                                              args.overrides)
+                if args.rounds is not None:
+                    data["rounds"] = args.rounds
+                cfg = config.from_dict(data)
+        elif not args.config:
+            print(f"rabo coordinator: error: --resume {run_dir}: no checkpoint there, and no "
+                  "--config to start from", file=sys.stderr)
+            return 2
+        else:  # a first start under a supervisor that always passes --resume
+            print(f"rabo coordinator: nothing to resume in {run_dir}; starting", flush=True)
         out = out or run_dir
-    else:
+    if cfg is None:
         cfg = load_config(args)
     server = serve(cfg, out, bind=args.bind, progress=grpc_progress(cfg.rounds),
                    security=_security(args), resume=resume_state,
@@ -83,20 +92,31 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
-    while not server.wait(0.5):
-        if stopping.is_set():
-            # checkpoint the last completed round, then stop; --resume continues from it
-            server.stop(grace=2.0, checkpoint_now=True)
-            print("rabo coordinator: stopped by a signal; last completed round "
-                  f"{server.coord.state.round} checkpointed"
-                  + (f" in {out} (resume with --resume {out})" if out else ""), flush=True)
-            return 0
-    server.stop()
-    if server.driver.error is not None:
-        print(f"rabo coordinator: error: {server.driver.error}", file=sys.stderr)
-        return 1
-    if server.driver.summary:
-        _print_summary(server.driver.summary, out)
+    done = False
+    while not stopping.is_set():
+        if not done and server.wait(0.5):
+            done = True
+            if server.driver.error is not None:
+                print(f"rabo coordinator: error: {server.driver.error}", file=sys.stderr)
+                server.stop()
+                return 1
+            if server.driver.summary:
+                _print_summary(server.driver.summary, out)
+            if not args.keep_serving:
+                server.stop()
+                return 0
+            print("rabo coordinator: run complete; serving until stopped (--keep-serving)",
+                  flush=True)
+        elif done:
+            stopping.wait(0.5)
+    if done:
+        server.stop()
+        return 0
+    # checkpoint the last completed round, then stop; --resume continues from it
+    server.stop(grace=2.0, checkpoint_now=True)
+    print("rabo coordinator: stopped by a signal; last completed round "
+          f"{server.coord.state.round} checkpointed"
+          + (f" in {out} (resume with --resume {out})" if out else ""), flush=True)
     return 0
 
 
@@ -175,9 +195,15 @@ def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAct
     p.add_argument("--bind", metavar="HOST:PORT", default=env("RABO_BIND"),
                    help="listen address (env RABO_BIND; default config cluster.bind)")
     p.add_argument("--out", metavar="DIR", help="run folder")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest "
-                                                   "good checkpoint (config from DIR unless "
-                                                   "--config is given)")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue the run in DIR from its newest good checkpoint (config from "
+                        "DIR unless --config is given; with --config and no checkpoint in DIR, "
+                        "start there: what a supervisor that restarts the pod wants)")
+    p.add_argument("--keep-serving", action="store_true",
+                   default=os.environ.get("RABO_KEEP_SERVING", "") not in ("", "0"),
+                   help="after the last round keep serving (health, and 'finished' to "
+                        "workers) until stopped, instead of exiting (env RABO_KEEP_SERVING; "
+                        "for Deployments)")
     p.add_argument("--health-port", type=int, default=_int_env("RABO_HEALTH_PORT"),
                    help="plaintext health-only port (env RABO_HEALTH_PORT)")
     p.add_argument("--metrics-port", type=int, default=_int_env("RABO_METRICS_PORT"),

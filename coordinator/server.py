@@ -477,6 +477,10 @@ class RoundDriver:
         if c.out_dir and c.state.round:
             self.records = truncate_metrics(c.out_dir, c.state.round)
             log.info("resuming after round %d", c.state.round)
+        if c.state.round >= cfg.rounds:  # e.g. a restarted pod of a finished run
+            self.summary = summarize(cfg, c.state, self.records, 0.0, {"transport": "grpc"})
+            self.finish(f"the run was already complete ({c.state.round} rounds)")
+            return
         self.wait_for_workers()
         writer = MetricsWriter(c.out_dir, append=True) if c.out_dir else None
         start = c.clock()

@@ -66,7 +66,7 @@ def test_simulated_memory_budgets_map_to_ratios() -> None:
     from rabo.job import Job
 
     cfg = config.load(None, ["data.dataset=digits", "model.hidden=[512, 512]", "clients.count=3",
-                             "clients.memory_budgets=[1GiB, 3MiB, 1KiB]"])
+                             "clients.memory_budgets=[1GiB, 16MiB, 1KiB]"])
     ratios = Job.from_config(cfg).simulated_ratios()
     assert ratios[0] == 1.0 and 0 < ratios[1] < 1.0 and ratios[2] == 0.0
 
@@ -75,7 +75,7 @@ def test_modes_full_and_exclusion() -> None:
     from rabo.job import Job
 
     base = ["data.dataset=digits", "model.hidden=[512, 512]", "clients.count=3",
-            "clients.memory_budgets=[1GiB, 3MiB, 1KiB]"]
+            "clients.memory_budgets=[1GiB, 16MiB, 1KiB]"]
     full = Job.from_config(config.load(None, [*base, "clients.mode=full"])).simulated_ratios()
     excl = Job.from_config(config.load(None, [*base, "clients.mode=exclusion"])
                            ).simulated_ratios()

@@ -43,6 +43,9 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-server-name", default=env("RABO_TLS_SERVER_NAME"),
                    help="name to expect in the coordinator's certificate (env "
                         "RABO_TLS_SERVER_NAME)")
+    p.add_argument("--on-finish", choices=["exit", "idle"], default=env("RABO_ON_FINISH", "exit"),
+                   help="when the run is over: exit, or idle until stopped (env "
+                        "RABO_ON_FINISH; idle suits Deployments, which restart exited pods)")
     p.add_argument("--step-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
 
 
@@ -78,7 +81,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print(f"rabo worker: error: {exc}", file=sys.stderr)
         return exc.code
     worker.install_signal_handlers()
-    return worker.run()
+    code = worker.run()
+    if code == 0 and args.on_finish == "idle" and worker.finished:
+        logging.getLogger("rabo.worker").info("run finished; idling until stopped "
+                                              "(--on-finish idle)")
+        worker.stop.wait()
+    return code
 
 
 def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAction) -> None:

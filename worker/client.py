@@ -27,7 +27,7 @@ from rabo import config
 from rabo.auth import TlsFiles
 from rabo.engine import client_step
 from rabo.job import Job
-from rabo.runtime import tune_allocator
+from rabo.runtime import prefer_low_memory
 from rabo_proto.codec import Assembler, WireError, check_header
 from rabo_proto.v1 import rabo_pb2 as pb
 from rabo_proto.v1 import rabo_pb2_grpc as pb_grpc
@@ -96,7 +96,9 @@ def pick_device(name: str) -> torch.device:
 
 class Worker:
     def __init__(self, opts: WorkerOptions, sleep: Callable[[float], None] = time.sleep) -> None:
-        tune_allocator()
+        # a worker is memory-bound: freed tensors go back to the system (the coordinator, which
+        # is not, keeps them for speed: rabo.runtime.tune_allocator)
+        prefer_low_memory()
         self.opts = opts
         self.sleep = sleep
         self.stop = threading.Event()
@@ -108,6 +110,8 @@ class Worker:
         self._jobs: dict[str, Job] = {}
         self._call: Any = None  # the in-flight long poll, cancelled on a signal
         self.rounds_done = 0
+        self.finished = False  # the coordinator said the run is over
+        self._closed = threading.Event()  # the channel is gone: heartbeats stop
         self.worker_id = ""
         self.credential = ""
 
@@ -147,50 +151,63 @@ class Worker:
                    ("grpc.keepalive_permit_without_calls", 1),
                    ("grpc.http2.max_pings_without_data", 0)]
         channel = open_channel(opts.target, options, opts.tls, opts.token, opts.server_name)
-        with channel:
-            stub = pb_grpc.CoordinatorStub(channel)
-            while not self.stop.is_set():
-                try:
-                    finished = self._session(stub)
-                    if finished:
-                        return 0
-                    backoff.reset()
-                except grpc.RpcError as exc:
-                    code = exc.code()  # type: ignore[attr-defined]
-                    if self.stop.is_set():
-                        break
-                    if code in FORGOTTEN:
-                        log.warning("coordinator does not know this worker (%s): registering "
-                                    "again", exc.details())  # type: ignore[attr-defined]
-                        self.worker_id = ""
-                        continue
-                    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not self.worker_id:
-                        # our slot is still held by our previous (expiring) self, or
-                        # registrations are rate limited: wait and try again
-                        delay = backoff.next_delay()
-                        log.info("registration refused (%s); retrying in %.1fs",
-                                 exc.details(), delay)  # type: ignore[attr-defined]
-                        self.sleep(delay)
-                        continue
-                    if code not in RETRYABLE:
-                        log.error("coordinator refused: %s: %s", code.name,
-                                  exc.details())  # type: ignore[attr-defined]
-                        return 3
-                    now = time.monotonic()
-                    lost_since = lost_since or now
-                    if opts.give_up_s and now - lost_since > opts.give_up_s:
-                        log.error("no coordinator at %s for %.0fs: giving up", opts.target,
-                                  now - lost_since)
-                        return 4
+        try:
+            return self._run_on(channel, backoff, lost_since)
+        finally:
+            self._closed.set()
+            channel.close()
+
+    def _run_on(self, channel: grpc.Channel, backoff: Backoff, lost_since: float | None) -> int:
+        """The retry loop of :meth:`run` on one channel."""
+        opts = self.opts
+        stub = pb_grpc.CoordinatorStub(channel)
+        while not self.stop.is_set():
+            try:
+                finished = self._session(stub)
+                if finished:
+                    self.finished = True
+                    return 0
+                backoff.reset()
+            except grpc.RpcError as exc:
+                code = exc.code()  # type: ignore[attr-defined]
+                if self.stop.is_set():
+                    break
+                if code in FORGOTTEN:
+                    log.warning("coordinator does not know this worker (%s): registering "
+                                "again", exc.details())  # type: ignore[attr-defined]
+                    self.worker_id = ""
+                    continue
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not self.worker_id:
+                    # our slot is still held by our previous (expiring) self, or
+                    # registrations are rate limited: wait and try again
                     delay = backoff.next_delay()
-                    log.info("coordinator unreachable (%s); retrying in %.1fs", code.name, delay)
+                    log.info("registration refused (%s); retrying in %.1fs",
+                             exc.details(), delay)  # type: ignore[attr-defined]
                     self.sleep(delay)
                     continue
-                except WorkerExit as exc:
-                    log.error("%s", exc)
-                    return exc.code
-                lost_since = None
-            self._leave(stub)
+                details = exc.details() or ""  # type: ignore[attr-defined]
+                if code == grpc.StatusCode.FAILED_PRECONDITION and "the run is over" in details:
+                    log.info("%s", details)
+                    self.finished = True
+                    return 0
+                if code not in RETRYABLE:
+                    log.error("coordinator refused: %s: %s", code.name, details)
+                    return 3
+                now = time.monotonic()
+                lost_since = lost_since or now
+                if opts.give_up_s and now - lost_since > opts.give_up_s:
+                    log.error("no coordinator at %s for %.0fs: giving up", opts.target,
+                              now - lost_since)
+                    return 4
+                delay = backoff.next_delay()
+                log.info("coordinator unreachable (%s); retrying in %.1fs", code.name, delay)
+                self.sleep(delay)
+                continue
+            except WorkerExit as exc:
+                log.error("%s", exc)
+                return exc.code
+            lost_since = None
+        self._leave(stub)
         return 0
 
     def _leave(self, stub: pb_grpc.CoordinatorStub) -> None:
@@ -216,6 +233,8 @@ class Worker:
                                   daemon=True, name="rabo-heartbeat")
             hb.start()
             self.job = self._job(reply.config_json)
+            # the start-up footprint (runtime and data) that memory budgets are counted above
+            self.baseline_rss = psutil.Process().memory_info().rss
             log.info("registered as %s, client %d", self.worker_id, self.client_id)
         last_round = 0
         last_wait = ""
@@ -253,8 +272,12 @@ class Worker:
             reply = stub.SubmitUpdate(messages)
             last_round = assignment.round
             self.rounds_done += 1
-            log.info("round %d done: ratio %g, %.2fs compute, %s", assignment.round,
-                     assignment.mask.ratio, update.compute_s, reply.message)
+            log.info("round %d done: ratio %g, %.2fs compute, peak memory %d MiB above "
+                     "start-up, %s", assignment.round, assignment.mask.ratio, update.compute_s,
+                     max(0, update.peak_mem_bytes - self.baseline_rss) >> 20, reply.message)
+            # drop this round's payloads before the next one arrives, or the next round's
+            # peak would carry them too
+            del assignment, update, messages, first, call
         return False
 
     def _receive(self, msg: pb.Assignment, call: Any) -> Any:
@@ -280,8 +303,8 @@ class Worker:
 
     def _heartbeats(self, stub: pb_grpc.CoordinatorStub, worker_id: str) -> None:
         while not self.stop.wait(self.heartbeat_s):
-            if worker_id != self.worker_id:
-                return  # re-registered: a newer heartbeat thread took over
+            if worker_id != self.worker_id or self._closed.is_set():
+                return  # re-registered (a newer heartbeat thread took over) or shut down
             try:
                 reply = stub.Heartbeat(pb.HeartbeatRequest(
                     worker_id=worker_id, credential=self.credential, profile=self.profile()),

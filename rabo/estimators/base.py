@@ -82,8 +82,12 @@ def v_step(v: Mapping[str, torch.Tensor], hv: Mapping[str, torch.Tensor],
     return project({k: v[k] - eta_v * (hv[k] - fy[k]) for k in v}, radius)
 
 
-def hypergradient(fx: Mapping[str, torch.Tensor], jv: Mapping[str, torch.Tensor]) -> Params:
-    return {k: fx[k] - jv[k] for k in fx}
+def hypergradient(fx: Params, jv: Mapping[str, torch.Tensor]) -> Params:
+    """grad_x f - Jv, computed in place in ``fx`` (a fresh gradient the caller gives up): at the
+    estimator's peak every x-sized tensor counts against a worker's memory budget."""
+    for k in fx:
+        fx[k].sub_(jv[k])
+    return fx
 
 
 class Estimator(ABC):
