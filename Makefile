@@ -9,6 +9,9 @@ VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
 OUT         ?= runs/demo
 PYTEST_ARGS ?=
+FULL        ?=
+BENCH_FLAG  := $(if $(FULL),--full,)
+RESULTS     := docs/results
 BIN         := $(VENV)/bin
 STAMP       := $(VENV)/.installed
 
@@ -37,9 +40,18 @@ lint: install
 	$(BIN)/ruff check rabo coordinator worker tests
 	$(BIN)/mypy
 
+# The reduced suite (under 20 minutes on 2 cores) regenerates docs/RESULTS.md and
+# docs/results/; FULL=1 runs the whole grids (hours).
 bench: install
-	$(BIN)/rabo bench estimator
-	$(BIN)/rabo bench transport
+	mkdir -p $(RESULTS)
+	$(BIN)/rabo bench estimator --json > $(RESULTS)/bench_estimator.json.tmp && mv $(RESULTS)/bench_estimator.json.tmp $(RESULTS)/bench_estimator.json
+	$(BIN)/rabo bench transport --json > $(RESULTS)/bench_transport.json.tmp && mv $(RESULTS)/bench_transport.json.tmp $(RESULTS)/bench_transport.json
+	$(BIN)/rabo experiment claims $(BENCH_FLAG)
+	$(BIN)/rabo experiment estimators $(BENCH_FLAG)
+	$(BIN)/rabo experiment coverage $(BENCH_FLAG)
+	$(BIN)/rabo experiment communication $(BENCH_FLAG)
+	$(BIN)/rabo bench system $(BENCH_FLAG)
+	$(BIN)/rabo experiment report
 
 # Regenerate the wire modules from proto/ (tests/test_proto.py fails when they are stale).
 proto: install

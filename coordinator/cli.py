@@ -256,6 +256,13 @@ def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAct
     add_load_args(p)
     p.set_defaults(func=cmd_bench_load)
 
+    from coordinator.sysbench import add_system_args, cmd_bench_system
+
+    p = bench_sub.add_parser("system", help="round overhead, coordinator CPU and wire bytes vs "
+                                            "workers and model size; gRPC vs gloo; per-ratio cost")
+    add_system_args(p)
+    p.set_defaults(func=cmd_bench_system)
+
 
 def _int_env(name: str) -> int | None:
     value = os.environ.get(name)

@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR", help="run folder holding metrics.jsonl")
     p.set_defaults(func=cmd_report)
 
+    from rabo.experiments.cli import add_experiment_args, cmd_experiment
+
+    p = sub.add_parser("experiment", help="experiments on the paper's claims; their report")
+    add_experiment_args(p)
+    p.set_defaults(func=cmd_experiment)
+
     from rabo.dist import add_dist_args, cmd_dist
 
     p = sub.add_parser("dist", help="run over torch.distributed (launch with torchrun)")

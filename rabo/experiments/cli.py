@@ -1,0 +1,68 @@
+"""``rabo experiment <group> [--full] [--out DIR] [--jobs N]`` and ``rabo experiment report``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rabo.experiments import common
+
+GROUPS = ("claims", "estimators", "coverage", "communication")
+
+
+def _module(name: str) -> Any:
+    import importlib
+
+    return importlib.import_module(f"rabo.experiments.{name}")
+
+
+def add_experiment_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", choices=[*GROUPS, "all", "report"],
+                   help="an experiment group, 'all' of them, or 'report' (RESULTS.md from the "
+                        "JSON files)")
+    p.add_argument("--full", action="store_true",
+                   help="the whole grid (hours); default: the reduced variant of make bench")
+    p.add_argument("--preset", choices=["reduced", "full", "tiny"], default=None,
+                   help=argparse.SUPPRESS)  # tiny: the test suite's smoke size
+    p.add_argument("--out", metavar="DIR", default=str(common.RESULTS_DIR),
+                   help="results folder: JSON and PNG files (default docs/results)")
+    p.add_argument("--report", metavar="FILE", default=None,
+                   help="report: the markdown file to write (default: RESULTS.md next to the "
+                        "results folder)")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="simulations run side by side, one torch thread each (default: "
+                        "min(2, CPUs))")
+
+
+def run_group(name: str, preset: str, out: Path, jobs: int) -> Path:
+    mod = _module(name)
+    data = mod.run(preset, out, jobs)
+    path = common.write_results(out, data)
+    plots = mod.plot(data, out)
+    print(f"rabo experiment {name}: wrote {path}"
+          + (f" and {len(plots)} plot(s)" if plots else "") + f" in {data['wall_s']:.0f}s",
+          flush=True)
+    return path
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if args.name == "report":
+        from rabo.experiments.report import write_report
+
+        target = Path(args.report) if args.report else out.parent / "RESULTS.md"
+        path = write_report(out, target)
+        print(f"rabo experiment report: wrote {path} from the JSON files in {out}")
+        return 0
+    preset = args.preset or ("full" if args.full else "reduced")
+    names = GROUPS if args.name == "all" else (args.name,)
+    t0 = time.perf_counter()
+    for name in names:
+        run_group(name, preset, out, max(1, args.jobs))
+    if len(names) > 1:
+        print(f"rabo experiment all: {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    return 0

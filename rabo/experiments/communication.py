@@ -1,0 +1,187 @@
+"""``rabo experiment communication``: communication rounds and bytes per outer step, RABO
+against FedNest's scheme as a counted baseline in the same harness.
+
+RABO and RAFBO take one communication round per outer step (x update); their bytes are the
+measured ``payload_down_bytes`` + ``payload_up_bytes`` of a run (tensor bytes; the simulator has
+no wire, and the gRPC transport's wire bytes are within 0.01% of them, see
+``rabo bench transport``). FedNest (Tarzanagh et al., ICML 2022) needs 2T + N + 3 rounds per
+outer step (T inner steps, N Neumann terms), every round moving full-size vectors (no
+pruning). Its bytes are counted from the model's actual parameter shapes with this per-round
+accounting (ours; only the round total 2T + N + 3 is FedNest's):
+
+    FedInn, T steps x 2 rounds:  down y (+ x once per outer step), up grad_y g_i;
+                                 down the averaged grad_y g, up the client's updated y
+    FedIHGP, N + 1 rounds:       down y, up grad_y f_i; then N x (down p, up H_i p)
+    FedOut, 2 rounds:            down p_N, up grad_x f_i - J_i p_N (x-sized);
+                                 down the averaged hypergradient, up the client's updated x
+
+    per client: down 2 d_x + (2T + N + 2) d_y,  up 2 d_x + (2T + N + 1) d_y   (4 bytes each)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rabo.experiments import common
+from rabo.experiments.common import TIERS, Results, RunSpec
+
+NAME = "communication"
+METHODS = {
+    "RABO": (),
+    "RAFBO": ("algorithm=rafbo", "outer.local_steps=2", "outer.lr=0.02"),
+    "full (RABO, all at ratio 1)": ("clients.mode=full",),
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    task: str
+    overrides: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Preset:
+    settings: tuple[Setting, ...]
+    rounds: int
+
+
+_MLP256 = ("data.dataset=mnist",)
+_MLP1024 = ("data.dataset=mnist", "model.hidden=[1024, 1024]", "clients.count=4")
+PRESETS = {
+    "reduced": Preset((Setting("A, MLP 784-256-256-10, 10 clients", "A", _MLP256),
+                       Setting("B, MLP 784-256-256-10, 10 clients", "B", _MLP256),
+                       Setting("A, MLP 784-1024-1024-10, 4 clients", "A", _MLP1024)), 2),
+    "full": Preset((Setting("A, MLP 784-256-256-10, 10 clients", "A", _MLP256),
+                    Setting("B, MLP 784-256-256-10, 10 clients", "B", _MLP256),
+                    Setting("A, MLP 784-1024-1024-10, 4 clients", "A", _MLP1024),
+                    Setting("B, MLP 784-1024-1024-10, 4 clients", "B", _MLP1024)), 3),
+    "tiny": Preset((Setting("A, digits MLP 64-16-10, 4 clients", "A",
+                            ("data.dataset=digits", "model.hidden=[16]", "clients.count=4")),),
+                   2),
+}
+SENSITIVITY_T = (1, 3, 5, 10)
+SENSITIVITY_N = (1, 5, 10)
+
+
+def fednest_per_client(d_x: int, d_y: int, t: int, n: int) -> dict[str, int]:
+    """Rounds and elements per client per outer step under the accounting above."""
+    return {"rounds": 2 * t + n + 3,
+            "down_elems": 2 * d_x + (2 * t + n + 2) * d_y,
+            "up_elems": 2 * d_x + (2 * t + n + 1) * d_y}
+
+
+def build_specs(preset: str) -> list[RunSpec]:
+    p = PRESETS[preset]
+    specs = []
+    for s in p.settings:
+        for method, ov in METHODS.items():
+            key = f"{s.name}/{method}"
+            specs.append(common.spec(key, s.task, (*s.overrides, f"rounds={p.rounds}", *ov),
+                                     TIERS, setting=s.name, task=s.task, method=method))
+    return specs
+
+
+def shapes(spec: RunSpec) -> dict[str, Any]:
+    """Full-model sizes of x and y, and T, N and the client count of the run's config."""
+    import math
+
+    from rabo import config
+    from rabo.job import Job
+
+    cfg = config.load(common.REPO / spec.config, spec.overrides)
+    job = Job.from_config(cfg)
+    d_x = sum(math.prod(lay.shape) for lay in job.task.x_layout.values())
+    d_y = sum(math.prod(lay.shape) for lay in job.task.y_layout.values())
+    return {"d_x": d_x, "d_y": d_y, "T": cfg.inner.steps, "N": cfg.estimator.neumann_terms,
+            "clients": cfg.clients.count}
+
+
+def run(preset: str, out: Path, jobs: int) -> dict[str, Any]:
+    specs = build_specs(preset)
+    print(f"rabo experiment {NAME} ({preset}): {len(specs)} simulations on {jobs} "
+          f"process(es)", flush=True)
+    t0 = time.perf_counter()
+    runs = common.run_all(specs, jobs, common.print_progress)
+    counted = {}
+    for s in specs:
+        setting = s.label["setting"]
+        if setting in counted:
+            continue
+        sh = shapes(s)
+        fed = fednest_per_client(sh["d_x"], sh["d_y"], sh["T"], sh["N"])
+        sens = [{"T": t, "N": n, **fednest_per_client(sh["d_x"], sh["d_y"], t, n)}
+                for t in SENSITIVITY_T for n in SENSITIVITY_N]
+        counted[setting] = {**sh, "fednest_per_client": fed, "fednest_sensitivity": sens}
+    p = PRESETS[preset]
+    res = Results(NAME, preset, common.command_line(NAME, preset),
+                  [common.rel(common.config_path(t)) for t in ("A", "B")],
+                  {"rounds": p.rounds, "tier_ratios": list(TIERS),
+                   "settings": {s.name: list(s.overrides) for s in p.settings},
+                   "methods": {m: list(v) for m, v in METHODS.items()}, "jobs": jobs},
+                  runs, {"counted": counted})
+    res.wall_s = round(time.perf_counter() - t0, 1)
+    return res.to_dict()
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per setting: RABO/RAFBO/full measured per round, FedNest counted per outer step."""
+    out = []
+    for setting, c in data["counted"].items():
+        fed = c["fednest_per_client"]
+        fed_bytes = common.BYTES_PER_ELEMENT * c["clients"] * (fed["down_elems"]
+                                                               + fed["up_elems"])
+        entries = [{"method": f"FedNest (counted, T={c['T']}, N={c['N']})",
+                    "rounds_per_outer_step": fed["rounds"], "bytes_per_outer_step": fed_bytes,
+                    "down_bytes": common.BYTES_PER_ELEMENT * c["clients"] * fed["down_elems"],
+                    "up_bytes": common.BYTES_PER_ELEMENT * c["clients"] * fed["up_elems"],
+                    "source": "counted from parameter shapes"}]
+        for r in data["runs"]:
+            if r["labels"]["setting"] != setting:
+                continue
+            entries.append({"method": r["labels"]["method"], "rounds_per_outer_step": 1,
+                            "bytes_per_outer_step": r["final"]["payload_bytes_per_round"],
+                            "down_bytes": r["final"]["payload_down_bytes_per_round"],
+                            "up_bytes": r["final"]["payload_up_bytes_per_round"],
+                            "ratios": r["ratios"],
+                            "source": "measured payload of a run (median per round)"})
+        for e in entries:
+            e["vs_fednest"] = e["bytes_per_outer_step"] / fed_bytes
+        out.append({"setting": setting, "d_x": c["d_x"], "d_y": c["d_y"],
+                    "clients": c["clients"], "entries": entries})
+    return out
+
+
+def plot(data: dict[str, Any], out: Path) -> list[Path]:
+    from rabo.experiments.plots import pyplot, save
+
+    plt = pyplot()
+    table = rows(data)
+    if not table:
+        return []
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4))
+    width = 0.8 / max(len(t["entries"]) for t in table)
+    for j, t in enumerate(table):
+        for i, e in enumerate(t["entries"]):
+            x = j + (i - (len(t["entries"]) - 1) / 2) * width
+            label = e["method"].split(" (")[0] if j == 0 else None
+            axes[0].bar(x, e["bytes_per_outer_step"] / 2**20, width, color=f"C{i}",
+                        label=label)
+            axes[1].bar(x, e["rounds_per_outer_step"], width, color=f"C{i}", label=label)
+    for ax in axes:
+        ax.set_xticks(range(len(table)))
+        ax.set_xticklabels([t["setting"].replace(", ", "\n") for t in table], fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("MiB per outer step (all clients, both ways)")
+    axes[0].set_title("bytes per outer step: RABO measured payload, FedNest counted")
+    axes[1].set_ylabel("communication rounds per outer step")
+    axes[1].set_title("rounds per outer step")
+    axes[0].legend(fontsize=8)
+    return [save(fig, out / "communication.png")]

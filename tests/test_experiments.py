@@ -1,0 +1,159 @@
+"""The results generator end to end on tiny configs (digits, 2-4 clients, a few rounds):
+every experiment group writes its JSON, and the report's tables carry the numbers of that
+JSON. The system benchmark (gRPC, real processes) is marked slow."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from rabo.experiments import claims, common, communication, coverage, estimators
+from rabo.experiments.cli import run_group
+from rabo.experiments.report import pct, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("results")
+    for name in ("claims", "estimators", "coverage", "communication"):
+        run_group(name, "tiny", out, jobs=1)
+    return out
+
+
+def _load(out: Path, name: str) -> dict:
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def test_every_group_writes_its_json_and_plots(results: Path) -> None:
+    for name in ("claims", "estimators", "coverage", "communication"):
+        data = _load(results, name)
+        assert data["experiment"] == name and data["preset"] == "tiny"
+        assert data["runs"], name
+        assert data["command"] == f"rabo experiment {name} --preset tiny"
+        for run in data["runs"]:
+            assert len(run["curve"]["round"]) == len(run["curve"]["test_acc"]) >= 2
+            assert run["final"]["test_acc"] is not None
+    assert {p.name for p in results.glob("*.png")} >= {
+        "claims_curves_A.png", "claims_final_A.png", "estimators.png",
+        "coverage_A_digits_iid.png", "communication.png"}
+
+
+def test_memory_budgets_make_the_policy_pick_the_tier_ratios(results: Path) -> None:
+    data = _load(results, "claims")
+    by_method = {}
+    for run in data["runs"]:
+        by_method.setdefault(run["labels"]["method"], run)
+    assert by_method["RABO"]["ratios"] == [1.0, 0.5, 0.25, 0.125]
+    assert by_method["RABO"]["memory_budgets"]  # the policy chose, not a fixed list
+    assert any(o.startswith("clients.memory_budgets=") for o in by_method["RABO"]["overrides"])
+    assert by_method["full"]["ratios"] == [1.0] * 4
+    assert by_method["exclusion"]["ratios"] == [1.0, 0.0, 0.0, 0.0]
+    # the policy, asked directly with those budgets, agrees
+    from rabo import config
+    from rabo.job import Job
+
+    cfg = config.load(ROOT / by_method["RABO"]["config"], by_method["RABO"]["overrides"])
+    assert Job.from_config(cfg).simulated_ratios() == [1.0, 0.5, 0.25, 0.125]
+
+
+def test_coverage_runs_have_the_intended_c_x_star(results: Path) -> None:
+    data = _load(results, "coverage")
+    for run in data["runs"]:
+        assert run["final"]["C_x_star"] == run["labels"]["k"]
+
+
+def test_communication_counts_fednest_from_shapes(results: Path) -> None:
+    data = _load(results, "communication")
+    (setting, c), = data["counted"].items()
+    d_x, d_y, t, n = c["d_x"], c["d_y"], c["T"], c["N"]
+    assert c["fednest_per_client"]["rounds"] == 2 * t + n + 3
+    fed = communication.fednest_per_client(d_x, d_y, t, n)
+    assert fed["down_elems"] == 2 * d_x + (2 * t + n + 2) * d_y
+    rows = communication.rows(data)[0]["entries"]
+    full = next(e for e in rows if e["method"].startswith("full"))
+    # the full model's measured payload per round: x, y, v down and h, dy, dv up, per client
+    assert full["bytes_per_outer_step"] == 4 * c["clients"] * 2 * (d_x + 2 * d_y)
+
+
+def test_report_tables_carry_the_json_numbers(results: Path, tmp_path: Path) -> None:
+    target = tmp_path / "RESULTS.md"
+    write_report(results, target)
+    text = target.read_text()
+    # claims: every (task, method) row's accuracy statistics, as formatted from the JSON
+    for row in claims.rows(_load(results, "claims")):
+        line = next(ln for ln in text.splitlines()
+                    if ln.startswith(f"| {row['dataset']} | {row['split']} | {row['method']} |")
+                    and pct(row["test_acc"]) in ln)
+        assert f"{row['payload_mib_per_round']['mean']:.2f}" in line
+    # estimators: accuracy of each estimator
+    for row in estimators.rows(_load(results, "estimators")):
+        assert pct(row["test_acc"]) in text
+    # coverage: the fit and every k's accuracy
+    an = coverage.analyze(_load(results, "coverage"))
+    st = an["settings"][0]
+    assert f"R^2 = {st['fit_affine']['r2']:.3f}" in text
+    for p in st["per_k"]:
+        assert pct(p["test_acc"]) in text
+    # communication: FedNest's count and RABO's measured bytes
+    for e in communication.rows(_load(results, "communication"))[0]["entries"]:
+        assert f"{e['bytes_per_outer_step'] / 2**20:.3f}" in text
+        assert f"{e['vs_fednest']:.3f}" in text
+    # every table names the command that produced it; images are embedded
+    for name in ("claims", "estimators", "coverage", "communication"):
+        assert f"`rabo experiment {name} --preset tiny`" in text
+    for img in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+        assert (target.parent / img).resolve().exists(), img
+    assert "## Headline" in text and re.search(r"\| (supported|\*\*)", text)
+
+
+def test_cli_parses_experiment_commands() -> None:
+    from rabo.cli import build_parser
+
+    args = build_parser().parse_args(["experiment", "coverage", "--full", "--out", "x"])
+    assert args.name == "coverage" and args.full and args.out == "x"
+    args = build_parser().parse_args(["experiment", "report"])
+    assert Path(args.out) == common.RESULTS_DIR
+
+
+def test_full_presets_cover_the_whole_grid() -> None:
+    specs = claims.build_specs("full")
+    labels = {(s.label["dataset"], s.label["split"], s.label["method"]) for s in specs}
+    for ds in ("mnist", "digits", "mnist1d"):
+        for split in ("iid", "shards", "dirichlet"):
+            for m in claims.METHODS:
+                assert (ds, split, m) in labels
+    assert {s.label["seed"] for s in specs} >= {0, 1, 2}
+    # a small slice of the FULL grid runs as it is (a FULL spec with fewer rounds)
+    spec = next(s for s in specs if s.label["dataset"] == "digits"
+                and s.label["method"] == "RABO rolling" and s.label["split"] == "shards")
+    short = common.RunSpec(spec.key, spec.config, (*spec.overrides, "rounds=2"), spec.labels,
+                           spec.tier_ratios)
+    run = common.run_spec(short)
+    assert run["ratios"] == [1.0, 0.5, 0.25, 0.125, 1.0, 0.5, 0.25, 0.125, 1.0, 0.5]
+    assert len(run["curve"]["round"]) == 2
+
+
+@pytest.mark.slow
+def test_system_bench_tiny_writes_json_and_report_section(tmp_path: Path) -> None:
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "coordinator.sysbench", "--preset", "tiny",
+                           "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads((tmp_path / "system.json").read_text())
+    (point,) = data["grid"]["points"]
+    assert point["workers"] == 2 and point["coordinator_cpu_s_per_round"] > 0
+    assert data["compare"][0]["max_abs_diff_final_state"] <= 1e-6
+    assert [r["ratio"] for r in data["ratio"]["workloads"][0]["rows"]] == [1.0, 0.5]
+    target = tmp_path / "RESULTS.md"
+    write_report(tmp_path, target)
+    text = target.read_text()
+    assert f"{point['payload_bytes_per_round'] / 2**20:.1f}" in text
+    assert "gRPC and torch.distributed (gloo) run the same job" in text
