@@ -192,11 +192,30 @@ def sample_participants(seed: int, round: int, candidates: Sequence[int], fracti
     return sorted(int(c) for c in rng.choice(pool, size=m, replace=False))
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a fresh high-water mark for :func:`peak_memory_bytes` (Linux: /proc clear_refs)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # elsewhere the mark runs from process start
+
+
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory of this process: the CUDA allocator's high-water mark on GPU, the resident
-    set's high-water mark on CPU."""
+    """Peak memory since :func:`reset_peak_memory`: the CUDA allocator's high-water mark on GPU;
+    on CPU the process's resident-set high-water mark (VmHWM; runtime and data included)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
@@ -310,8 +329,7 @@ def client_step(task: BilevelTask, a: Assignment, data: ClientData, device: torc
     """The worker's half of a round (module-level so workers need no coordinator state)."""
     hp = a.hyper
     estimator = make_estimator(hp.estimator_config())
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)  # so that each step reports its own peak
     start = time.perf_counter()
     x0 = {k: t.to(device) for k, t in a.x.items()}
     y0 = {k: t.to(device) for k, t in a.y.items()}

@@ -85,3 +85,9 @@ def test_describe_lists_every_key_with_help() -> None:
 def test_docs_config_md_is_current() -> None:
     assert (ROOT / "docs" / "config.md").read_text() == config.markdown(), \
         "docs/config.md is stale: run `rabo config --markdown > docs/config.md`"
+
+
+def test_exponent_without_a_dot_is_a_number() -> None:
+    assert config.load(None, ["outer.lr=1e-9"]).outer.lr == 1e-9
+    with pytest.raises(ConfigError, match="outer.lr: expected a number, got 'fast'"):
+        config.load(None, ["outer.lr=fast"])
