@@ -192,7 +192,8 @@ def run_transport(params: float, workers: int, rounds: int, ratios: list[float],
         f"clients.count={workers}", f"cluster.workers={workers}", f"clients.ratios={cycled}",
         "outer.optimizer=sgd", f"eval_every={rounds}", f"cluster.chunk_bytes={chunk_bytes}",
         f"cluster.max_message_bytes={max(4 * chunk_bytes, 4 << 20)}",
-        "cluster.round_deadline_s=600", "cluster.register_timeout_s=600", "mask.policy=static"])
+        "cluster.round_deadline_s=600", "cluster.register_timeout_s=600", "mask.policy=static",
+        f"cluster.register_rate_per_s={max(5, 10 * workers)}"])
     out = Path(tempfile.mkdtemp(prefix="rabo-bench-transport-"))
     server = serve(cfg, None, bind="127.0.0.1:0", linger_s=1.0)
     procs = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import random
 import sys
 import threading
 import time
@@ -52,9 +53,20 @@ def run(target: str, client_id: int, name: str, max_message_bytes: int, poll_s: 
         profile = pb.ResourceProfile(hostname=name, logical_cpus=1, usable_cpus=1.0,
                                      memory_budget_bytes=1 << 40, device="cpu",
                                      budget_source="echo worker", flops_per_s=0.0)
-        reply = stub.Register(pb.RegisterRequest(name=name, profile=profile,
-                                                 client_id=client_id, protocol=1),
-                              timeout=60.0, wait_for_ready=True)
+        request = pb.RegisterRequest(name=name, profile=profile, client_id=client_id,
+                                     protocol=1)
+        delay = 0.2
+        while True:
+            try:
+                reply = stub.Register(request, timeout=60.0, wait_for_ready=True)
+                break
+            except grpc.RpcError as exc:
+                # registrations are rate limited per peer: back off and retry, as the real
+                # worker does (worker.client)
+                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:  # type: ignore[attr-defined]
+                    raise
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 5.0)
         wid, cred = reply.worker_id, reply.credential
         stop = threading.Event()
 
