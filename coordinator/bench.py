@@ -364,9 +364,9 @@ def cmd_compare_transports(args: argparse.Namespace) -> int:
     if getattr(args, "rounds", None):
         sets += ["--rounds", str(args.rounds)]
     env = dict(os.environ, GRPC_VERBOSITY="ERROR", RABO_DIE_WITH_PARENT=str(os.getpid()))
-    if cfg.clients.memory_budgets and not cfg.clients.ratios:
-        print("note: the gloo ranks share this machine's memory; pass the budgets as fixed "
-              "clients.ratios for an identical job", flush=True)
+    if cfg.clients.memory_budgets:
+        # the same per-client budgets as the gRPC workers' --memory-limit: the same ratios
+        sets += ["--worker-memory-limits", ",".join(cfg.clients.memory_budgets)]
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(workers + 1),
          "--master-port", str(_free_port()), "-m", "rabo.dist", "--backend", "gloo",

@@ -345,10 +345,16 @@ def add_dist_args(p: argparse.ArgumentParser) -> None:
     add_config_args(p)
     p.add_argument("--out", metavar="DIR", help="run folder (written by rank 0)")
     p.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto",
-                   help="auto: nccl where CUDA is available, else gloo")
+                   help="auto: nccl where this node has a GPU for each of its ranks, else gloo")
     p.add_argument("--memory-limit", default=os.environ.get("RABO_MEMORY_LIMIT"),
                    metavar="SIZE", help="this rank's training-memory budget (env "
                                         "RABO_MEMORY_LIMIT; default: cgroup / available)")
+    p.add_argument("--worker-memory-limits", default=os.environ.get("RABO_WORKER_MEMORY_LIMITS"),
+                   metavar="SIZES",
+                   help="comma-separated budgets cycled over the worker ranks by client id "
+                        "(rank 1 is client 0), e.g. 96MiB,40MiB: heterogeneous workers on one "
+                        "machine, as `rabo local --worker-memory-limits`; overrides "
+                        "--memory-limit (env RABO_WORKER_MEMORY_LIMITS)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("RABO_THREADS", "0")),
                    help="torch CPU threads per rank (0: torch's default)")
     p.add_argument("--timeout-s", type=float, default=0.0,
@@ -373,11 +379,39 @@ def cmd_dist(args: argparse.Namespace) -> int:
     args.overrides = [*overrides, f"clients.count={world - 1}"]
     cfg = load_config(args)
     backend = args.backend
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # nccl when every rank on this node can have a GPU of its own (name --backend
+        # explicitly on clusters whose nodes differ: every rank must choose the same)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(local_rank + 1)))
+        backend = "nccl" if gpus and gpus >= local_world else "gloo"
     if backend == "nccl" and not torch.cuda.is_available():
         print("rabo dist: error: --backend nccl needs CUDA; use gloo on CPU", file=sys.stderr)
         return 2
+    if backend == "nccl" and local_rank >= gpus:
+        # NCCL refuses two ranks on one GPU ("Duplicate GPU detected"): say so up front
+        print(f"rabo dist: error: --backend nccl needs one GPU per rank on a node; "
+              f"LOCAL_RANK {local_rank} but this node has {gpus} GPU(s). Start at most "
+              f"{gpus} ranks here, or use --backend gloo (CUDA still computes)",
+              file=sys.stderr)
+        return 2
+    try:
+        limit = parse_bytes(args.memory_limit) if args.memory_limit else None
+    except ValueError as exc:
+        print(f"rabo dist: error: --memory-limit: {exc}", file=sys.stderr)
+        return 2
+    if args.worker_memory_limits:
+        sizes = [s.strip() for s in args.worker_memory_limits.split(",") if s.strip()]
+        try:
+            limits = [parse_bytes(s) for s in sizes]
+        except ValueError as exc:
+            print(f"rabo dist: error: --worker-memory-limits: {exc}", file=sys.stderr)
+            return 2
+        if not limits:
+            print("rabo dist: error: --worker-memory-limits: no size given", file=sys.stderr)
+            return 2
+        if rank > 0:
+            limit = limits[(rank - 1) % len(limits)]
     if args.threads:
         torch.set_num_threads(args.threads)
     tune_allocator()
@@ -386,13 +420,9 @@ def cmd_dist(args: argparse.Namespace) -> int:
         comm = compute = torch.device("cuda", local_rank)
     else:
         comm = torch.device("cpu")
-        compute = torch.device("cuda", local_rank) if (
-            cfg.device in ("auto", "cuda") and torch.cuda.is_available()) else torch.device("cpu")
-    try:
-        limit = parse_bytes(args.memory_limit) if args.memory_limit else None
-    except ValueError as exc:
-        print(f"rabo dist: error: --memory-limit: {exc}", file=sys.stderr)
-        return 2
+        # more ranks than GPUs share them round-robin (gloo moves the tensors through host memory)
+        compute = torch.device("cuda", local_rank % gpus) if (
+            cfg.device in ("auto", "cuda") and gpus) else torch.device("cpu")
     timeout = timedelta(seconds=args.timeout_s or cfg.cluster.dist_timeout_s)
     dist.init_process_group(backend, timeout=timeout)
     where = "coordinator" if rank == 0 else f"worker for client {rank - 1}"

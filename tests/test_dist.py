@@ -101,3 +101,39 @@ def test_killed_rank_ends_the_job_with_an_error(tmp_path: Path) -> None:
     assert time.monotonic() - started < 60, "the job did not stop in bounded time"
     assert "rabo dist: rank 0 (coordinator): error:" in output or "ChildFailedError" in output \
         or "failed" in output.lower(), output[-3000:]
+
+
+def _dist_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+               args: list[str], gpus: int, local_rank: int) -> tuple[int, str]:
+    """``rabo dist`` up to its start-up checks, in process, with ``gpus`` GPUs pretended (no
+    GPU here: the checks run before any CUDA call or process group)."""
+    import torch
+
+    from rabo import dist as rabo_dist
+
+    for key, value in {"RANK": str(local_rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(local_rank),
+                       "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    rc = rabo_dist.main([*args, "--set", "data.dataset=digits"])
+    return rc, capsys.readouterr().err
+
+
+def test_nccl_with_more_ranks_than_gpus_is_refused_up_front(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, err = _dist_main(monkeypatch, capsys, ["--backend", "nccl"], gpus=1, local_rank=1)
+    assert rc == 2
+    assert "one GPU per rank" in err and "LOCAL_RANK 1" in err and "1 GPU(s)" in err
+    rc, err = _dist_main(monkeypatch, capsys, ["--backend", "nccl"], gpus=0, local_rank=0)
+    assert rc == 2 and "needs CUDA" in err
+
+
+def test_bad_worker_memory_limits_name_the_flag(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, err = _dist_main(monkeypatch, capsys,
+                         ["--backend", "gloo", "--worker-memory-limits", "96MiB,12XB"],
+                         gpus=0, local_rank=1)
+    assert rc == 2
+    assert "--worker-memory-limits" in err and "12XB" in err
