@@ -173,6 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from rabo.runtime import enable_stack_dumps
+
+    enable_stack_dumps()
     try:
         return int(args.func(args) or 0)
     except RaboError as exc:

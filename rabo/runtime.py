@@ -77,3 +77,15 @@ def die_with_parent() -> None:
         return
     if os.getppid() != int(expected):  # the parent died before the request took effect
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def enable_stack_dumps() -> bool:
+    """``kill -USR1 PID`` prints every thread's Python stack to stderr (``faulthandler``): how a
+    stuck coordinator, launcher or worker shows where it waits, without stopping it."""
+    import faulthandler
+    import signal
+
+    if not hasattr(signal, "SIGUSR1"):
+        return False
+    faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+    return True

@@ -83,7 +83,17 @@ def test_ctrl_c_leaves_no_process(tmp_path: Path) -> None:
         time.sleep(0.3)
     assert metrics.exists(), "no round finished"
     proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=60)
+    try:
+        out, _ = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)  # every thread's stack (rabo.runtime.enable_stack_dumps)
+        time.sleep(2)
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail("rabo local did not exit within 90 s of Ctrl-C; its output ends:\n"
+                    + out[-12000:])
+    assert proc.returncode == 130, out[-3000:]
+    assert "interrupted" in out
     assert _group_gone(proc.pid), "worker processes were left behind after Ctrl-C"
 
 

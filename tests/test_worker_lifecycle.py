@@ -41,10 +41,14 @@ def test_sigterm_worker_says_goodbye_and_exits_zero() -> None:
             time.sleep(0.1)
         assert len(server.coord.registry) == 1
         time.sleep(1.0)  # it is now long-polling for a round that never opens (needs 2)
+        proc.send_signal(signal.SIGUSR1)  # prints its threads' stacks and carries on
+        time.sleep(0.5)
+        assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0, out
         assert "signal 15" in out
+        assert "most recent call first" in out and "worker/client.py" in out
         # Leave removed it at once: no waiting for heartbeats to expire (30 s x 5 here)
         assert len(server.coord.registry) == 0
         text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read()

@@ -96,9 +96,10 @@ def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAct
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rabo.runtime import die_with_parent
+    from rabo.runtime import die_with_parent, enable_stack_dumps
 
     die_with_parent()
+    enable_stack_dumps()
     parser = argparse.ArgumentParser(prog="rabo worker")
     add_worker_args(parser)
     parser.add_argument("-v", "--verbose", action="store_true")
