@@ -71,10 +71,16 @@ def test_local_cluster_with_memory_budgets(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_ctrl_c_leaves_no_process(tmp_path: Path) -> None:
+    # A shell without job control starts background commands with SIGINT ignored, and a Python
+    # started that way never raises KeyboardInterrupt (as intended by POSIX); put back the
+    # default disposition, as a terminal's Ctrl-C would find it, before exec'ing rabo.
+    with_ctrl_c = [sys.executable, "-c", "import os, signal, sys; "
+                   "signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                   "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"]
     proc = subprocess.Popen(
-        [*RABO, "local", "--config", str(ROOT / "configs" / "default.yaml"), "--workers", "2",
-         "--rounds", "500", "--set", "clients.count=2", "--set", "data.dataset=digits",
-         "--out", str(tmp_path / "run")],
+        [*with_ctrl_c, *RABO[1:], "local", "--config", str(ROOT / "configs" / "default.yaml"),
+         "--workers", "2", "--rounds", "500", "--set", "clients.count=2",
+         "--set", "data.dataset=digits", "--out", str(tmp_path / "run")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
         start_new_session=True)
     deadline = time.monotonic() + 120
