@@ -345,9 +345,13 @@ def section_estimators(data: dict[str, Any] | None, bench: dict[str, Any] | None
         if failed:
             text = "; ".join(failed)
             lines.append(f"- **More than 5 points below exact**: {text}. (`neumann` rebuilds v "
-                         f"from N terms of step `estimator.neumann_eta` each call, with no "
-                         f"projection; the series needs that step below 2/L of the lower "
-                         f"level's Hessian.)")
+                         "from N terms of a fixed step `estimator.neumann_eta` each call and "
+                         "projects it onto the ball of radius `estimator.radius`. The series "
+                         "converges only while that step is below 2/L, L the largest "
+                         "eigenvalue of the lower level's Hessian, and L grows as training "
+                         "grows the features; past that point the projection bounds v but v no "
+                         "longer points anywhere useful. The other estimators carry v from "
+                         "round to round and take one step of it per call.)")
             heads.append({"claim": "Every estimator trains the same job (more than 5 points "
                                    "below exact = failed)", "verdict": "**not supported**",
                           "evidence": text})
