@@ -182,7 +182,7 @@ def aggregation_rate(cfg: config.Config, ratios: list[float], repeats: int = 3
 
 def run_transport(params: float, workers: int, rounds: int, ratios: list[float],
                   chunk_bytes: int) -> dict[str, Any]:
-    from coordinator.local import stop_workers
+    from coordinator.local import run_echo_workers
     from coordinator.server import serve
 
     hidden = hidden_for(params)
@@ -196,27 +196,7 @@ def run_transport(params: float, workers: int, rounds: int, ratios: list[float],
         f"cluster.register_rate_per_s={max(5, 10 * workers)}"])
     out = Path(tempfile.mkdtemp(prefix="rabo-bench-transport-"))
     server = serve(cfg, None, bind="127.0.0.1:0", linger_s=1.0)
-    procs = []
-    env = dict(os.environ, GRPC_VERBOSITY="ERROR", RABO_DIE_WITH_PARENT=str(os.getpid()))
-    try:
-        for i in range(workers):
-            log = (out / f"echo-{i}.log").open("wb")
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "worker.echo", "--coordinator",
-                 f"127.0.0.1:{server.port}", "--client-id", str(i),
-                 "--max-message-bytes", str(max(4 * chunk_bytes, 4 << 20))],
-                stdout=log, stderr=subprocess.STDOUT, env=env))
-        while not server.wait(0.5):
-            if all(p.poll() not in (None, 0) for p in procs):
-                raise RuntimeError(f"every echo worker failed; logs in {out}")
-    finally:
-        server.stop(grace=1.0)
-        from coordinator.local import WorkerProcess
-
-        stop_workers([WorkerProcess(i, None, p, out / f"echo-{i}.log")
-                      for i, p in enumerate(procs)])
-    if server.driver.error is not None:
-        raise server.driver.error
+    run_echo_workers(server, workers, out, max(4 * chunk_bytes, 4 << 20))
     records = server.driver.records
     if os.environ.get("RABO_BENCH_DEBUG"):
         for r in records:

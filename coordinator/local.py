@@ -112,3 +112,31 @@ def run_local(cfg: Config, workers: int, out_dir: Path,
     if server.driver.error is not None:
         raise server.driver.error
     return server
+
+
+def run_echo_workers(server: Server, count: int, logs: Path, max_message_bytes: int) -> None:
+    """Drive ``server``'s job to its end with ``count`` echo worker processes
+    (``python -m worker.echo``: the real protocol, no compute), for load and transport benches;
+    stops the server and every worker however it ends, then raises the driver's error if any."""
+    logs.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, GRPC_VERBOSITY="ERROR")
+    env[PARENT_ENV] = str(os.getpid())
+    procs: list[WorkerProcess] = []
+    try:
+        for i in range(count):
+            log_path = logs / f"echo-{i}.log"
+            with log_path.open("wb") as f:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "worker.echo", "--coordinator",
+                     f"127.0.0.1:{server.port}", "--client-id", str(i),
+                     "--max-message-bytes", str(max_message_bytes)],
+                    stdout=f, stderr=subprocess.STDOUT, env=env)
+            procs.append(WorkerProcess(i, None, proc, log_path))
+        while not server.wait(0.5):
+            if all(w.proc.poll() not in (None, 0) for w in procs):
+                raise RuntimeError(f"every echo worker failed; logs in {logs}")
+    finally:
+        server.stop(grace=1.0)
+        stop_workers(procs)
+    if server.driver.error is not None:
+        raise server.driver.error

@@ -129,7 +129,7 @@ def run_point(params: float, workers: int, rounds: int, chunk_bytes: int = 1 << 
               ) -> dict[str, Any]:
     """One grid point: coordinator here, ``workers`` echo processes; per-round CPU samples."""
     from coordinator.bench import hidden_for, loopback_seconds
-    from coordinator.local import WorkerProcess, stop_workers
+    from coordinator.local import run_echo_workers
     from coordinator.server import serve
     from rabo import config
 
@@ -155,26 +155,7 @@ def run_point(params: float, workers: int, rounds: int, chunk_bytes: int = 1 << 
 
     t_start, cpu_start = time.perf_counter(), cpu_s()
     server = serve(cfg, None, bind="127.0.0.1:0", linger_s=1.0, progress=on_round)
-    env = dict(os.environ, GRPC_VERBOSITY="ERROR", RABO_DIE_WITH_PARENT=str(os.getpid()))
-    procs = []
-    try:
-        for i in range(workers):
-            log = (logs / f"echo-{i}.log").open("wb")
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "worker.echo", "--coordinator",
-                 f"127.0.0.1:{server.port}", "--client-id", str(i),
-                 "--max-message-bytes", str(max(4 * chunk_bytes, 4 << 20))],
-                stdout=log, stderr=subprocess.STDOUT, env=env))
-            log.close()
-        while not server.wait(0.5):
-            if all(p.poll() not in (None, 0) for p in procs):
-                raise RuntimeError(f"every echo worker failed; logs in {logs}")
-    finally:
-        server.stop(grace=1.0)
-        stop_workers([WorkerProcess(i, None, p, logs / f"echo-{i}.log")
-                      for i, p in enumerate(procs)])
-    if server.driver.error is not None:
-        raise server.driver.error
+    run_echo_workers(server, workers, logs, max(4 * chunk_bytes, 4 << 20))
     records = server.driver.records
     num_params = server.coord.job.model.num_params()
     steady = list(range(1, len(records))) if len(records) > 1 else [0]
