@@ -150,17 +150,16 @@ def cmd_local(args: argparse.Namespace) -> int:
         print(f"rabo local: error: --workers {args.workers} exceeds clients.count "
               f"{cfg.clients.count} (one data partition per worker)", file=sys.stderr)
         return 2
-    limits = [s.strip() for s in args.worker_memory_limits.split(",")] \
+    limits = [s.strip() for s in args.worker_memory_limits.split(",") if s.strip()] \
         if args.worker_memory_limits else cfg.clients.memory_budgets
-    if limits:
-        from rabo.units import parse_bytes
+    if args.worker_memory_limits:
+        from rabo.units import parse_byte_list
 
-        for s in limits:
-            try:
-                parse_bytes(s)
-            except ValueError as exc:
-                print(f"rabo local: error: --worker-memory-limits: {exc}", file=sys.stderr)
-                return 2
+        try:
+            parse_byte_list(args.worker_memory_limits)
+        except ValueError as exc:
+            print(f"rabo local: error: --worker-memory-limits: {exc}", file=sys.stderr)
+            return 2
     out = Path(args.out)
     print(f"rabo local: coordinator + {args.workers} worker processes on 127.0.0.1; task "
           f"{cfg.task}, {cfg.algorithm.upper()}, {cfg.estimator.name}, {cfg.rounds} rounds"

@@ -49,7 +49,7 @@ from rabo.policy import Resources
 from rabo.resources import measure
 from rabo.runner import format_progress, round_record, summarize
 from rabo.runtime import tune_allocator
-from rabo.units import parse_bytes
+from rabo.units import parse_byte_list, parse_bytes
 
 log = logging.getLogger("rabo.dist")
 PROFILE_FIELDS = 2  # memory budget, flops/s
@@ -401,14 +401,10 @@ def cmd_dist(args: argparse.Namespace) -> int:
         print(f"rabo dist: error: --memory-limit: {exc}", file=sys.stderr)
         return 2
     if args.worker_memory_limits:
-        sizes = [s.strip() for s in args.worker_memory_limits.split(",") if s.strip()]
         try:
-            limits = [parse_bytes(s) for s in sizes]
+            limits = parse_byte_list(args.worker_memory_limits)
         except ValueError as exc:
             print(f"rabo dist: error: --worker-memory-limits: {exc}", file=sys.stderr)
-            return 2
-        if not limits:
-            print("rabo dist: error: --worker-memory-limits: no size given", file=sys.stderr)
             return 2
         if rank > 0:
             limit = limits[(rank - 1) % len(limits)]

@@ -28,6 +28,15 @@ def parse_bytes(text: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+def parse_byte_list(text: str) -> list[int]:
+    """A comma-separated list of byte sizes (``96MiB,40MiB``); ValueError names the bad item or
+    says the list is empty."""
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if not items:
+        raise ValueError(f"{text!r} names no size; write e.g. 8GiB,2GiB,512MiB")
+    return [parse_bytes(s) for s in items]
+
+
 def format_bytes(n: float) -> str:
     """Human-readable binary size, e.g. ``1.5 GiB``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

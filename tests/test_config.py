@@ -91,3 +91,14 @@ def test_exponent_without_a_dot_is_a_number() -> None:
     assert config.load(None, ["outer.lr=1e-9"]).outer.lr == 1e-9
     with pytest.raises(ConfigError, match="outer.lr: expected a number, got 'fast'"):
         config.load(None, ["outer.lr=fast"])
+
+
+def test_byte_sizes_and_lists() -> None:
+    from rabo.units import parse_byte_list, parse_bytes
+
+    assert parse_bytes("512MiB") == 512 << 20 and parse_bytes("1.5GB") == 1_500_000_000
+    assert parse_byte_list(" 96MiB, 40MiB ,16MiB,") == [96 << 20, 40 << 20, 16 << 20]
+    with pytest.raises(ValueError, match="12XB"):
+        parse_byte_list("96MiB,12XB")
+    with pytest.raises(ValueError, match="names no size"):
+        parse_byte_list(" , ")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rabo.resources import read_cgroup
-from worker.client import Backoff
+from worker.backoff import Backoff
 from worker.profile import build_profile
 
 

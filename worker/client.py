@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import random
 import signal
 import threading
 import time
@@ -31,6 +30,7 @@ from rabo.runtime import prefer_low_memory
 from rabo_proto.codec import Assembler, WireError, check_header
 from rabo_proto.v1 import rabo_pb2 as pb
 from rabo_proto.v1 import rabo_pb2_grpc as pb_grpc
+from worker.backoff import Backoff
 from worker.profile import build_profile
 from worker.security import open_channel
 from worker.wire import assignment_from_wire, update_messages
@@ -49,24 +49,6 @@ class WorkerExit(Exception):
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.code = code
-
-
-class Backoff:
-    """Capped exponential backoff with full jitter; ``sleep`` is injectable for tests."""
-
-    def __init__(self, initial: float = 0.5, cap: float = 15.0,
-                 rng: random.Random | None = None) -> None:
-        self.initial, self.cap = initial, cap
-        self.attempt = 0
-        self.rng = rng or random.Random()
-
-    def next_delay(self) -> float:
-        ceiling = min(self.cap, self.initial * 2**self.attempt)
-        self.attempt += 1
-        return self.rng.uniform(0, ceiling)
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 @dataclass

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import random
 import sys
 import threading
 import time
@@ -22,6 +21,7 @@ import grpc
 
 from rabo_proto.v1 import rabo_pb2 as pb
 from rabo_proto.v1 import rabo_pb2_grpc as pb_grpc
+from worker.backoff import Backoff
 
 log = logging.getLogger("rabo.echo")
 _ZEROS = bytes(1 << 20)
@@ -55,7 +55,7 @@ def run(target: str, client_id: int, name: str, max_message_bytes: int, poll_s: 
                                      budget_source="echo worker", flops_per_s=0.0)
         request = pb.RegisterRequest(name=name, profile=profile, client_id=client_id,
                                      protocol=1)
-        delay = 0.2
+        backoff = Backoff(initial=0.2, cap=5.0)
         while True:
             try:
                 reply = stub.Register(request, timeout=60.0, wait_for_ready=True)
@@ -65,8 +65,7 @@ def run(target: str, client_id: int, name: str, max_message_bytes: int, poll_s: 
                 # worker does (worker.client)
                 if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:  # type: ignore[attr-defined]
                     raise
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 5.0)
+                time.sleep(backoff.next_delay())
         wid, cred = reply.worker_id, reply.credential
         stop = threading.Event()
 
