@@ -18,7 +18,6 @@ from rabo.experiments.common import (
     DATASET_OVERRIDES,
     SPLIT_OVERRIDES,
     TIERS,
-    Results,
     RunSpec,
     cumulative,
     group,
@@ -119,25 +118,14 @@ def build_specs(preset: str) -> list[RunSpec]:
 
 
 def run(preset: str, out: Path, jobs: int) -> dict[str, Any]:
-    import time
-
-    specs = build_specs(preset)
-    print(f"rabo experiment {NAME} ({preset}): {len(specs)} simulations on {jobs} "
-          f"process(es)", flush=True)
-    t0 = time.perf_counter()
-    runs = common.run_all(specs, jobs, common.print_progress)
     p = PRESETS[preset]
-    res = Results(NAME, preset, common.command_line(NAME, preset),
-                  [common.rel(common.config_path(t)) for t in ("A", "B")],
-                  {"seeds": list(p.seeds), "rounds": p.rounds,
-                   "methods": {m: list(METHODS[m]) for m in METHODS},
-                   "dataset_overrides": {k: list(v) for k, v in DATASET_OVERRIDES.items()},
-                   "split_overrides": {k: list(v) for k, v in SPLIT_OVERRIDES.items()},
-                   "tier_ratios": list(TIERS), "extra_overrides": list(p.extra),
-                   "jobs": jobs},
-                  runs)
-    res.wall_s = round(time.perf_counter() - t0, 1)
-    return res.to_dict()
+    return common.run_experiment(
+        NAME, preset, build_specs(preset), jobs, ("A", "B"),
+        {"seeds": list(p.seeds), "rounds": p.rounds,
+         "methods": {m: list(METHODS[m]) for m in METHODS},
+         "dataset_overrides": {k: list(v) for k, v in DATASET_OVERRIDES.items()},
+         "split_overrides": {k: list(v) for k, v in SPLIT_OVERRIDES.items()},
+         "tier_ratios": list(TIERS), "extra_overrides": list(p.extra), "jobs": jobs})
 
 
 # --------------------------------------------------------------------------- analysis

@@ -364,6 +364,21 @@ class Results:
                 **self.extra, "runs": self.runs}
 
 
+def run_experiment(name: str, preset: str, specs: Sequence[RunSpec], jobs: int,
+                   tasks: Iterable[str], settings: dict[str, Any],
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run an experiment's simulations with progress, and return its results file's content
+    (``Results.to_dict``) with the wall time it took."""
+    print(f"rabo experiment {name} ({preset}): {len(specs)} simulations on {jobs} "
+          f"process(es)", flush=True)
+    t0 = time.perf_counter()
+    runs = run_all(specs, jobs, print_progress)
+    res = Results(name, preset, command_line(name, preset),
+                  [rel(config_path(t)) for t in tasks], settings, runs, extra or {})
+    res.wall_s = round(time.perf_counter() - t0, 1)
+    return res.to_dict()
+
+
 def base_configs(tasks: Iterable[str]) -> dict[str, dict[str, Any]]:
     """The resolved task configs (every key), recorded with the results."""
     from rabo import config

@@ -11,7 +11,6 @@ hypergradient (``hypergradient_norm``), which is what is fitted here.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ from rabo.experiments import common
 from rabo.experiments.common import (
     DATASET_OVERRIDES,
     SPLIT_OVERRIDES,
-    Results,
     RunSpec,
     group,
     mean_curve,
@@ -72,22 +70,13 @@ def build_specs(preset: str) -> list[RunSpec]:
 
 
 def run(preset: str, out: Path, jobs: int) -> dict[str, Any]:
-    specs = build_specs(preset)
-    print(f"rabo experiment {NAME} ({preset}): {len(specs)} simulations on {jobs} "
-          f"process(es)", flush=True)
-    t0 = time.perf_counter()
-    runs = common.run_all(specs, jobs, common.print_progress)
     p = PRESETS[preset]
-    res = Results(NAME, preset, common.command_line(NAME, preset),
-                  [common.rel(common.config_path(t)) for t in p.tasks],
-                  {"seeds": list(p.seeds), "rounds": p.rounds, "clients": p.clients,
-                   "ratio_1_clients_k": list(p.ks), "other_clients_ratio": POOR_RATIO,
-                   "datasets": list(p.datasets), "splits": list(p.splits),
-                   "extra_overrides": list(p.extra), "jobs": jobs,
-                   "fit_from_round": FIT_FROM_ROUND},
-                  runs)
-    res.wall_s = round(time.perf_counter() - t0, 1)
-    return res.to_dict()
+    return common.run_experiment(
+        NAME, preset, build_specs(preset), jobs, p.tasks,
+        {"seeds": list(p.seeds), "rounds": p.rounds, "clients": p.clients,
+         "ratio_1_clients_k": list(p.ks), "other_clients_ratio": POOR_RATIO,
+         "datasets": list(p.datasets), "splits": list(p.splits),
+         "extra_overrides": list(p.extra), "jobs": jobs, "fit_from_round": FIT_FROM_ROUND})
 
 
 # --------------------------------------------------------------------------- analysis

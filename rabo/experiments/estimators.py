@@ -11,7 +11,6 @@ The time and memory ratios on fixed workloads come from ``rabo bench estimator``
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,6 @@ from rabo.experiments.common import (
     DATASET_OVERRIDES,
     SPLIT_OVERRIDES,
     TIERS,
-    Results,
     RunSpec,
     group,
     mean_curve,
@@ -109,20 +107,13 @@ def policy_table(preset: str) -> list[dict[str, Any]]:
 
 
 def run(preset: str, out: Path, jobs: int) -> dict[str, Any]:
-    specs = build_specs(preset)
-    print(f"rabo experiment {NAME} ({preset}): {len(specs)} simulations on {jobs} "
-          f"process(es)", flush=True)
-    t0 = time.perf_counter()
-    runs = common.run_all(specs, jobs, common.print_progress)
     p = PRESETS[preset]
-    res = Results(NAME, preset, common.command_line(NAME, preset),
-                  [common.rel(common.config_path(t)) for t in p.tasks],
-                  {"seeds": list(p.seeds), "rounds": p.rounds, "datasets": list(p.datasets),
-                   "splits": list(p.splits), "tier_ratios": list(TIERS),
-                   "extra_overrides": list(p.extra), "jobs": jobs},
-                  runs, {"policy_under_fd_central_budgets": policy_table(preset)})
-    res.wall_s = round(time.perf_counter() - t0, 1)
-    return res.to_dict()
+    return common.run_experiment(
+        NAME, preset, build_specs(preset), jobs, p.tasks,
+        {"seeds": list(p.seeds), "rounds": p.rounds, "datasets": list(p.datasets),
+         "splits": list(p.splits), "tier_ratios": list(TIERS),
+         "extra_overrides": list(p.extra), "jobs": jobs},
+        {"policy_under_fd_central_budgets": policy_table(preset)})
 
 
 # --------------------------------------------------------------------------- analysis
