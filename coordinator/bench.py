@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -180,20 +181,29 @@ def aggregation_rate(cfg: config.Config, ratios: list[float], repeats: int = 3
     return nbytes / statistics.median(avg_times), nbytes / statistics.median(step_times)
 
 
+def echo_job_config(params: float, workers: int, rounds: int, ratios: Sequence[float],
+                    chunk_bytes: int, deadline_s: float, extra: Sequence[str] = ()
+                    ) -> config.Config:
+    """The job of the echo-worker benches: task A's MLP sized to ``params`` on digits, ratios
+    cycled over ``workers``, static masks, registrations limited only well above the fleet."""
+    hidden = hidden_for(params)
+    cycled = [ratios[i % len(ratios)] for i in range(workers)]
+    return config.load(None, [
+        "data.dataset=digits", f"model.hidden=[{hidden}, {hidden}]", f"rounds={rounds}",
+        f"clients.count={workers}", f"cluster.workers={workers}", f"clients.ratios={cycled}",
+        "outer.optimizer=sgd", f"eval_every={rounds}", f"cluster.chunk_bytes={chunk_bytes}",
+        f"cluster.max_message_bytes={max(4 * chunk_bytes, 4 << 20)}",
+        f"cluster.round_deadline_s={deadline_s:g}", "cluster.register_timeout_s=600",
+        "mask.policy=static", f"cluster.register_rate_per_s={max(5, 10 * workers)}", *extra])
+
+
 def run_transport(params: float, workers: int, rounds: int, ratios: list[float],
                   chunk_bytes: int) -> dict[str, Any]:
     from coordinator.local import run_echo_workers
     from coordinator.server import serve
 
-    hidden = hidden_for(params)
-    cycled = [ratios[i % len(ratios)] for i in range(workers)]
-    cfg = config.load(None, [
-        "data.dataset=digits", f"model.hidden=[{hidden}, {hidden}]", f"rounds={rounds}",
-        f"clients.count={workers}", f"cluster.workers={workers}", f"clients.ratios={cycled}",
-        "outer.optimizer=sgd", f"eval_every={rounds}", f"cluster.chunk_bytes={chunk_bytes}",
-        f"cluster.max_message_bytes={max(4 * chunk_bytes, 4 << 20)}",
-        "cluster.round_deadline_s=600", "cluster.register_timeout_s=600", "mask.policy=static",
-        f"cluster.register_rate_per_s={max(5, 10 * workers)}"])
+    cfg = echo_job_config(params, workers, rounds, ratios, chunk_bytes, deadline_s=600)
+    hidden, cycled = cfg.model.hidden[0], list(cfg.clients.ratios or ())
     out = Path(tempfile.mkdtemp(prefix="rabo-bench-transport-"))
     server = serve(cfg, None, bind="127.0.0.1:0", linger_s=1.0)
     run_echo_workers(server, workers, out, max(4 * chunk_bytes, 4 << 20))

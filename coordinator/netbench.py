@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import ipaddress
 import json
 import os
 import secrets
@@ -46,10 +45,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rabo import netstat
+
 ROOT = Path(__file__).resolve().parents[1]
 PORT = 50051  # inside the coordinator's own namespace: never collides with anything
 SUBNET = "10.231"  # 10.231.<i>.0/24 per worker link, only inside the namespaces made here
-HEADER_BYTES = 14 + 20 + 32  # Ethernet + IPv4 + TCP with timestamps: one full frame's headers
+HEADER_BYTES = netstat.HEADER_BYTES_PER_SEGMENT  # one full frame's headers
 MTU_FRAME = 1500 + 14
 # tbf: a bucket of 2048 bytes holds one full frame (1514 B) but not two. tbf software-segments
 # every GSO super-packet whose size exceeds what the bucket holds, so with this burst every TCP
@@ -278,9 +279,6 @@ def qdisc_stats(ns: str, dev: str) -> dict[str, int]:
 
 # sock_diag, read from inside another namespace (a netlink socket belongs to the namespace of
 # the thread that opened it, so one short-lived thread switches namespace and opens it)
-_NETLINK_SOCK_DIAG = 4
-_SOCK_DIAG_BY_FAMILY = 20
-_INET_DIAG_INFO = 2
 _TCP_LISTEN = 10
 _CLONE_NEWNET = 0x40000000
 _TCPI = {"total_retrans": (100, "I"), "bytes_acked": (120, "Q"), "bytes_received": (128, "Q"),
@@ -300,7 +298,7 @@ def _netlink_in(ns: str) -> socket.socket:
                     err = ctypes.get_errno()
                     raise OSError(err, f"setns({ns}): {os.strerror(err)}")
                 out["sock"] = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW,
-                                            _NETLINK_SOCK_DIAG)
+                                            netstat.NETLINK_SOCK_DIAG)
             finally:
                 os.close(fd)
         except OSError as exc:
@@ -318,38 +316,12 @@ def _tcp_dump(sock: socket.socket, seq: int) -> Iterator[tuple[tuple[str, int, s
                                                              dict[str, int]]]:
     """(local addr, port, remote addr, port) and tcp_info counters of every IPv4 TCP socket
     that has them (not listeners, not TIME_WAIT)."""
-    req = struct.pack("=BBBBI", socket.AF_INET, socket.IPPROTO_TCP, 1 << (_INET_DIAG_INFO - 1),
-                      0, 0xFFF) + b"\0" * 48
-    sock.sendto(struct.pack("=IHHII", 16 + len(req), _SOCK_DIAG_BY_FAMILY, 0x301, seq, 0) + req,
-                (0, 0))
-    while True:
-        data = sock.recv(1 << 17)
-        pos = 0
-        while pos + 16 <= len(data):
-            length, mtype, _, _, _ = struct.unpack_from("=IHHII", data, pos)
-            if length < 16 or mtype == 3:  # NLMSG_DONE
-                return
-            if mtype == 2:  # NLMSG_ERROR
-                raise OSError("sock_diag returned an error")
-            body = data[pos + 16:pos + length]
-            pos += (length + 3) & ~3
-            if len(body) < 72 or body[1] == _TCP_LISTEN:
-                continue
-            sport, dport = struct.unpack_from("!HH", body, 4)
-            key = (str(ipaddress.IPv4Address(body[8:12])), sport,
-                   str(ipaddress.IPv4Address(body[24:28])), dport)
-            apos = 72
-            while apos + 4 <= len(body):
-                alen, atype = struct.unpack_from("=HH", body, apos)
-                if alen < 4:
-                    break
-                if atype == _INET_DIAG_INFO:
-                    info = body[apos + 4:apos + alen]
-                    yield key, {k: struct.unpack_from("=" + f, info, off)[0]
-                                for k, (off, f) in _TCPI.items()
-                                if off + struct.calcsize(f) <= len(info)}
-                    break
-                apos += (alen + 3) & ~3
+    for e in netstat.sock_diag_dump(sock, socket.AF_INET, 0xFFF, seq):
+        if e.state == _TCP_LISTEN:
+            continue
+        yield (str(e.src), e.sport, str(e.dst), e.dport), {
+            k: struct.unpack_from("=" + f, e.info, off)[0] for k, (off, f) in _TCPI.items()
+            if off + struct.calcsize(f) <= len(e.info)}
 
 
 class ConnectionSampler:

@@ -128,21 +128,13 @@ def _rss_now() -> int:
 def run_point(params: float, workers: int, rounds: int, chunk_bytes: int = 1 << 20
               ) -> dict[str, Any]:
     """One grid point: coordinator here, ``workers`` echo processes; per-round CPU samples."""
-    from coordinator.bench import hidden_for, loopback_seconds
+    from coordinator.bench import echo_job_config, loopback_seconds
     from coordinator.local import run_echo_workers
     from coordinator.server import serve
-    from rabo import config
 
-    hidden = hidden_for(params)
-    cycled = [RATIOS[i % len(RATIOS)] for i in range(workers)]
-    cfg = config.load(None, [
-        "data.dataset=digits", f"model.hidden=[{hidden}, {hidden}]", f"rounds={rounds}",
-        f"clients.count={workers}", f"cluster.workers={workers}", f"clients.ratios={cycled}",
-        "outer.optimizer=sgd", f"eval_every={rounds}", f"cluster.chunk_bytes={chunk_bytes}",
-        f"cluster.max_message_bytes={max(4 * chunk_bytes, 4 << 20)}",
-        "cluster.round_deadline_s=1200", "cluster.register_timeout_s=600",
-        f"cluster.register_rate_per_s={max(5, 10 * workers)}", "mask.policy=static",
-        "cluster.heartbeat_s=5"])
+    cfg = echo_job_config(params, workers, rounds, RATIOS, chunk_bytes, deadline_s=1200,
+                          extra=["cluster.heartbeat_s=5"])
+    hidden, cycled = cfg.model.hidden[0], list(cfg.clients.ratios or ())
     logs = Path(tempfile.mkdtemp(prefix="rabo-sysbench-"))
     samples: list[tuple[float, float, int]] = []
 

@@ -22,7 +22,9 @@ import os
 import socket
 import struct
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -99,14 +101,14 @@ class TcpCounters:
             addr = addr.ipv4_mapped
         family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
         try:
-            for sport, dport, dst, _, info in self._dump(family):
-                if sport == local_port and dport == port and dst == addr:
-                    return _decode(info)
+            for e in self._dump(family):
+                if e.sport == local_port and e.dport == port and e.dst == addr:
+                    return _decode(e.info)
             if family == socket.AF_INET:  # a dual-stack listener sees v4 peers as v6-mapped
                 mapped = ipaddress.IPv6Address(f"::ffff:{addr}")
-                for sport, dport, dst, _, info in self._dump(socket.AF_INET6):
-                    if sport == local_port and dport == port and dst == mapped:
-                        return _decode(info)
+                for e in self._dump(socket.AF_INET6):
+                    if e.sport == local_port and e.dport == port and e.dst == mapped:
+                        return _decode(e.info)
         except OSError:
             return None
         return None
@@ -119,10 +121,10 @@ class TcpCounters:
         out = []
         try:
             for family in (socket.AF_INET, socket.AF_INET6):
-                for src, sport, dport, dst, inode, info in self._dump_full(family):
-                    c = _decode(info)
-                    if inode in inodes and c is not None:
-                        out.append(Connection(str(src), sport, str(dst), dport, c))
+                for e in self._dump(family):
+                    c = _decode(e.info)
+                    if e.inode in inodes and c is not None:
+                        out.append(Connection(str(e.src), e.sport, str(e.dst), e.dport, c))
         except OSError:
             return None
         return out
@@ -138,9 +140,9 @@ class TcpCounters:
         total = SocketCounters(0, 0, 0, 0)
         try:
             for family in (socket.AF_INET, socket.AF_INET6):
-                for _, dport, _, inode, info in self._dump(family):
-                    if inode in inodes and dport not in exclude_ports:
-                        c = _decode(info)
+                for e in self._dump(family):
+                    if e.inode in inodes and e.dport not in exclude_ports:
+                        c = _decode(e.info)
                         if c is not None:
                             total = SocketCounters(
                                 total.bytes_sent + c.bytes_sent,
@@ -150,37 +152,48 @@ class TcpCounters:
             return None
         return total
 
-    def _dump(self, family: int):
-        for _, sport, dport, dst, inode, info in self._dump_full(family):
-            yield sport, dport, dst, inode, info
-
-    def _dump_full(self, family: int):
+    def _dump(self, family: int) -> Iterator[DiagEntry]:
         with self._lock:
             self._seq += 1
             seq = self._seq
-        req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 1 << (INET_DIAG_INFO - 1), 0,
-                          1 << TCP_ESTABLISHED)
-        req += b"\0" * 48  # inet_diag_sockid: match everything
-        msg = struct.pack("=IHHII", 16 + len(req), SOCK_DIAG_BY_FAMILY,
-                          NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + req
         with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as s:
-            s.sendto(msg, (0, 0))
-            while True:
-                data = s.recv(1 << 16)
-                pos = 0
-                while pos + 16 <= len(data):
-                    length, mtype, _, _, _ = struct.unpack_from("=IHHII", data, pos)
-                    if length < 16:
-                        return
-                    if mtype == NLMSG_DONE:
-                        return
-                    if mtype == NLMSG_ERROR:
-                        raise OSError("sock_diag returned an error")
-                    body = data[pos + 16:pos + length]
-                    parsed = _parse_diag(body, family)
-                    if parsed is not None:
-                        yield parsed
-                    pos += (length + 3) & ~3
+            yield from sock_diag_dump(s, family, 1 << TCP_ESTABLISHED, seq)
+
+
+class DiagEntry(NamedTuple):
+    """One TCP socket from a sock_diag dump; ``info`` is its raw ``struct tcp_info``."""
+
+    state: int
+    src: ipaddress.IPv4Address | ipaddress.IPv6Address
+    sport: int
+    dst: ipaddress.IPv4Address | ipaddress.IPv6Address
+    dport: int
+    inode: int
+    info: bytes
+
+
+def sock_diag_dump(sock: socket.socket, family: int, states: int, seq: int
+                   ) -> Iterator[DiagEntry]:
+    """Every TCP socket of ``family`` whose state bit is set in ``states`` (``1 << state``)
+    and that has a ``tcp_info``, from one SOCK_DIAG_BY_FAMILY dump on the netlink socket
+    ``sock`` (which may have been opened in another network namespace)."""
+    req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 1 << (INET_DIAG_INFO - 1), 0, states)
+    req += b"\0" * 48  # inet_diag_sockid: match everything
+    sock.sendto(struct.pack("=IHHII", 16 + len(req), SOCK_DIAG_BY_FAMILY,
+                            NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + req, (0, 0))
+    while True:
+        data = sock.recv(1 << 17)
+        pos = 0
+        while pos + 16 <= len(data):
+            length, mtype, _, _, _ = struct.unpack_from("=IHHII", data, pos)
+            if length < 16 or mtype == NLMSG_DONE:
+                return
+            if mtype == NLMSG_ERROR:
+                raise OSError("sock_diag returned an error")
+            entry = _parse_diag(data[pos + 16:pos + length], family)
+            if entry is not None:
+                yield entry
+            pos += (length + 3) & ~3
 
 
 def _own_socket_inodes() -> set[int] | None:
@@ -199,7 +212,7 @@ def _own_socket_inodes() -> set[int] | None:
     return inodes
 
 
-def _parse_diag(body: bytes, family: int):
+def _parse_diag(body: bytes, family: int) -> DiagEntry | None:
     if len(body) < 72:
         return None
     sport, dport = struct.unpack_from("!HH", body, 4)
@@ -217,7 +230,7 @@ def _parse_diag(body: bytes, family: int):
         if alen < 4:
             break
         if atype == INET_DIAG_INFO:
-            return src, sport, dport, dst, inode, body[pos + 4:pos + alen]
+            return DiagEntry(body[1], src, sport, dst, dport, inode, body[pos + 4:pos + alen])
         pos += (alen + 3) & ~3
     return None
 
