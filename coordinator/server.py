@@ -128,7 +128,8 @@ class Coordinator:
         self.state: GlobalState = state if state is not None else job.engine.init_state()
         self.monitor = monitor
         self.ticket: RoundTicket | None = None
-        self.finished = False
+        self.finished = False  # the round driver has stopped (completed, stopped or failed)
+        self.complete = False  # ...because every round is done: workers may leave for good
         self.finish_reason = ""
         self.config_json = json.dumps(to_dict(cfg))
         self.counters = TcpCounters()
@@ -180,6 +181,17 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             _abort(context, getattr(grpc.StatusCode, exc.code), str(exc))
             raise  # unreachable: abort raises
 
+    def _refuse_finished(self, context: grpc.ServicerContext) -> None:
+        """Once the driver has stopped: a complete run is over for good (FAILED_PRECONDITION,
+        the worker leaves); a stopped or failed one is not (UNAVAILABLE, the worker retries and
+        registers with the coordinator that resumes the run)."""
+        if self.c.complete:
+            _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                   f"the run is over: {self.c.finish_reason}")
+        _abort(context, grpc.StatusCode.UNAVAILABLE,
+               f"the coordinator is shutting down ({self.c.finish_reason}); the run is not "
+               f"complete, retry until it resumes")
+
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext
                  ) -> pb.RegisterReply:
         if request.protocol != PROTOCOL_VERSION:
@@ -187,8 +199,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                    f"wire protocol {request.protocol} is not supported; this coordinator "
                    f"speaks {PROTOCOL_VERSION}")
         if self.c.finished:
-            _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
-                   f"the run is over: {self.c.finish_reason}")
+            self._refuse_finished(context)
         host = peer_host(context.peer())
         if not self.c.register_limiter.allow(host):
             self.c.reject("register-rate")
@@ -220,7 +231,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self._auth(request.worker_id, request.credential, context)
         self.c.registry.touch(request.worker_id, request.profile, context.peer())
         ticket = self.c.ticket
-        return pb.HeartbeatReply(round=ticket.round if ticket else 0, finished=self.c.finished)
+        return pb.HeartbeatReply(round=ticket.round if ticket else 0, finished=self.c.complete)
 
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:
         self._auth(request.worker_id, request.credential, context)
@@ -243,6 +254,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         with c.cond:
             while True:
                 if c.finished:
+                    if not c.complete:
+                        self._refuse_finished(context)
                     yield pb.AssignmentMessage(finished=pb.Finished(reason=c.finish_reason))
                     return
                 t = c.ticket
@@ -465,9 +478,13 @@ class RoundDriver:
             log.error("coordinator stopped: %s", exc)
             self.finish(f"error: {exc}")
 
-    def finish(self, reason: str) -> None:
+    def finish(self, reason: str, complete: bool = False) -> None:
+        """Stop the driver. Only ``complete`` (every round done) tells the workers the run is
+        over; a stop or an error leaves them retrying, so that a resumed coordinator finds
+        them again (docs/reliability.md)."""
         with self.c.cond:
             self.c.finished = True
+            self.c.complete = complete
             self.c.finish_reason = reason
             self.c.cond.notify_all()
 
@@ -479,7 +496,8 @@ class RoundDriver:
             log.info("resuming after round %d", c.state.round)
         if c.state.round >= cfg.rounds:  # e.g. a restarted pod of a finished run
             self.summary = summarize(cfg, c.state, self.records, 0.0, {"transport": "grpc"})
-            self.finish(f"the run was already complete ({c.state.round} rounds)")
+            self.finish(f"the run was already complete ({c.state.round} rounds)",
+                        complete=True)
             return
         self.wait_for_workers()
         writer = MetricsWriter(c.out_dir, append=True) if c.out_dir else None
@@ -515,7 +533,7 @@ class RoundDriver:
             self.save_checkpoint()
             checkpoint.save(c.out_dir, c.state, {"config": to_dict(cfg)})
             write_json(c.out_dir / "summary.json", self.summary)
-        self.finish(f"all {cfg.rounds} rounds done")
+        self.finish(f"all {cfg.rounds} rounds done", complete=True)
 
     def _round_with_retries(self, q: int) -> tuple[RoundTicket, list[WorkerTask]]:
         """Run round q; with fewer than ``cluster.min_workers`` updates the model stays as it

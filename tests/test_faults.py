@@ -11,12 +11,15 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_util import connect
 
 from coordinator.local import WorkerProcess, stop_workers
 from coordinator.server import serve
 from rabo import checkpoint, config
 from rabo.params import max_abs_diff
+from rabo_proto.v1 import rabo_pb2 as pb
 
 ENV = dict(os.environ, GRPC_VERBOSITY="ERROR")
 BASE = ["data.dataset=digits", "model.hidden=[32]", "inner.steps=1", "data.batch_size=32",
@@ -152,6 +155,37 @@ def test_too_few_updates_retry_the_round(tmp_path: Path) -> None:
     assert server.coord.state.round == 0  # the model was never changed
 
 
+@pytest.mark.parametrize("complete", [False, True])
+def test_only_a_complete_run_sends_the_workers_away(complete: bool) -> None:
+    """A coordinator stopped mid-run (SIGTERM, error) answers UNAVAILABLE, so its workers keep
+    retrying and find the resumed coordinator; only a complete run says "finished"."""
+    cfg = config.load(None, [*BASE, "clients.count=2", "cluster.workers=2", "rounds=3"])
+    server = serve(cfg, None, bind="127.0.0.1:0", linger_s=0)
+    session = connect(server.port)
+    try:
+        server.driver.finish("coordinator stopped" if not complete else "all 3 rounds done",
+                             complete=complete)
+        call = session.stub.FetchAssignment(pb.FetchRequest(
+            worker_id=session.worker_id, credential=session.credential, wait_s=1), timeout=10)
+        beat = session.stub.Heartbeat(pb.HeartbeatRequest(
+            worker_id=session.worker_id, credential=session.credential), timeout=10)
+        assert beat.finished is complete
+        if complete:
+            assert next(call).finished.reason == "all 3 rounds done"
+        else:
+            with pytest.raises(grpc.RpcError) as err:
+                next(call)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down (coordinator stopped)" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            connect(server.port)
+        assert err.value.code() == (grpc.StatusCode.FAILED_PRECONDITION if complete
+                                    else grpc.StatusCode.UNAVAILABLE)
+    finally:
+        session.close()
+        server.stop(0)
+
+
 def _coordinator(out: Path, args: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "rabo.cli", "coordinator", *args],
                             stdout=(out.parent / f"coord-{time.monotonic_ns()}.log").open("wb"),
@@ -193,6 +227,9 @@ def test_coordinator_restart_resumes_to_the_same_model(tmp_path: Path) -> None:
         log = "".join(p.read_text() for p in tmp_path.glob("coord-*.log"))
         assert f"skipping {newest.name}" in log and "SHA-256" in log
         assert f"(round {good_round})" in log
+        for w in workers:  # the same processes served both coordinators
+            assert w.proc.poll() is None or w.proc.returncode == 0
+            assert w.log_path.read_text().count("registered as") == 2, w.tail()
     finally:
         for p in (coord,):
             if p.poll() is None:

@@ -182,7 +182,8 @@ class Worker:
                               now - lost_since)
                     return 4
                 delay = backoff.next_delay()
-                log.info("coordinator unreachable (%s); retrying in %.1fs", code.name, delay)
+                log.info("coordinator unreachable (%s%s); retrying in %.1fs", code.name,
+                         f": {details}" if "shutting down" in details else "", delay)
                 self.sleep(delay)
                 continue
             except WorkerExit as exc:
