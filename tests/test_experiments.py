@@ -13,7 +13,7 @@ import pytest
 
 from rabo.experiments import claims, common, communication, coverage, estimators
 from rabo.experiments.cli import run_group
-from rabo.experiments.report import pct, write_report
+from rabo.experiments.report import build_report, pct, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,6 +110,33 @@ def test_report_tables_carry_the_json_numbers(results: Path, tmp_path: Path) -> 
     for img in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
         assert (target.parent / img).resolve().exists(), img
     assert "## Headline" in text and re.search(r"\| (supported|\*\*)", text)
+
+
+def _bench(device: str, fd_time: float, gpu: str | None = None) -> dict:
+    def est(t: float, m: float) -> dict:
+        return {"time_s": t / 1e3, "peak_bytes": int(m * 2**20), "time_vs_exact": t,
+                "peak_mem_vs_exact": m}
+    return {"device": device, "torch_threads": 2,
+            "machine": {"gpu": gpu, "torch": "2.x+cu"} if gpu else {},
+            "quadratic": {"exact": {"rel_error": 0.0}},
+            "workloads": {"B/cnn": {"fd-central": est(fd_time, 0.5), "exact": est(1.0, 1.0)}},
+            "targets": [{"workload": "B/cnn", "estimator": "fd-central", "metric": "time_vs_exact",
+                         "value": fd_time, "target": "<= 0.6", "met": fd_time <= 0.6}]}
+
+
+def test_report_adds_a_section_per_accelerator_bench_file() -> None:
+    """`bench_estimator_<device>.json` from a lent GPU gets its own section and headline row,
+    next to (not instead of) the CPU bench of `make bench`."""
+    text = build_report({"bench_estimator": _bench("cpu", 1.3),
+                         "bench_estimator_cuda": _bench("cuda", 0.4, "Some GPU 80GB")}, ".")
+    cpu, gpu = text.split("### 2b. Estimator cost on Some GPU 80GB")
+    assert "| B/cnn | fd-central | 1.3 | 1.30 |" in cpu and "1.30 (<= 0.6: MISSED)" in cpu
+    assert "| B/cnn | fd-central | 0.4 | 0.40 |" in gpu and "0.40 (<= 0.6: met)" in gpu
+    assert "`docs/results/bench_estimator_cuda.json`, device cuda (Some GPU 80GB" in gpu
+    assert "CUDA allocator's peak" in gpu and "CUDA allocator" not in cpu
+    heads = [ln for ln in text.splitlines() if ln.startswith("| The second-order-free")]
+    assert len(heads) == 2 and "(Some GPU 80GB) | time: supported;" in heads[1]
+    assert "| time: **not supported**;" in heads[0]
 
 
 def test_cli_parses_experiment_commands() -> None:

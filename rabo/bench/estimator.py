@@ -258,6 +258,9 @@ def main(args: argparse.Namespace) -> int:
         "device": args.device,
         "torch_threads": torch.get_num_threads(),
     }
+    from rabo.experiments.common import machine
+
+    result["machine"] = machine()  # the card and torch build behind the numbers
     checks = []
     for w, est, key, op, bound in TARGETS:
         if w not in result["workloads"]:

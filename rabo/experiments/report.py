@@ -262,6 +262,63 @@ def section_claims(data: dict[str, Any], rel: str) -> tuple[str, list[dict[str, 
     return "\n".join(lines), heads
 
 
+def bench_estimator_block(bench: dict[str, Any], name: str
+                          ) -> tuple[str, list[dict[str, str]]]:
+    """The tables and verdicts of one ``rabo bench estimator --json`` file (``name``.json)."""
+    lines: list[str] = []
+    heads: list[dict[str, str]] = []
+    device = bench.get("device", "cpu")
+    gpu = bench.get("machine", {}).get("gpu")
+    where = (f"device {device}" + (f" ({gpu}, torch {bench['machine'].get('torch', '?')})"
+                                   if gpu and device == "cuda" else "")
+             + f", {bench.get('torch_threads')} torch threads")
+    peak = ("the CUDA allocator's peak above its allocation before the call" if device == "cuda"
+            else "RSS high-water mark above the baseline")
+    lines.append(f"From `rabo bench estimator --json` (`docs/results/{name}.json`, {where}; one "
+                 "estimator call on fixed workloads, each in a fresh process; time = median of "
+                 f"repeated calls; peak = {peak}):")
+    lines.append("")
+    q = bench.get("quadratic", {})
+    lines.append("Relative error against the closed-form hypergradient of a quadratic "
+                 "(float64): " + ", ".join(f"{k} {v['rel_error']:.1e}" for k, v in q.items())
+                 + ".")
+    lines.append("")
+    brow = []
+    for w, per in bench.get("workloads", {}).items():
+        for est, r in per.items():
+            pm = r.get("peak_mem_vs_exact")
+            brow.append([w, est, f"{1e3 * r['time_s']:.1f}", num(r["time_vs_exact"], 2),
+                         f"{r['peak_bytes'] / MIB:.1f}", num(pm, 2)])
+    lines.append(table(["workload", "estimator", "time ms", "time x exact", "peak MiB",
+                        "peak x exact"], brow))
+    lines.append("")
+    tg = bench.get("targets", [])
+    if tg:
+        lines.append("Targets of `rabo bench estimator`: " + "; ".join(
+            f"{t['workload']} {t['estimator']} {t['metric']} = {t['value']:.2f} "
+            f"({t['target']}: {'met' if t['met'] else 'MISSED'})" for t in tg) + ".")
+        lines.append("")
+    fd = [(w, per["fd-central"]["time_vs_exact"], per["fd-central"]["peak_mem_vs_exact"])
+          for w, per in bench.get("workloads", {}).items() if "fd-central" in per]
+    if fd:
+        cheaper_t = sum(1 for _, t, _ in fd if t < 1)
+        cheaper_m = sum(1 for _, _, m in fd if m is not None and m < 1)
+        text = ("fd-central time x exact: "
+                + ", ".join(f"{w} {t:.2f}" for w, t, _ in fd) + "; peak memory x exact: "
+                + ", ".join(f"{w} {num(m, 2)}" for w, _, m in fd))
+        lines.append(f"- **fd-central is cheaper than exact in time**: "
+                     f"{verdict_word(cheaper_t, len(fd))}; **in memory**: "
+                     f"{verdict_word(cheaper_m, len(fd))}. {text}.")
+        on = f" ({gpu or device})" if device != "cpu" else ""
+        heads.append({"claim": "The second-order-free estimator costs less than exact "
+                               f"Hessian-vector products (time / memory){on}",
+                      "verdict": f"time: {verdict_word(cheaper_t, len(fd))}; memory: "
+                                 f"{verdict_word(cheaper_m, len(fd))}",
+                      "evidence": text})
+    lines.append("")
+    return "\n".join(lines), heads
+
+
 def section_estimators(data: dict[str, Any] | None, bench: dict[str, Any] | None, rel: str
                        ) -> tuple[str, list[dict[str, str]]]:
     lines = ["## 2. Hypergradient estimators", ""]
@@ -360,48 +417,9 @@ def section_estimators(data: dict[str, Any] | None, bench: dict[str, Any] | None
         lines.append("(no estimators.json: run `rabo experiment estimators`)")
         lines.append("")
     if bench:
-        lines.append("From `rabo bench estimator --json` (`docs/results/bench_estimator.json`, "
-                     f"device {bench.get('device')}, {bench.get('torch_threads')} torch threads; "
-                     "one estimator call on fixed workloads, each in a fresh process; time = "
-                     "median of repeated calls; peak = RSS high-water mark above the baseline):")
-        lines.append("")
-        q = bench.get("quadratic", {})
-        lines.append("Relative error against the closed-form hypergradient of a quadratic "
-                     "(float64): " + ", ".join(f"{k} {v['rel_error']:.1e}" for k, v in q.items())
-                     + ".")
-        lines.append("")
-        brow = []
-        for w, per in bench.get("workloads", {}).items():
-            for name, r in per.items():
-                pm = r.get("peak_mem_vs_exact")
-                brow.append([w, name, f"{1e3 * r['time_s']:.1f}", num(r["time_vs_exact"], 2),
-                             f"{r['peak_bytes'] / MIB:.1f}", num(pm, 2)])
-        lines.append(table(["workload", "estimator", "time ms", "time x exact", "peak MiB",
-                            "peak x exact"], brow))
-        lines.append("")
-        tg = bench.get("targets", [])
-        if tg:
-            lines.append("Targets of `rabo bench estimator`: " + "; ".join(
-                f"{t['workload']} {t['estimator']} {t['metric']} = {t['value']:.2f} "
-                f"({t['target']}: {'met' if t['met'] else 'MISSED'})" for t in tg) + ".")
-            lines.append("")
-        fd = [(w, per["fd-central"]["time_vs_exact"], per["fd-central"]["peak_mem_vs_exact"])
-              for w, per in bench.get("workloads", {}).items() if "fd-central" in per]
-        if fd:
-            cheaper_t = sum(1 for _, t, _ in fd if t < 1)
-            cheaper_m = sum(1 for _, _, m in fd if m is not None and m < 1)
-            text = ("fd-central time x exact: "
-                    + ", ".join(f"{w} {t:.2f}" for w, t, _ in fd) + "; peak memory x exact: "
-                    + ", ".join(f"{w} {num(m, 2)}" for w, _, m in fd))
-            lines.append(f"- **fd-central is cheaper than exact in time**: "
-                         f"{verdict_word(cheaper_t, len(fd))}; **in memory**: "
-                         f"{verdict_word(cheaper_m, len(fd))}. {text}.")
-            heads.append({"claim": "The second-order-free estimator costs less than exact "
-                                   "Hessian-vector products (time / memory)",
-                          "verdict": f"time: {verdict_word(cheaper_t, len(fd))}; memory: "
-                                     f"{verdict_word(cheaper_m, len(fd))}",
-                          "evidence": text})
-        lines.append("")
+        text, h = bench_estimator_block(bench, "bench_estimator")
+        lines.append(text)
+        heads += h
     else:
         lines.append("(no bench_estimator.json: `make bench` writes it with `rabo bench "
                      "estimator --json`)")
@@ -409,8 +427,9 @@ def section_estimators(data: dict[str, Any] | None, bench: dict[str, Any] | None
     lines.append("*What this shows*: accuracy of each estimator inside the same RABO job at the "
                  "same submodels, and what each pays in compute; the policy's analytic memory "
                  "estimate differs per estimator, so under one budget they can get different "
-                 "submodels (second table). *What it does not show*: GPU behaviour (CPU only), "
-                 "kernels without double backward (where only the finite-difference estimators "
+                 "submodels (second table). *What it does not show*: GPU behaviour beyond one "
+                 "bench run on a lent card (2b, where present), kernels without double backward "
+                 "(where only the finite-difference estimators "
                  "run at all); the time ratios of `rabo bench estimator` move by 2x between "
                  "runs on this shared 2-core machine.")
     lines.append("")
@@ -814,6 +833,15 @@ def build_report(results: dict[str, dict[str, Any]], rel: str) -> str:
                                      rel)
         parts.append(text)
         heads += h
+    for name, d in sorted(results.items()):
+        if not name.startswith("bench_estimator_"):
+            continue
+        gpu = d.get("machine", {}).get("gpu") or d.get("device", "?")
+        text, h = bench_estimator_block(d, name)
+        parts.append(f"### 2b. Estimator cost on {gpu}\n\n*Produced by* `rabo bench estimator "
+                     f"--device {d.get('device')} --json` on a lent machine; kept here as "
+                     f"`{name}.json`, not part of `make bench`.\n\n" + text)
+        heads += h
     if "coverage" in results:
         text, h = section_coverage(results["coverage"], rel)
         parts.append(text)
@@ -861,8 +889,8 @@ def build_report(results: dict[str, dict[str, Any]], rel: str) -> str:
         f"results file (s): " + ", ".join(f"{n} {w:.0f}" for n, w in walls)
         + f"; total {sum(w for _, w in walls):.0f} s, to which `rabo bench estimator` and "
         "`rabo bench transport` add their own (their JSON carries no wall time). Files named "
-        "`system_<device>.json` come from runs on a lent accelerator machine and are not part "
-        "of `make bench`.",
+        "`system_<device>.json` and `bench_estimator_<device>.json` come from runs on a lent "
+        "accelerator machine and are not part of `make bench`.",
         "",
         "Timing caveat: a 2-core machine shared with other jobs while these ran; times are "
         "medians where repeated, and still noisy (20% and more between runs).",
