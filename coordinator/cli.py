@@ -56,9 +56,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     cfg = None
     if args.resume:
         run_dir = Path(args.resume)
-        has_any = run_dir.is_dir() and (any(run_dir.glob("ckpt-*.pt"))
-                                        or (run_dir / checkpoint.CHECKPOINT).exists())
-        if has_any:
+        if checkpoint.has_checkpoint(run_dir):
             resume_state, sidecar, path, skipped = checkpoint.load_latest(run_dir)
             for bad, why in skipped:
                 print(f"rabo coordinator: skipping {bad.name}: {why}", file=sys.stderr)

@@ -491,8 +491,11 @@ class RoundDriver:
     def _run(self) -> None:
         c = self.c
         cfg = c.cfg
-        if c.out_dir and c.state.round:
+        if c.out_dir:
+            # rounds past the starting point are re-run: drop their old lines (all of them on
+            # a fresh start in a used folder, e.g. a pod restarted before its first checkpoint)
             self.records = truncate_metrics(c.out_dir, c.state.round)
+        if c.state.round:
             log.info("resuming after round %d", c.state.round)
         if c.state.round >= cfg.rounds:  # e.g. a restarted pod of a finished run
             self.summary = summarize(cfg, c.state, self.records, 0.0, {"transport": "grpc"})

@@ -121,6 +121,16 @@ def save_rotating(directory: str | Path, state: GlobalState, meta: dict[str, Any
     return path
 
 
+def _candidates(directory: Path) -> list[Path]:
+    """Every checkpoint file a resume may start from: numbered ones and the final one."""
+    return [p for p in (*_numbered(directory), directory / CHECKPOINT) if p.exists()]
+
+
+def has_checkpoint(directory: str | Path) -> bool:
+    """Whether ``directory`` holds any checkpoint to resume from (verified or not)."""
+    return Path(directory).is_dir() and bool(_candidates(Path(directory)))
+
+
 def load_latest(directory: str | Path
                 ) -> tuple[GlobalState, dict[str, Any], Path, list[tuple[Path, str]]]:
     """The newest checkpoint in ``directory`` that verifies, plus the ones skipped and why.
@@ -131,9 +141,7 @@ def load_latest(directory: str | Path
     """
     directory = Path(directory)
     candidates: list[tuple[int, Path]] = []
-    for path in [*_numbered(directory), directory / CHECKPOINT]:
-        if not path.exists():
-            continue
+    for path in _candidates(directory):
         try:
             rnd = int(json.loads(path.with_suffix(".json").read_text()).get("round", -1))
         except (OSError, ValueError):
