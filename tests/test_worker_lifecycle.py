@@ -58,3 +58,28 @@ def test_sigterm_worker_says_goodbye_and_exits_zero() -> None:
         if proc.poll() is None:
             proc.kill()
         server.stop(0)
+
+
+def test_start_up_baseline_is_measured_once_per_job() -> None:
+    """Memory budgets count the worker's training state back in (``held``); a re-registration
+    (a restarted coordinator, same job) must not re-measure the start-up footprint with the
+    earlier rounds' state inside it, or the worker would look poorer after every restart."""
+    import json
+
+    import psutil
+    import torch
+
+    from rabo.config import to_dict
+    from worker.client import Worker, WorkerOptions
+
+    w = Worker(WorkerOptions(target="127.0.0.1:1", device="cpu"))
+    job_json = json.dumps(to_dict(config.load(None, ["data.dataset=digits",
+                                                     "model.hidden=[8]"])))
+    w._job(job_json)
+    base = w.baseline_rss
+    ballast = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB of state, touched
+    w._job(job_json)  # registering again for the same job
+    assert w.baseline_rss == base
+    assert psutil.Process().memory_info().rss - w.baseline_rss >= 60 << 20
+    assert w._step_peak(base + (5 << 20)) == 5 << 20  # CPU: RSS peak above start-up
+    del ballast

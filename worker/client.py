@@ -216,8 +216,6 @@ class Worker:
                                   daemon=True, name="rabo-heartbeat")
             hb.start()
             self.job = self._job(reply.config_json)
-            # the start-up footprint (runtime and data) that memory budgets are counted above
-            self.baseline_rss = psutil.Process().memory_info().rss
             log.info("registered as %s, client %d", self.worker_id, self.client_id)
         last_round = 0
         last_wait = ""
@@ -257,11 +255,16 @@ class Worker:
             self.rounds_done += 1
             log.info("round %d done: ratio %g, %.2fs compute, peak memory %d MiB above "
                      "start-up, %s", assignment.round, assignment.mask.ratio, update.compute_s,
-                     max(0, update.peak_mem_bytes - self.baseline_rss) >> 20, reply.message)
+                     self._step_peak(update.peak_mem_bytes) >> 20, reply.message)
             # drop this round's payloads before the next one arrives, or the next round's
             # peak would carry them too
             del assignment, update, messages, first, call
         return False
+
+    def _step_peak(self, peak: int) -> int:
+        """A step's peak above start-up: the CPU peak is the process's RSS high-water mark
+        (start-up included); on CUDA it is the allocator's, which holds only tensors."""
+        return peak if self.device.type == "cuda" else max(0, peak - self.baseline_rss)
 
     def _receive(self, msg: pb.Assignment, call: Any) -> Any:
         try:
@@ -282,6 +285,10 @@ class Worker:
             cfg = config.from_dict(json.loads(config_json))
             job = Job.from_config(cfg)
             self._jobs = {config_json: job}
+            # the start-up footprint (runtime and data) that memory budgets are counted above;
+            # measured once per job, so a re-registration (coordinator restart) does not count
+            # the training state of earlier rounds as start-up
+            self.baseline_rss = psutil.Process().memory_info().rss
         return job
 
     def _heartbeats(self, stub: pb_grpc.CoordinatorStub, worker_id: str) -> None:
