@@ -380,11 +380,7 @@ def cmd_dist(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     backend = args.backend
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if backend == "auto":
-        # nccl when every rank on this node can have a GPU of its own (name --backend
-        # explicitly on clusters whose nodes differ: every rank must choose the same)
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(local_rank + 1)))
-        backend = "nccl" if gpus and gpus >= local_world else "gloo"
+    backend = pick_backend(backend, gpus, os.environ.get("LOCAL_WORLD_SIZE"))
     if backend == "nccl" and not torch.cuda.is_available():
         print("rabo dist: error: --backend nccl needs CUDA; use gloo on CPU", file=sys.stderr)
         return 2
@@ -444,6 +440,16 @@ def cmd_dist(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
     return 0
 
+
+
+def pick_backend(requested: str, gpus: int, local_world_size: str | None) -> str:
+    """``--backend auto``: nccl when every rank on this node can have a GPU of its own, else
+    gloo. Every rank must choose the same, so only node-wide facts count: a launcher that does
+    not set LOCAL_WORLD_SIZE (torchrun does) gets gloo rather than a guess from this rank's own
+    LOCAL_RANK; name --backend explicitly on clusters whose nodes differ."""
+    if requested != "auto":
+        return requested
+    return "nccl" if gpus and local_world_size and gpus >= int(local_world_size) else "gloo"
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rabo.dist",

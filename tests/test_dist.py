@@ -137,3 +137,14 @@ def test_bad_worker_memory_limits_name_the_flag(
                          gpus=0, local_rank=1)
     assert rc == 2
     assert "--worker-memory-limits" in err and "12XB" in err
+
+
+def test_auto_backend_is_the_same_choice_on_every_rank_of_a_node() -> None:
+    from rabo.dist import pick_backend
+
+    assert pick_backend("auto", 2, "2") == "nccl"
+    assert pick_backend("auto", 1, "2") == "gloo"  # fewer GPUs than ranks on the node
+    assert pick_backend("auto", 0, "1") == "gloo"
+    # no LOCAL_WORLD_SIZE: gloo on every rank, whatever its LOCAL_RANK
+    assert pick_backend("auto", 8, None) == "gloo"
+    assert pick_backend("gloo", 8, "2") == "gloo" and pick_backend("nccl", 0, None) == "nccl"
