@@ -184,3 +184,16 @@ def test_system_bench_tiny_writes_json_and_report_section(tmp_path: Path) -> Non
     text = target.read_text()
     assert f"{point['payload_bytes_per_round'] / 2**20:.1f}" in text
     assert "gRPC and torch.distributed (gloo) run the same job" in text
+
+
+def test_a_failed_run_stops_the_grid_and_names_itself() -> None:
+    """The first failing simulation ends run_all with its key; the queued ones are cancelled,
+    not run to completion only to be thrown away."""
+    good = common.RunSpec("good", "configs/default.yaml",
+                          ("data.dataset=digits", "model.hidden=[8]", "rounds=2",
+                           "clients.count=2"), ())
+    bad = common.RunSpec("bad-spec", "configs/default.yaml", ("rounds=-1",), ())
+    calls: list[int] = []
+    with pytest.raises(RuntimeError, match="run bad-spec failed: .*rounds"):
+        common.run_all([bad, *[good] * 6], jobs=2, progress=lambda d, t, r: calls.append(d))
+    assert len(calls) < 6

@@ -251,7 +251,13 @@ def run_all(specs: Sequence[RunSpec], jobs: int = 1,
 
         for done, fut in enumerate(as_completed(futures), 1):
             i = futures[fut]
-            results[i] = fut.result()
+            try:
+                results[i] = fut.result()
+            except Exception as exc:
+                # stop at the first failure: the queued runs (hours under --full) would be
+                # thrown away with this one's error anyway
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise RuntimeError(f"run {specs[i].key} failed: {exc}") from exc
             if progress:
                 progress(done, len(specs), results[i])  # type: ignore[arg-type]
     return [r for r in results if r is not None]
