@@ -197,3 +197,20 @@ def test_a_failed_run_stops_the_grid_and_names_itself() -> None:
     with pytest.raises(RuntimeError, match="run bad-spec failed: .*rounds"):
         common.run_all([bad, *[good] * 6], jobs=2, progress=lambda d, t, r: calls.append(d))
     assert len(calls) < 6
+
+
+def test_coverage_analysis_leaves_out_diverged_runs(results: Path) -> None:
+    """A run whose hypergradient norm went non-finite (stored as null) is counted as diverged
+    and kept out of M(q), instead of crashing the analysis or counting as zero norm."""
+    data = _load(results, "coverage")
+    clean = coverage.analyze(data)["settings"][0]["per_k"][0]
+    k = clean["k"]
+    runs = [r for r in data["runs"] if r["labels"]["k"] == k]
+    extra = json.loads(json.dumps(runs[0]))
+    extra["curve"]["hypergradient_norm"][-1] = None
+    data = {**data, "runs": [*data["runs"], extra]}
+    per_k = coverage.analyze(data)["settings"][0]["per_k"][0]
+    assert per_k["diverged"] == 1 and clean["diverged"] == 0
+    assert per_k["M_final"] == clean["M_final"]  # computed from the finite runs only
+    assert per_k["seeds"] == clean["seeds"] + 1
+    assert "left out of M(q) and its fits: k=" in build_report({"coverage": data}, ".")

@@ -82,13 +82,28 @@ def run(preset: str, out: Path, jobs: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- analysis
 
 
-def running_mean_sq(norms: list[float | None]) -> list[float]:
-    """M(q) = (1/q) sum_{t<=q} h_t^2."""
+def running_mean_sq(norms: list[float | None]) -> list[float] | None:
+    """M(q) = (1/q) sum_{t<=q} h_t^2; None for a run that diverged (a non-finite norm, stored
+    as None), whose M is infinite from there on and has no place in a mean or a fit."""
+    if any(h is None or not math.isfinite(h) for h in norms):
+        return None
     out, total = [], 0.0
     for i, h in enumerate(norms, 1):
-        total += float(h or 0.0) ** 2
+        total += float(h) ** 2  # type: ignore[arg-type]
         out.append(total / i)
     return out
+
+
+def m_curves(runs: list[dict[str, Any]]) -> tuple[list[list[float]], int]:
+    """M(q) of every run that stayed finite, and how many diverged."""
+    ms = [running_mean_sq(r["curve"]["hypergradient_norm"]) for r in runs]
+    kept = [m for m in ms if m is not None]
+    return kept, len(ms) - len(kept)
+
+
+def _finite_mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else None
 
 
 def _lstsq(xs: list[float], ys: list[float], intercept: bool) -> dict[str, float]:
@@ -114,8 +129,8 @@ def analyze(data: dict[str, Any]) -> dict[str, Any]:
         xs, ys = [], []
         for (k,), rs in sorted(group(runs, "k").items()):
             c_star = stats(r["final"]["C_x_star"] for r in rs)
-            ms = [running_mean_sq(r["curve"]["hypergradient_norm"]) for r in rs]
-            n = min(len(m) for m in ms)
+            ms, diverged = m_curves(rs)
+            n = min((len(m) for m in ms), default=0)
             mean_m = [sum(m[i] for m in ms) / len(ms) for i in range(n)]
             c = c_star["mean"] or k
             for q in range(FIT_FROM_ROUND, n + 1):
@@ -127,27 +142,31 @@ def analyze(data: dict[str, Any]) -> dict[str, Any]:
                             [math.log(max(mean_m[q - 1], 1e-30)) for q in qs], True) \
                 if len(qs) >= 2 else {"slope": float("nan"), "r2": float("nan")}
             per_k.append({
-                "k": k, "C_x_star": c_star, "seeds": len(rs),
+                "k": k, "C_x_star": c_star, "seeds": len(rs), "diverged": diverged,
                 "test_acc": stats(r["final"]["test_acc"] for r in rs),
                 "M_final": stats(m[-1] for m in ms),
                 "M_final_times_sqrt_CQ": stats(m[-1] * math.sqrt(c * len(m)) for m in ms),
                 "hypergradient_norm_last5": stats(
-                    sum(r["curve"]["hypergradient_norm"][-5:]) / 5 for r in rs),
+                    _finite_mean(r["curve"]["hypergradient_norm"][-5:]) for r in rs),
                 "loglog_slope_M_vs_q": loglog["slope"],
                 "loglog_r2": loglog["r2"],
             })
         # the C_x* dependence alone, at the last round: log M(Q) against log C_x*
-        cs = [p["C_x_star"]["mean"] for p in per_k]
-        ms_q = [p["M_final"]["mean"] for p in per_k]
+        finite = [p for p in per_k if p["M_final"]["mean"] is not None]
+        cs = [p["C_x_star"]["mean"] for p in finite]
+        ms_q = [p["M_final"]["mean"] for p in finite]
         c_fit = (_lstsq([math.log(c) for c in cs], [math.log(max(m, 1e-300)) for m in ms_q],
-                        True) if len(per_k) >= 2 and all(c and c > 0 for c in cs) else {})
+                        True) if len(finite) >= 2 and all(c and c > 0 for c in cs) else {})
         fit = _lstsq(xs, ys, True) if len(xs) >= 3 else {}
         fit0 = _lstsq(xs, ys, False) if len(xs) >= 2 else {}
         accs = [p["test_acc"]["mean"] for p in per_k]
         mfin = [p["M_final"]["mean"] for p in per_k]
         pairs = [(i, j) for i in range(len(per_k)) for j in range(i + 1, len(per_k))]
-        acc_ordered = sum(1 for i, j in pairs if accs[j] > accs[i])
-        m_ordered = sum(1 for i, j in pairs if mfin[j] < mfin[i])
+        acc_ordered = sum(1 for i, j in pairs if None not in (accs[i], accs[j])
+                          and accs[j] > accs[i])
+        # a k whose every run diverged has no M(Q): its pairs count as not ordered
+        m_ordered = sum(1 for i, j in pairs if None not in (mfin[i], mfin[j])
+                        and mfin[j] < mfin[i])
         out["settings"].append({
             "task": task, "dataset": ds, "split": split, "per_k": per_k,
             "fit_affine": fit, "fit_through_origin": fit0, "fit_log_M_Q_vs_log_C": c_fit,
@@ -176,8 +195,8 @@ def plot(data: dict[str, Any], out: Path) -> list[Path]:
             band(axes[0], rounds, mean, std, f"C_x* = {cs}", c)
             hm, hs = mean_curve(rs, "hypergradient_norm")
             band(axes[1], rounds, hm, hs, f"C_x* = {cs}", c)
-            ms = [running_mean_sq(r["curve"]["hypergradient_norm"]) for r in rs]
-            n = min(len(m) for m in ms)
+            ms, _ = m_curves(rs)
+            n = min((len(m) for m in ms), default=0)
             mm = [sum(m[q] for m in ms) / len(ms) for q in range(n)]
             xs = [1 / math.sqrt(cs * (q + 1)) for q in range(FIT_FROM_ROUND - 1, n)]
             axes[2].scatter(xs, mm[FIT_FROM_ROUND - 1:], s=8, color=c, label=f"C_x* = {cs}")

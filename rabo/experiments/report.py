@@ -461,6 +461,12 @@ def section_coverage(data: dict[str, Any], rel: str) -> tuple[str, list[dict[str
               sig(p["hypergradient_norm_last5"]["mean"], 4),
               num(p["loglog_slope_M_vs_q"], 2)] for p in st["per_k"]]))
         lines.append("")
+        gone = [f"k={p['k']}: {p['diverged']} of {p['seeds']}" for p in st["per_k"]
+                if p.get("diverged")]
+        if gone:
+            lines.append("Runs whose hypergradient norm became non-finite (diverged) are left "
+                         "out of M(q) and its fits: " + "; ".join(gone) + ".")
+            lines.append("")
         fa, fo = st.get("fit_affine") or {}, st.get("fit_through_origin") or {}
         if fa:
             lines.append(f"Fit of M(q) over all k and q: M = {fa['intercept']:.4g} + "
