@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rabo.runtime import peak_memory_bytes, reset_peak_memory, rss_bytes
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "docs" / "results"
 RATIOS = (1.0, 0.5, 0.25, 0.125)
@@ -120,11 +122,6 @@ def memory_needed(params: float, workers: int, ratios: tuple[float, ...] = RATIO
     return int(state + updates + workers * ECHO_RSS_BYTES)
 
 
-def _rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def run_point(params: float, workers: int, rounds: int, chunk_bytes: int = 1 << 20
               ) -> dict[str, Any]:
     """One grid point: coordinator here, ``workers`` echo processes; per-round CPU samples."""
@@ -143,7 +140,7 @@ def run_point(params: float, workers: int, rounds: int, chunk_bytes: int = 1 << 
         return ru.ru_utime + ru.ru_stime
 
     def on_round(rec: dict[str, Any]) -> None:
-        samples.append((time.perf_counter(), cpu_s(), _rss_now()))
+        samples.append((time.perf_counter(), cpu_s(), rss_bytes()))
 
     t_start, cpu_start = time.perf_counter(), cpu_s()
     server = serve(cfg, None, bind="127.0.0.1:0", linger_s=1.0, progress=on_round)
@@ -289,7 +286,6 @@ def ratio_child(task: str, ratio: float, overrides: list[str], mode: str, repeat
     import torch
 
     from rabo import config
-    from rabo.bench.estimator import _peak_rss_bytes, _reset_peak, _rss_bytes
     from rabo.engine import client_step
     from rabo.job import Job
     from rabo.policy import estimate_flops, estimate_memory
@@ -339,10 +335,10 @@ def ratio_child(task: str, ratio: float, overrides: list[str], mode: str, repeat
                 "peak_method": "cuda-allocator"}
     call()  # warm-up: lazily allocated library state is not the step's memory
     gc.collect()
-    ok = _reset_peak()
-    base = _rss_bytes()
+    ok = reset_peak_memory()
+    base = rss_bytes()
     call()
-    return {**info, "peak_bytes": int(_peak_rss_bytes() - base),
+    return {**info, "peak_bytes": int(peak_memory_bytes() - base),
             "peak_method": "rss-hwm" if ok else "ru_maxrss"}
 
 

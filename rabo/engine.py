@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import functools
 import math
-import resource
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +39,7 @@ from rabo.data import ClientData, TensorSet
 from rabo.estimators import Problem, grads, make_estimator
 from rabo.masks import MaskSpec, client_mask_seed
 from rabo.params import Params, clone, norm, numel
+from rabo.runtime import peak_memory_bytes, reset_peak_memory
 from rabo.submodel import SlicePlan, check_slices, extract, scatter
 from rabo.tasks import Batch, BilevelTask
 
@@ -190,34 +189,6 @@ def sample_participants(seed: int, round: int, candidates: Sequence[int], fracti
         return pool
     rng = np.random.Generator(np.random.PCG64([seed, round, 0x5A17]))
     return sorted(int(c) for c in rng.choice(pool, size=m, replace=False))
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a fresh high-water mark for :func:`peak_memory_bytes` (Linux: /proc clear_refs)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass  # elsewhere the mark runs from process start
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory since :func:`reset_peak_memory`: the CUDA allocator's high-water mark on GPU;
-    on CPU the process's resident-set high-water mark (VmHWM; runtime and data included)."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
 # --------------------------------------------------------------------------- the engine

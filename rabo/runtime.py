@@ -1,9 +1,14 @@
-"""Process-level tuning shared by the coordinator and the workers."""
+"""Process-level tuning and measurement shared by the coordinator, the workers and the
+benchmarks: allocator settings, parent-death and stack-dump signals, and memory readings
+(resident set, and a peak that can be restarted per step)."""
 
 from __future__ import annotations
 
 import ctypes
+import os
+import resource
 import sys
+from typing import Any
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -89,3 +94,44 @@ def enable_stack_dumps() -> bool:
         return False
     faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
     return True
+
+
+def rss_bytes() -> int:
+    """This process's resident set now (Linux /proc; psutil-free and cheap)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_memory(device: Any = None) -> bool:
+    """Start a fresh high-water mark for :func:`peak_memory_bytes`: the CUDA allocator's on a
+    CUDA ``device``, else the process's resident set (Linux: ``/proc/self/clear_refs``).
+    False where the CPU mark cannot be reset (it then runs from process start)."""
+    if device is not None and device.type == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_bytes(device: Any = None) -> int:
+    """Peak since :func:`reset_peak_memory`: the CUDA allocator's high-water mark on a CUDA
+    ``device``; else the resident set's (VmHWM; runtime and data included)."""
+    if device is not None and device.type == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from rabo.runtime import peak_memory_bytes, reset_peak_memory, rss_bytes
+
 ESTIMATORS = ("fd-central", "fd-forward", "exact", "neumann")
 WORKLOADS: dict[str, dict[str, Any]] = {
     "A/mlp": {"task": "A", "kind": "mlp", "hidden": [1024, 1024], "channels": [], "batch": 512},
@@ -98,30 +100,6 @@ def _setup(workload: str, device: torch.device, batch_override: int) -> tuple[An
     return problem, x, y, v
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def run_child(workload: str, estimator_name: str, repeats: int, device_name: str,
               batch: int, mode: str) -> dict[str, Any]:
     """Measure one estimator on one workload in this (fresh) process.
@@ -162,10 +140,10 @@ def run_child(workload: str, estimator_name: str, repeats: int, device_name: str
     import gc
 
     gc.collect()
-    reset_ok = _reset_peak()
-    baseline = _rss_bytes()
+    reset_ok = reset_peak_memory()
+    baseline = rss_bytes()
     call()
-    return {"peak_bytes": int(_peak_rss_bytes() - baseline),
+    return {"peak_bytes": int(peak_memory_bytes() - baseline),
             "peak_method": "rss-hwm" if reset_ok else "ru_maxrss"}
 
 
