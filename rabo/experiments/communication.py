@@ -20,13 +20,12 @@ accounting (ours; only the round total 2T + N + 3 is FedNest's):
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rabo.experiments import common
-from rabo.experiments.common import TIERS, Results, RunSpec
+from rabo.experiments.common import TIERS, RunSpec
 
 NAME = "communication"
 METHODS = {
@@ -102,11 +101,7 @@ def shapes(spec: RunSpec) -> dict[str, Any]:
 
 def run(preset: str, out: Path, jobs: int) -> dict[str, Any]:
     specs = build_specs(preset)
-    print(f"rabo experiment {NAME} ({preset}): {len(specs)} simulations on {jobs} "
-          f"process(es)", flush=True)
-    t0 = time.perf_counter()
-    runs = common.run_all(specs, jobs, common.print_progress)
-    counted = {}
+    counted = {}  # FedNest's scheme, counted from each setting's shapes (nothing to run)
     for s in specs:
         setting = s.label["setting"]
         if setting in counted:
@@ -117,14 +112,12 @@ def run(preset: str, out: Path, jobs: int) -> dict[str, Any]:
                 for t in SENSITIVITY_T for n in SENSITIVITY_N]
         counted[setting] = {**sh, "fednest_per_client": fed, "fednest_sensitivity": sens}
     p = PRESETS[preset]
-    res = Results(NAME, preset, common.command_line(NAME, preset),
-                  [common.rel(common.config_path(t)) for t in ("A", "B")],
-                  {"rounds": p.rounds, "tier_ratios": list(TIERS),
-                   "settings": {s.name: list(s.overrides) for s in p.settings},
-                   "methods": {m: list(v) for m, v in METHODS.items()}, "jobs": jobs},
-                  runs, {"counted": counted})
-    res.wall_s = round(time.perf_counter() - t0, 1)
-    return res.to_dict()
+    return common.run_experiment(
+        NAME, preset, specs, jobs, ("A", "B"),
+        {"rounds": p.rounds, "tier_ratios": list(TIERS),
+         "settings": {s.name: list(s.overrides) for s in p.settings},
+         "methods": {m: list(v) for m, v in METHODS.items()}, "jobs": jobs},
+        {"counted": counted})
 
 
 # --------------------------------------------------------------------------- analysis
