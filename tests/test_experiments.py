@@ -214,3 +214,13 @@ def test_coverage_analysis_leaves_out_diverged_runs(results: Path) -> None:
     assert per_k["M_final"] == clean["M_final"]  # computed from the finite runs only
     assert per_k["seeds"] == clean["seeds"] + 1
     assert "left out of M(q) and its fits: k=" in build_report({"coverage": data}, ".")
+
+
+def test_policy_table_asks_the_policy_as_a_simulation_does() -> None:
+    """Under budgets sized for fd-central, fd-central gets exactly the tier ratios; an
+    estimator that needs more memory per ratio never gets a larger one."""
+    table = {(r["task"], r["estimator"]): r["ratios"] for r in estimators.policy_table("tiny")}
+    for task in ("A", "B"):
+        assert table[(task, "fd-central")] == list(estimators.TIERS)
+        for est in ("exact", "neumann"):
+            assert all(a <= b for a, b in zip(table[(task, est)], estimators.TIERS, strict=True))

@@ -73,11 +73,12 @@ def build_specs(preset: str) -> list[RunSpec]:
 
 
 def policy_table(preset: str) -> list[dict[str, Any]]:
-    """Ratios the policy picks for each estimator under budgets sized for fd-central."""
+    """Ratios the policy picks for each estimator under budgets sized for fd-central, asked
+    the way a simulation asks (``Job.ratio_for``: same ladder, safety and deadline)."""
     from rabo import config
     from rabo.engine import RoundEngine
     from rabo.job import Job
-    from rabo.policy import Resources, choose_ratio, estimate_memory
+    from rabo.policy import Resources, estimate_memory
     from rabo.units import parse_bytes
 
     p = PRESETS[preset]
@@ -89,15 +90,13 @@ def policy_table(preset: str) -> list[dict[str, Any]]:
         job = Job.from_config(base)
         budgets = common.tier_budgets(job, TIERS)
         for est in ESTIMATORS:
-            cfg = config.from_dict(config.apply_overrides(config.to_dict(base),
-                                                          [f"estimator.name={est}"]))
-            hp = RoundEngine(cfg, job.task).hyper
-            batch = cfg.data.batch_size or 1
-            picks = []
-            for b in budgets:
-                ch = choose_ratio(job.task, hp, Resources(parse_bytes(b)), cfg.policy.ladder,
-                                  cfg.policy.safety, 0.0, batch)
-                picks.append(ch.ratio)
+            data = config.apply_overrides(config.to_dict(base), [f"estimator.name={est}"])
+            data["clients"].update(ratios=None, memory_budgets=budgets)
+            cfg = config.from_dict(data)
+            est_job = Job(cfg, job.data, job.model, job.task, RoundEngine(cfg, job.task))
+            picks = [est_job.ratio_for(0, Resources(parse_bytes(b)))[0] or 0.0
+                     for b in budgets]
+            hp, batch = est_job.engine.hyper, cfg.data.batch_size or 1
             out.append({"task": task, "dataset": ds, "estimator": est, "budgets": budgets,
                         "ratios": picks,
                         "estimate_at_ratio_1_bytes": estimate_memory(job.task, hp, 1.0, batch),
