@@ -55,6 +55,7 @@ from rabo.netstat import SocketCounters, TcpCounters, parse_peer
 from rabo.runner import round_record, summarize
 from rabo.runtime import tune_allocator
 from rabo_proto.codec import Assembler, WireError, check_header, message_bytes
+from rabo_proto.status import RUN_COMPLETE, RUN_STATE_KEY, RUN_STOPPING
 from rabo_proto.v1 import rabo_pb2 as pb
 from rabo_proto.v1 import rabo_pb2_grpc as pb_grpc
 
@@ -184,8 +185,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def _refuse_finished(self, context: grpc.ServicerContext) -> None:
         """Once the driver has stopped: a complete run is over for good (FAILED_PRECONDITION,
         the worker leaves); a stopped or failed one is not (UNAVAILABLE, the worker retries and
-        registers with the coordinator that resumes the run)."""
-        if self.c.complete:
+        registers with the coordinator that resumes the run). Workers read which from the
+        trailing metadata (rabo_proto.status), not from the message."""
+        complete = self.c.complete
+        context.set_trailing_metadata(((RUN_STATE_KEY,
+                                        RUN_COMPLETE if complete else RUN_STOPPING),))
+        if complete:
             _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
                    f"the run is over: {self.c.finish_reason}")
         _abort(context, grpc.StatusCode.UNAVAILABLE,

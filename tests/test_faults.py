@@ -19,6 +19,7 @@ from coordinator.local import WorkerProcess, stop_workers
 from coordinator.server import serve
 from rabo import checkpoint, config
 from rabo.params import max_abs_diff
+from rabo_proto.status import RUN_COMPLETE, RUN_STOPPING, run_state
 from rabo_proto.v1 import rabo_pb2 as pb
 
 ENV = dict(os.environ, GRPC_VERBOSITY="ERROR")
@@ -177,13 +178,37 @@ def test_only_a_complete_run_sends_the_workers_away(complete: bool) -> None:
                 next(call)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "shutting down (coordinator stopped)" in err.value.details()
+            assert run_state(err.value) == RUN_STOPPING  # what the worker acts on
         with pytest.raises(grpc.RpcError) as err:
             connect(server.port)
         assert err.value.code() == (grpc.StatusCode.FAILED_PRECONDITION if complete
                                     else grpc.StatusCode.UNAVAILABLE)
+        assert run_state(err.value) == (RUN_COMPLETE if complete else RUN_STOPPING)
     finally:
         session.close()
         server.stop(0)
+
+
+def test_a_worker_leaves_a_complete_run_and_waits_out_a_stopped_one(tmp_path: Path) -> None:
+    """The worker process acts on the run state the coordinator attaches to its refusal: exit 0
+    once the run is complete; keep retrying while a coordinator is stopping."""
+    cfg = config.load(None, [*BASE, "clients.count=2", "cluster.workers=2", "rounds=3"])
+    servers = [serve(cfg, None, bind="127.0.0.1:0", linger_s=0) for _ in range(2)]
+    servers[0].driver.finish("all 3 rounds done", complete=True)
+    servers[1].driver.finish("coordinator stopped")
+    procs = [_worker(s, tmp_path, 0) for s in servers]
+    try:
+        assert procs[0].proc.wait(60) == 0, procs[0].tail()
+        assert "the run is over: all 3 rounds done" in procs[0].log_path.read_text()
+        end = time.monotonic() + 60
+        while time.monotonic() < end and "shutting down" not in procs[1].log_path.read_text():
+            time.sleep(0.2)
+        assert procs[1].proc.poll() is None, procs[1].tail()  # still retrying
+        assert "retrying in" in procs[1].log_path.read_text()
+    finally:
+        stop_workers(procs)
+        for s in servers:
+            s.stop(0)
 
 
 def _coordinator(out: Path, args: list[str]) -> subprocess.Popen:

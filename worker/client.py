@@ -28,6 +28,7 @@ from rabo.engine import client_step
 from rabo.job import Job
 from rabo.runtime import prefer_low_memory
 from rabo_proto.codec import Assembler, WireError, check_header
+from rabo_proto.status import RUN_COMPLETE, RUN_STOPPING, run_state
 from rabo_proto.v1 import rabo_pb2 as pb
 from rabo_proto.v1 import rabo_pb2_grpc as pb_grpc
 from worker.backoff import Backoff
@@ -168,7 +169,7 @@ class Worker:
                     self.sleep(delay)
                     continue
                 details = exc.details() or ""  # type: ignore[attr-defined]
-                if code == grpc.StatusCode.FAILED_PRECONDITION and "the run is over" in details:
+                if run_state(exc) == RUN_COMPLETE:
                     log.info("%s", details)
                     self.finished = True
                     return 0
@@ -183,7 +184,7 @@ class Worker:
                     return 4
                 delay = backoff.next_delay()
                 log.info("coordinator unreachable (%s%s); retrying in %.1fs", code.name,
-                         f": {details}" if "shutting down" in details else "", delay)
+                         f": {details}" if run_state(exc) == RUN_STOPPING else "", delay)
                 self.sleep(delay)
                 continue
             except WorkerExit as exc:

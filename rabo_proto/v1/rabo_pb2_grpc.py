@@ -26,7 +26,11 @@ if _version_not_supported:
 
 
 class CoordinatorStub:
-    """Missing associated documentation comment in .proto file."""
+    """Once the coordinator's rounds have stopped, refusals carry the trailing metadata key
+    "rabo-run-state" (rabo_proto/status.py): "complete" (every round done; FAILED_PRECONDITION;
+    the worker leaves) or "stopping" (going away before the end; UNAVAILABLE; the worker retries
+    until a resumed coordinator answers). Clients act on the key, never on the message text.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -62,7 +66,11 @@ class CoordinatorStub:
 
 
 class CoordinatorServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Once the coordinator's rounds have stopped, refusals carry the trailing metadata key
+    "rabo-run-state" (rabo_proto/status.py): "complete" (every round done; FAILED_PRECONDITION;
+    the worker leaves) or "stopping" (going away before the end; UNAVAILABLE; the worker retries
+    until a resumed coordinator answers). Clients act on the key, never on the message text.
+    """
 
     def Register(self, request, context):
         """A worker announces itself and its resources; gets its id, a session credential and the
@@ -137,7 +145,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Coordinator:
-    """Missing associated documentation comment in .proto file."""
+    """Once the coordinator's rounds have stopped, refusals carry the trailing metadata key
+    "rabo-run-state" (rabo_proto/status.py): "complete" (every round done; FAILED_PRECONDITION;
+    the worker leaves) or "stopping" (going away before the end; UNAVAILABLE; the worker retries
+    until a resumed coordinator answers). Clients act on the key, never on the message text.
+    """
 
     @staticmethod
     def Register(request,
