@@ -204,9 +204,8 @@ def run_transport(params: float, workers: int, rounds: int, ratios: list[float],
 
     cfg = echo_job_config(params, workers, rounds, ratios, chunk_bytes, deadline_s=600)
     hidden, cycled = cfg.model.hidden[0], list(cfg.clients.ratios or ())
-    out = Path(tempfile.mkdtemp(prefix="rabo-bench-transport-"))
     server = serve(cfg, None, bind="127.0.0.1:0", linger_s=1.0)
-    run_echo_workers(server, workers, out, max(4 * chunk_bytes, 4 << 20))
+    run_echo_workers(server, workers)
     records = server.driver.records
     if os.environ.get("RABO_BENCH_DEBUG"):
         for r in records:

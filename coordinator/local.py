@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,14 +43,29 @@ class WorkerProcess:
             return ""
 
 
+def _child_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """A launched worker's environment: it dies with this process (PARENT_ENV) and gRPC's C
+    core logs only errors."""
+    env = dict(env if env is not None else os.environ)
+    env[PARENT_ENV] = str(os.getpid())
+    env.setdefault("GRPC_VERBOSITY", "ERROR")
+    return env
+
+
+def _start(index: int, cmd: list[str], log_path: Path, env: dict[str, str],
+           memory_limit: str | None = None) -> WorkerProcess:
+    """One worker OS process with stdout and stderr in ``log_path``."""
+    with log_path.open("wb") as f:  # the child holds its own copy; close ours
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    return WorkerProcess(index, memory_limit, proc, log_path)
+
+
 def spawn_workers(target: str, count: int, out_dir: Path, memory_limits: Sequence[str] | None,
                   threads: int, extra_args: Sequence[str] = (), env: dict[str, str] | None = None
                   ) -> list[WorkerProcess]:
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    env = dict(env if env is not None else os.environ)
-    env[PARENT_ENV] = str(os.getpid())
-    env.setdefault("GRPC_VERBOSITY", "ERROR")
+    env = _child_env(env)
     limits: list[str | None] = (list(islice(cycle(memory_limits), count)) if memory_limits
                                 else [None] * count)
     procs = []
@@ -58,10 +75,7 @@ def spawn_workers(target: str, count: int, out_dir: Path, memory_limits: Sequenc
                *extra_args]
         if limits[i]:
             cmd += ["--memory-limit", str(limits[i])]
-        log_path = logs / f"worker-{i}.log"
-        with log_path.open("wb") as f:
-            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-        procs.append(WorkerProcess(i, limits[i], proc, log_path))
+        procs.append(_start(i, cmd, logs / f"worker-{i}.log", env, limits[i]))
     return procs
 
 
@@ -114,24 +128,22 @@ def run_local(cfg: Config, workers: int, out_dir: Path,
     return server
 
 
-def run_echo_workers(server: Server, count: int, logs: Path, max_message_bytes: int) -> None:
+def run_echo_workers(server: Server, count: int, logs: Path | None = None) -> None:
     """Drive ``server``'s job to its end with ``count`` echo worker processes
     (``python -m worker.echo``: the real protocol, no compute), for load and transport benches;
-    stops the server and every worker however it ends, then raises the driver's error if any."""
+    stops the server and every worker however it ends, then raises the driver's error if any.
+    The workers' logs go to ``logs``, or to a temporary folder that is removed when the job
+    succeeds (and named in the error when it does not)."""
+    temporary = logs is None
+    logs = Path(tempfile.mkdtemp(prefix="rabo-echo-")) if logs is None else logs
     logs.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, GRPC_VERBOSITY="ERROR")
-    env[PARENT_ENV] = str(os.getpid())
-    procs: list[WorkerProcess] = []
+    env = _child_env()
+    limit = server.coord.cfg.cluster.max_message_bytes
+    procs = [_start(i, [sys.executable, "-m", "worker.echo", "--coordinator",
+                        f"127.0.0.1:{server.port}", "--client-id", str(i),
+                        "--max-message-bytes", str(limit)], logs / f"echo-{i}.log", env)
+             for i in range(count)]
     try:
-        for i in range(count):
-            log_path = logs / f"echo-{i}.log"
-            with log_path.open("wb") as f:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "worker.echo", "--coordinator",
-                     f"127.0.0.1:{server.port}", "--client-id", str(i),
-                     "--max-message-bytes", str(max_message_bytes)],
-                    stdout=f, stderr=subprocess.STDOUT, env=env)
-            procs.append(WorkerProcess(i, None, proc, log_path))
         while not server.wait(0.5):
             if all(w.proc.poll() not in (None, 0) for w in procs):
                 raise RuntimeError(f"every echo worker failed; logs in {logs}")
@@ -139,4 +151,7 @@ def run_echo_workers(server: Server, count: int, logs: Path, max_message_bytes: 
         server.stop(grace=1.0)
         stop_workers(procs)
     if server.driver.error is not None:
+        log.error("the echo workers' logs are kept in %s", logs)
         raise server.driver.error
+    if temporary:
+        shutil.rmtree(logs, ignore_errors=True)

@@ -132,7 +132,6 @@ def run_point(params: float, workers: int, rounds: int, chunk_bytes: int = 1 << 
     cfg = echo_job_config(params, workers, rounds, RATIOS, chunk_bytes, deadline_s=1200,
                           extra=["cluster.heartbeat_s=5"])
     hidden, cycled = cfg.model.hidden[0], list(cfg.clients.ratios or ())
-    logs = Path(tempfile.mkdtemp(prefix="rabo-sysbench-"))
     samples: list[tuple[float, float, int]] = []
 
     def cpu_s() -> float:
@@ -144,7 +143,7 @@ def run_point(params: float, workers: int, rounds: int, chunk_bytes: int = 1 << 
 
     t_start, cpu_start = time.perf_counter(), cpu_s()
     server = serve(cfg, None, bind="127.0.0.1:0", linger_s=1.0, progress=on_round)
-    run_echo_workers(server, workers, logs, max(4 * chunk_bytes, 4 << 20))
+    run_echo_workers(server, workers)
     records = server.driver.records
     num_params = server.coord.job.model.num_params()
     steady = list(range(1, len(records))) if len(records) > 1 else [0]
