@@ -151,8 +151,6 @@ def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
                                            for r in runs),
             "compute_s_per_round": stats(r["final"]["compute_s_total"] / rounds for r in runs),
             "x_rel_change": stats(r["final"]["x_rel_change"] for r in runs),
-            "peak_rss_mib": stats(r["final"]["sim_process_peak_rss_bytes"] / 2**20
-                                  for r in runs),
         })
     return out
 

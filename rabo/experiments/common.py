@@ -222,7 +222,9 @@ def run_spec(s: RunSpec) -> dict[str, Any]:
                                                     for k, v in sorted(by_ratio.items())},
             "x_rel_change": (norm(sub(result.state.x, x0)) / x_init_norm
                              if x_init_norm > 0 else None),
-            "sim_process_peak_rss_bytes": peak,
+            # the largest one-step peak of any client: VmHWM restarted at each client step,
+            # so it holds the simulator's whole footprint (runtime, every client's data) too
+            "max_client_step_peak_bytes": peak,
         },
         "curve": {k: [_finite(v) for v in vals] for k, vals in curve.items()},
         "wall_s": round(time.perf_counter() - t0, 3),

@@ -253,10 +253,11 @@ def section_claims(data: dict[str, Any], rel: str) -> tuple[str, list[dict[str, 
                  "loss, coverage, payload bytes and worker compute of each method over seeds, "
                  "with the ratio policy really choosing the ratios from memory budgets. "
                  "*What it does not show*: wall-clock speed of a real deployment (simulated "
-                 "clients run one after the other in one process); `peak_mem_bytes` in "
-                 "simulation is the simulator process's RSS high-water mark, the same for every "
-                 "client, so it is not reported per ratio here (section 5 measures it per "
-                 "ratio); accuracy after many more rounds (FedNest's reference numbers are "
+                 "clients run one after the other in one process); memory per ratio (a simulated "
+                 "client's step peak is the simulator process's RSS high-water mark, which "
+                 "holds every client's data and the runtime, so the ratio barely shows in it; "
+                 "section 5 measures it per ratio in a process of its own); accuracy after many "
+                 "more rounds (FedNest's reference numbers are "
                  "after 500 epochs with 100 clients; these runs are short).")
     lines.append("")
     return "\n".join(lines), heads
