@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -60,6 +61,7 @@ from rabo_proto.v1 import rabo_pb2 as pb
 from rabo_proto.v1 import rabo_pb2_grpc as pb_grpc
 
 log = logging.getLogger("rabo.coordinator")
+STOP_DRAIN_S = 20.0  # SIGTERM: how long the driver may take to record its last round
 PROTOCOL_VERSION = 1
 SERVICE_NAME = "rabo.v1.Coordinator"
 
@@ -253,37 +255,47 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         rec = self._auth(request.worker_id, request.credential, context)
         wid = rec.worker_id
         self.c.registry.touch(wid, peer=context.peer())
-        wait_s = min(max(request.wait_s, 0.0), 60.0)
+        # a NaN would make every wait below non-blocking (a busy loop on the lock)
+        wait_s = min(max(request.wait_s, 0.0), 60.0) if math.isfinite(request.wait_s) else 0.0
         give_up = self.c.clock() + wait_s
         c = self.c
+        answer: pb.AssignmentMessage | None = None  # sent after the lock is released
+        task: WorkerTask | None = None
         with c.cond:
             while True:
                 if c.finished:
                     if not c.complete:
                         self._refuse_finished(context)
-                    yield pb.AssignmentMessage(finished=pb.Finished(reason=c.finish_reason))
-                    return
+                    answer = pb.AssignmentMessage(finished=pb.Finished(reason=c.finish_reason))
+                    break
                 t = c.ticket
-                if t is not None and not t.closed and t.round > request.after_round:
+                if t is not None and not t.closed:
+                    # any open task not yet answered, whatever after_round says: a retried
+                    # round reuses its number, and its new tasks are for everyone again
                     task = t.tasks.get(wid)
                     if task is not None and task.update is None and not task.receiving:
+                        task.peer = context.peer()
+                        task.sent_at = c.clock()
+                        ticket, state = t, c.state
                         break
-                    if wid in t.not_assigned and wid not in t.told:
+                    task = None
+                    if (t.round > request.after_round and wid in t.not_assigned
+                            and wid not in t.told):
                         t.told.add(wid)
-                        yield pb.AssignmentMessage(wait=pb.Wait(
+                        answer = pb.AssignmentMessage(wait=pb.Wait(
                             reason=f"round {t.round}: {t.not_assigned[wid]}",
                             retry_after_s=0.0))
-                        return
+                        break
                 remaining = give_up - c.clock()
                 if remaining <= 0 or not context.is_active():
-                    yield pb.AssignmentMessage(wait=pb.Wait(reason="no round open for you",
-                                                            retry_after_s=0.0))
-                    return
+                    answer = pb.AssignmentMessage(wait=pb.Wait(reason="no round open for you",
+                                                               retry_after_s=0.0))
+                    break
                 c.cond.wait(min(remaining, 1.0))
-            ticket, state = t, c.state
-            assert task is not None
-            task.peer = context.peer()
-            task.sent_at = c.clock()
+        if answer is not None:
+            yield answer
+            return
+        assert task is not None
         # Slicing and encoding happen outside the lock: the state of an open round is never
         # replaced (aggregation waits for the round to close), and each worker's payload is
         # built only when it asks, so payloads are not all held in memory at once.
@@ -339,6 +351,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 _abort(context, grpc.StatusCode.ALREADY_EXISTS,
                        f"duplicate update: worker {rec.worker_id} already submitted round "
                        f"{h.round}")
+            if task.sent_at is None:
+                # computed for an earlier try of this round (a retry reuses the number): its
+                # plan may differ from this try's; the worker fetches the new assignment
+                c.reject("earlier-try")
+                _abort(context, grpc.StatusCode.ABORTED,
+                       f"update for an earlier try of round {h.round}: fetch this try's "
+                       f"assignment")
             task.receiving = True
         try:
             update, assembler = self._receive(h, task, request_iterator, context)
@@ -412,6 +431,8 @@ class RoundDriver:
         self.records: list[dict[str, Any]] = []
         self.error: BaseException | None = None
         self.summary: dict[str, Any] = {}
+        self.done = threading.Event()  # run() has returned: no more records or checkpoints
+        self._save_lock = threading.Lock()
 
     def wait_for_workers(self) -> None:
         c = self.c
@@ -460,6 +481,13 @@ class RoundDriver:
         c = self.c
         stall = c.cfg.cluster.stall_timeout_s
         with c.cond:
+            if not ticket.tasks:
+                # no one could be assigned (no ratio fits): give the heartbeats two intervals
+                # to bring fresh profiles before the round is retried, instead of burning
+                # every retry at once
+                until = min(ticket.deadline, ticket.opened_at + 2 * c.cfg.cluster.heartbeat_s)
+                while not c.finished and c.clock() < until:
+                    c.cond.wait(min(until - c.clock(), 0.5))
             while not ticket.complete() and not c.finished:
                 now = c.clock()
                 live = {w.worker_id for w in c.registry.live()}
@@ -482,6 +510,8 @@ class RoundDriver:
             self.error = exc
             log.error("coordinator stopped: %s", exc)
             self.finish(f"error: {exc}")
+        finally:
+            self.done.set()
 
     def finish(self, reason: str, complete: bool = False) -> None:
         """Stop the driver. Only ``complete`` (every round done) tells the workers the run is
@@ -572,8 +602,9 @@ class RoundDriver:
             return
         with c.cond:
             state = c.state
-        path = checkpoint.save_rotating(c.out_dir, state, {"config": to_dict(c.cfg)},
-                                        c.cfg.cluster.keep_checkpoints)
+        with self._save_lock:  # the driver's periodic save and a SIGTERM's share file names
+            path = checkpoint.save_rotating(c.out_dir, state, {"config": to_dict(c.cfg)},
+                                            c.cfg.cluster.keep_checkpoints)
         log.info("checkpoint of round %d: %s", state.round, path.name)
 
     def _wait_any_worker(self) -> None:
@@ -671,10 +702,15 @@ class Server:
         return not self.thread.is_alive()
 
     def stop(self, grace: float = 2.0, checkpoint_now: bool = False) -> None:
-        """Stop serving; ``checkpoint_now`` first saves the last completed round (SIGTERM)."""
+        """Stop serving; ``checkpoint_now`` first saves the last completed round (SIGTERM).
+        The driver is let finish the round it is recording (bounded), so that the checkpoint
+        and metrics.jsonl end at the same round."""
         if not self.coord.finished:
             self.driver.finish("coordinator stopped")
             if checkpoint_now:
+                if not self.driver.done.wait(STOP_DRAIN_S):
+                    log.warning("the round driver did not stop within %.0fs; checkpointing "
+                                "the last aggregated round", STOP_DRAIN_S)
                 self.driver.save_checkpoint()
         self.health.enter_graceful_shutdown()
         self.grpc_server.stop(grace).wait()

@@ -168,3 +168,41 @@ def test_worker_that_fits_nothing_is_told_why() -> None:
         poor.close()
     finally:
         server.stop(grace=0)
+
+
+def test_nan_poll_time_is_answered_at_once() -> None:
+    """A NaN ``wait_s`` is treated as 0: answered at once, not a busy loop on the lock until
+    the caller gives up."""
+    cfg = config.load(None, ["data.dataset=digits", "model.hidden=[8]", "clients.count=2",
+                             "cluster.workers=2", "rounds=1"])
+    server = serve(cfg, None, bind="127.0.0.1:0", linger_s=0.0)
+    try:
+        s = connect(server.port, 0)  # the second worker never comes: no round opens
+        call = s.stub.FetchAssignment(pb.FetchRequest(
+            worker_id=s.worker_id, credential=s.credential, wait_s=float("nan")), timeout=5)
+        first = next(call)
+        assert first.WhichOneof("body") == "wait" and "no round open" in first.wait.reason
+        s.close()
+    finally:
+        server.stop(grace=0)
+
+
+def test_no_one_assigned_waits_for_fresh_profiles_before_retrying() -> None:
+    """When no worker fits any ratio, the round waits two heartbeat intervals for fresh
+    profiles before it is retried, instead of spending every retry at once."""
+    import time
+
+    cfg = config.load(None, ["data.dataset=digits", "model.hidden=[64]", "clients.count=1",
+                             "cluster.workers=1", "rounds=1", "cluster.heartbeat_s=1",
+                             "cluster.heartbeat_misses=30", "cluster.max_round_retries=2"])
+    server = serve(cfg, None, bind="127.0.0.1:0", linger_s=0.0)
+    try:
+        poor = connect(server.port, 0, budget=1024)
+        start = time.monotonic()
+        assert server.wait(60)
+        took = time.monotonic() - start
+        assert "fewer than 1 updates in 3 attempts" in str(server.driver.error)
+        assert took >= 3 * 2 * 1.0 * 0.9, took  # three tries, two heartbeat intervals each
+        poor.close()
+    finally:
+        server.stop(grace=0)

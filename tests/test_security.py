@@ -66,6 +66,24 @@ def test_token_refusals_change_nothing(token_server, token, message) -> None:
     assert token_server.coord.rejected.get(f"auth-{message}", 0) >= 1
 
 
+def test_worker_with_a_wrong_token_stops_with_the_reason(token_server, tmp_path) -> None:
+    """A refused registration is about the worker's credentials: the worker process exits
+    (status 3) naming the refusal, instead of registering again in a tight loop."""
+    import os
+    import subprocess
+    import sys
+
+    before = token_server.coord.rejected.get("auth-wrong token", 0)
+    env = dict(os.environ, RABO_TOKEN="guess", GRPC_VERBOSITY="ERROR")
+    env.pop("RABO_TOKEN_FILE", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker", "--coordinator", f"127.0.0.1:{token_server.port}",
+         "--threads", "1"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "refused the registration: UNAUTHENTICATED" in proc.stderr + proc.stdout
+    assert token_server.coord.rejected.get("auth-wrong token", 0) - before == 1
+
+
 def test_any_listed_token_is_accepted_and_health_needs_none(token_server) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 

@@ -83,3 +83,53 @@ def test_start_up_baseline_is_measured_once_per_job() -> None:
     assert psutil.Process().memory_info().rss - w.baseline_rss >= 60 << 20
     assert w._step_peak(base + (5 << 20)) == 5 << 20  # CPU: RSS peak above start-up
     del ballast
+
+
+def test_a_recovered_outage_restarts_the_give_up_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--give-up-s`` counts one outage, not the time since the first error of the run: a
+    worker that was back in touch in between does not give up on the next short outage."""
+    import grpc
+
+    from worker import client as wc
+    from worker.backoff import Backoff
+
+    clock = [0.0]
+    monkeypatch.setattr(wc.time, "monotonic", lambda: clock[0])
+    w = wc.Worker(wc.WorkerOptions(target="127.0.0.1:1", device="cpu", give_up_s=60),
+                  sleep=lambda _s: None)
+
+    class Down(grpc.RpcError):
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self) -> str:
+            return "connection refused"
+
+        def trailing_metadata(self) -> tuple:
+            return ()
+
+    def at(t: float, contact: bool = False, stop: bool = False):
+        def step(_stub) -> bool:
+            clock[0] = t
+            if contact:
+                w._contact = t  # answers came before this error
+            if stop:
+                w.stop.set()
+                return False
+            raise Down()
+        return step
+
+    # an outage at t=1000, back in touch until 1100, a new outage from 1100 to 1130
+    script = iter([at(1000), at(1100, contact=True), at(1130), at(1131, stop=True)])
+    w._session = lambda stub: next(script)(stub)  # type: ignore[method-assign]
+    with grpc.insecure_channel("127.0.0.1:1") as channel:
+        assert w._run_on(channel, Backoff(), None) == 0
+
+    # without contact in between, the same timeline is one 130 s outage: give up
+    w2 = wc.Worker(wc.WorkerOptions(target="127.0.0.1:1", device="cpu", give_up_s=60),
+                   sleep=lambda _s: None)
+    w = w2
+    script = iter([at(1000), at(1100), at(1130)])
+    w2._session = lambda stub: next(script)(stub)  # type: ignore[method-assign]
+    with grpc.insecure_channel("127.0.0.1:1") as channel:
+        assert w2._run_on(channel, Backoff(), None) == 4

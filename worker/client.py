@@ -42,6 +42,10 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
              grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.ABORTED,
              grpc.StatusCode.CANCELLED}
 FORGOTTEN = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+# an update the coordinator does not need (late, stale round, duplicate, earlier try of a
+# retried round): dropped, and the worker fetches its next assignment
+SUBMIT_REFUSED = {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.FAILED_PRECONDITION,
+                  grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.ABORTED}
 
 
 class WorkerExit(Exception):
@@ -78,12 +82,15 @@ def pick_device(name: str) -> torch.device:
 
 
 class Worker:
-    def __init__(self, opts: WorkerOptions, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, opts: WorkerOptions, sleep: Callable[[float], None] | None = None
+                 ) -> None:
         # a worker is memory-bound: freed tensors go back to the system (the coordinator, which
         # is not, keeps them for speed: rabo.runtime.tune_allocator)
         prefer_low_memory()
         self.opts = opts
-        self.sleep = sleep
+        # backoff waits end early on SIGTERM/SIGINT (a plain time.sleep would sit out up to
+        # the backoff cap, past a supervisor's grace period)
+        self.sleep = sleep or (lambda seconds: self.stop.wait(seconds) and None)
         self.stop = threading.Event()
         self.device = pick_device(opts.device)
         if opts.threads > 0:
@@ -97,6 +104,7 @@ class Worker:
         self._closed = threading.Event()  # the channel is gone: heartbeats stop
         self.worker_id = ""
         self.credential = ""
+        self._contact = 0.0  # monotonic time of the last answer from the coordinator
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -155,36 +163,46 @@ class Worker:
                 code = exc.code()  # type: ignore[attr-defined]
                 if self.stop.is_set():
                     break
+                details = exc.details() or ""  # type: ignore[attr-defined]
+                now = time.monotonic()
+                if lost_since is not None and self._contact > lost_since:
+                    # answers came since the last outage began: this is a new one
+                    lost_since = None
+                    backoff.reset()
                 if code in FORGOTTEN:
+                    if not self.worker_id:
+                        # refused while registering: our token or certificate, not a session
+                        # the coordinator forgot; retrying would only repeat the refusal
+                        log.error("coordinator refused the registration: %s: %s", code.name,
+                                  details)
+                        return 3
                     log.warning("coordinator does not know this worker (%s): registering "
-                                "again", exc.details())  # type: ignore[attr-defined]
+                                "again", details)
                     self.worker_id = ""
                     continue
-                if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not self.worker_id:
-                    # our slot is still held by our previous (expiring) self, or
-                    # registrations are rate limited: wait and try again
-                    delay = backoff.next_delay()
-                    log.info("registration refused (%s); retrying in %.1fs",
-                             exc.details(), delay)  # type: ignore[attr-defined]
-                    self.sleep(delay)
-                    continue
-                details = exc.details() or ""  # type: ignore[attr-defined]
                 if run_state(exc) == RUN_COMPLETE:
                     log.info("%s", details)
                     self.finished = True
                     return 0
-                if code not in RETRYABLE:
+                admission = code == grpc.StatusCode.RESOURCE_EXHAUSTED and not self.worker_id
+                if code not in RETRYABLE and not admission:
                     log.error("coordinator refused: %s: %s", code.name, details)
                     return 3
-                now = time.monotonic()
-                lost_since = lost_since or now
+                if lost_since is None:
+                    lost_since = now
                 if opts.give_up_s and now - lost_since > opts.give_up_s:
-                    log.error("no coordinator at %s for %.0fs: giving up", opts.target,
+                    log.error("no %s at %s for %.0fs: giving up",
+                              "admission" if admission else "coordinator", opts.target,
                               now - lost_since)
                     return 4
                 delay = backoff.next_delay()
-                log.info("coordinator unreachable (%s%s); retrying in %.1fs", code.name,
-                         f": {details}" if run_state(exc) == RUN_STOPPING else "", delay)
+                if admission:
+                    # our slot is still held by our previous (expiring) self, or
+                    # registrations are rate limited: wait and try again
+                    log.info("registration refused (%s); retrying in %.1fs", details, delay)
+                else:
+                    log.info("coordinator unreachable (%s%s); retrying in %.1fs", code.name,
+                             f": {details}" if run_state(exc) == RUN_STOPPING else "", delay)
                 self.sleep(delay)
                 continue
             except WorkerExit as exc:
@@ -209,6 +227,7 @@ class Worker:
             reply = stub.Register(pb.RegisterRequest(
                 name=self.opts.name, profile=self.profile(), client_id=self.opts.client_id,
                 protocol=PROTOCOL_VERSION), timeout=30.0)
+            self._contact = time.monotonic()
             self.worker_id, self.credential = reply.worker_id, reply.credential
             self.client_id, self.chunk_bytes = reply.client_id, reply.chunk_bytes
             self.heartbeat_s = reply.heartbeat_s
@@ -227,6 +246,7 @@ class Worker:
             self._call = call
             try:
                 first = next(call)
+                self._contact = time.monotonic()
                 kind = first.WhichOneof("body")
                 if kind == "finished":
                     log.info("run finished: %s", first.finished.reason)
@@ -251,7 +271,21 @@ class Worker:
                                           self.chunk_bytes, receive_s)
             # no fixed deadline on the upload: a large update over a slow link may take long;
             # keepalive pings detect a dead peer, and the coordinator closes stalled rounds
-            reply = stub.SubmitUpdate(messages)
+            try:
+                reply = stub.SubmitUpdate(messages)
+            except grpc.RpcError as exc:
+                code = exc.code()  # type: ignore[attr-defined]
+                if code not in SUBMIT_REFUSED or run_state(exc):
+                    raise
+                # late, stale, duplicate or for an earlier try of the round: this update is
+                # not needed; the session goes on with the next assignment
+                self._contact = time.monotonic()
+                log.warning("round %d: update not taken (%s: %s)", assignment.round,
+                            code.name, exc.details())  # type: ignore[attr-defined]
+                last_round = assignment.round
+                del assignment, update, messages, first, call
+                continue
+            self._contact = time.monotonic()
             last_round = assignment.round
             self.rounds_done += 1
             log.info("round %d done: ratio %g, %.2fs compute, peak memory %d MiB above "
