@@ -705,13 +705,15 @@ class Server:
         """Stop serving; ``checkpoint_now`` first saves the last completed round (SIGTERM).
         The driver is let finish the round it is recording (bounded), so that the checkpoint
         and metrics.jsonl end at the same round."""
-        if not self.coord.finished:
+        early = not self.coord.finished
+        if early:
             self.driver.finish("coordinator stopped")
-            if checkpoint_now:
-                if not self.driver.done.wait(STOP_DRAIN_S):
-                    log.warning("the round driver did not stop within %.0fs; checkpointing "
-                                "the last aggregated round", STOP_DRAIN_S)
-                self.driver.save_checkpoint()
+        # let the driver leave torch code before the caller goes on (an interpreter that
+        # exits under a daemon thread inside torch aborts: "terminate called ...")
+        if self.thread.is_alive() and not self.driver.done.wait(STOP_DRAIN_S):
+            log.warning("the round driver did not stop within %.0fs", STOP_DRAIN_S)
+        if early and checkpoint_now:
+            self.driver.save_checkpoint()
         self.health.enter_graceful_shutdown()
         self.grpc_server.stop(grace).wait()
         if self.health_server is not None:

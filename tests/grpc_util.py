@@ -31,8 +31,13 @@ def connect(port: int, client_id: int = -1, budget: int = 1 << 34) -> Session:
     stub = pb_grpc.CoordinatorStub(channel)
     profile = pb.ResourceProfile(hostname="test", memory_budget_bytes=budget, device="cpu",
                                  flops_per_s=1e9)
-    reply = stub.Register(pb.RegisterRequest(name="test", profile=profile, client_id=client_id,
-                                             protocol=1), timeout=10, wait_for_ready=True)
+    try:
+        reply = stub.Register(pb.RegisterRequest(name="test", profile=profile,
+                                                 client_id=client_id, protocol=1),
+                              timeout=10, wait_for_ready=True)
+    except BaseException:
+        channel.close()  # a refused registration must not leave a live channel behind
+        raise
     return Session(stub, channel, reply.worker_id, reply.credential, reply.client_id,
                    reply.chunk_bytes)
 

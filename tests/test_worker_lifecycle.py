@@ -85,7 +85,7 @@ def test_start_up_baseline_is_measured_once_per_job() -> None:
     del ballast
 
 
-def test_a_recovered_outage_restarts_the_give_up_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_recovered_outage_restarts_the_give_up_clock() -> None:
     """``--give-up-s`` counts one outage, not the time since the first error of the run: a
     worker that was back in touch in between does not give up on the next short outage."""
     import grpc
@@ -94,9 +94,8 @@ def test_a_recovered_outage_restarts_the_give_up_clock(monkeypatch: pytest.Monke
     from worker.backoff import Backoff
 
     clock = [0.0]
-    monkeypatch.setattr(wc.time, "monotonic", lambda: clock[0])
     w = wc.Worker(wc.WorkerOptions(target="127.0.0.1:1", device="cpu", give_up_s=60),
-                  sleep=lambda _s: None)
+                  sleep=lambda _s: None, clock=lambda: clock[0])
 
     class Down(grpc.RpcError):
         def code(self) -> grpc.StatusCode:
@@ -127,7 +126,7 @@ def test_a_recovered_outage_restarts_the_give_up_clock(monkeypatch: pytest.Monke
 
     # without contact in between, the same timeline is one 130 s outage: give up
     w2 = wc.Worker(wc.WorkerOptions(target="127.0.0.1:1", device="cpu", give_up_s=60),
-                   sleep=lambda _s: None)
+                   sleep=lambda _s: None, clock=lambda: clock[0])
     w = w2
     script = iter([at(1000), at(1100), at(1130)])
     w2._session = lambda stub: next(script)(stub)  # type: ignore[method-assign]

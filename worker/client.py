@@ -82,8 +82,8 @@ def pick_device(name: str) -> torch.device:
 
 
 class Worker:
-    def __init__(self, opts: WorkerOptions, sleep: Callable[[float], None] | None = None
-                 ) -> None:
+    def __init__(self, opts: WorkerOptions, sleep: Callable[[float], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         # a worker is memory-bound: freed tensors go back to the system (the coordinator, which
         # is not, keeps them for speed: rabo.runtime.tune_allocator)
         prefer_low_memory()
@@ -91,6 +91,7 @@ class Worker:
         # backoff waits end early on SIGTERM/SIGINT (a plain time.sleep would sit out up to
         # the backoff cap, past a supervisor's grace period)
         self.sleep = sleep or (lambda seconds: self.stop.wait(seconds) and None)
+        self.clock = clock  # for the give-up and contact times (injectable for tests)
         self.stop = threading.Event()
         self.device = pick_device(opts.device)
         if opts.threads > 0:
@@ -164,7 +165,7 @@ class Worker:
                 if self.stop.is_set():
                     break
                 details = exc.details() or ""  # type: ignore[attr-defined]
-                now = time.monotonic()
+                now = self.clock()
                 if lost_since is not None and self._contact > lost_since:
                     # answers came since the last outage began: this is a new one
                     lost_since = None
@@ -227,7 +228,7 @@ class Worker:
             reply = stub.Register(pb.RegisterRequest(
                 name=self.opts.name, profile=self.profile(), client_id=self.opts.client_id,
                 protocol=PROTOCOL_VERSION), timeout=30.0)
-            self._contact = time.monotonic()
+            self._contact = self.clock()
             self.worker_id, self.credential = reply.worker_id, reply.credential
             self.client_id, self.chunk_bytes = reply.client_id, reply.chunk_bytes
             self.heartbeat_s = reply.heartbeat_s
@@ -246,7 +247,7 @@ class Worker:
             self._call = call
             try:
                 first = next(call)
-                self._contact = time.monotonic()
+                self._contact = self.clock()
                 kind = first.WhichOneof("body")
                 if kind == "finished":
                     log.info("run finished: %s", first.finished.reason)
@@ -279,13 +280,13 @@ class Worker:
                     raise
                 # late, stale, duplicate or for an earlier try of the round: this update is
                 # not needed; the session goes on with the next assignment
-                self._contact = time.monotonic()
+                self._contact = self.clock()
                 log.warning("round %d: update not taken (%s: %s)", assignment.round,
                             code.name, exc.details())  # type: ignore[attr-defined]
                 last_round = assignment.round
                 del assignment, update, messages, first, call
                 continue
-            self._contact = time.monotonic()
+            self._contact = self.clock()
             last_round = assignment.round
             self.rounds_done += 1
             log.info("round %d done: ratio %g, %.2fs compute, peak memory %d MiB above "
