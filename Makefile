@@ -34,7 +34,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 demo: install
-	$(BIN)/rabo local --config configs/default.yaml --workers 4 --out $(OUT)
+	$(BIN)/rabo local --config configs/default.yaml --workers 4 --out $(OUT) --overwrite
 
 lint: install
 	$(BIN)/ruff check rabo coordinator worker tests

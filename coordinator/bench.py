@@ -359,7 +359,7 @@ def cmd_compare_transports(args: argparse.Namespace) -> int:
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(workers + 1),
          "--master-port", str(_free_port()), "-m", "rabo.dist", "--backend", "gloo",
-         "--threads", str(threads), "--out", str(dist_dir), *sets],
+         "--threads", str(threads), "--out", str(dist_dir), "--overwrite", *sets],
         capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         print(proc.stdout[-2000:] + proc.stderr[-2000:], file=sys.stderr)

@@ -11,7 +11,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from rabo.cli import add_config_args, load_config
+from rabo.cli import (
+    PORT,
+    add_config_args,
+    add_overwrite_arg,
+    check_address,
+    int_arg,
+    load_config,
+)
 from rabo.runner import format_progress
 
 log = logging.getLogger("rabo.coordinator")
@@ -75,8 +82,12 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         else:  # a first start under a supervisor that always passes --resume
             print(f"rabo coordinator: nothing to resume in {run_dir}; starting", flush=True)
         out = out or run_dir
+    elif out is not None:
+        out = checkpoint.claim_run_dir(out, args.overwrite)
     if cfg is None:
         cfg = load_config(args)
+    check_address(args.bind or cfg.cluster.bind, "--bind" if args.bind else "cluster.bind",
+                  listen=True)
     server = serve(cfg, out, bind=args.bind, progress=grpc_progress(cfg.rounds),
                    security=_security(args), resume=resume_state,
                    health_port=args.health_port, metrics_port=args.metrics_port)
@@ -144,6 +155,9 @@ def cmd_local(args: argparse.Namespace) -> int:
     overrides = [f"cluster.workers={args.workers}"]
     args.overrides = list(args.overrides) + overrides
     cfg = load_config(args)
+    if args.workers < 1:
+        print("rabo local: error: --workers must be at least 1", file=sys.stderr)
+        return 2
     if args.workers > cfg.clients.count:
         print(f"rabo local: error: --workers {args.workers} exceeds clients.count "
               f"{cfg.clients.count} (one data partition per worker)", file=sys.stderr)
@@ -158,7 +172,9 @@ def cmd_local(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"rabo local: error: --worker-memory-limits: {exc}", file=sys.stderr)
             return 2
-    out = Path(args.out)
+    from rabo.checkpoint import claim_run_dir
+
+    out = claim_run_dir(args.out, args.overwrite)
     print(f"rabo local: coordinator + {args.workers} worker processes on 127.0.0.1; task "
           f"{cfg.task}, {cfg.algorithm.upper()}, {cfg.estimator.name}, {cfg.rounds} rounds"
           + (f", worker memory budgets {', '.join(limits)}" if limits else ""), flush=True)
@@ -192,6 +208,7 @@ def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAct
     p.add_argument("--bind", metavar="HOST:PORT", default=env("RABO_BIND"),
                    help="listen address (env RABO_BIND; default config cluster.bind)")
     p.add_argument("--out", metavar="DIR", help="run folder")
+    add_overwrite_arg(p)
     p.add_argument("--resume", metavar="DIR",
                    help="continue the run in DIR from its newest good checkpoint (config from "
                         "DIR unless --config is given; with --config and no checkpoint in DIR, "
@@ -201,9 +218,11 @@ def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAct
                    help="after the last round keep serving (health, and 'finished' to "
                         "workers) until stopped, instead of exiting (env RABO_KEEP_SERVING; "
                         "for Deployments)")
-    p.add_argument("--health-port", type=int, default=_int_env("RABO_HEALTH_PORT"),
+    p.add_argument("--health-port", type=int_arg(**PORT, env="RABO_HEALTH_PORT"),
+                   default=env("RABO_HEALTH_PORT"),
                    help="plaintext health-only port (env RABO_HEALTH_PORT)")
-    p.add_argument("--metrics-port", type=int, default=_int_env("RABO_METRICS_PORT"),
+    p.add_argument("--metrics-port", type=int_arg(**PORT, env="RABO_METRICS_PORT"),
+                   default=env("RABO_METRICS_PORT"),
                    help="Prometheus /metrics port (env RABO_METRICS_PORT)")
     add_security_args(p, server=True)
     p.set_defaults(func=cmd_coordinator)
@@ -223,6 +242,7 @@ def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAct
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads per worker (0: CPUs / workers)")
     p.add_argument("--out", metavar="DIR", required=True, help="run folder")
+    add_overwrite_arg(p)
     p.set_defaults(func=cmd_local)
 
     from coordinator.bench import (
@@ -259,11 +279,6 @@ def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAct
                                             "workers and model size; gRPC vs gloo; per-ratio cost")
     add_system_args(p)
     p.set_defaults(func=cmd_bench_system)
-
-
-def _int_env(name: str) -> int | None:
-    value = os.environ.get(name)
-    return int(value) if value else None
 
 
 def add_security_args(p: argparse.ArgumentParser, server: bool) -> None:

@@ -506,7 +506,7 @@ def run_job(topo: Topology, *, rounds: int = 3, hidden: int = 512,
     overrides = job_overrides(n, rounds, hidden, ratio_of) + list(extra_overrides)
     run_dir = out / "run"
     coord_argv = [python, "-m", "rabo.cli", "coordinator", "--bind", f"0.0.0.0:{PORT}",
-                  "--out", str(run_dir)]
+                  "--out", str(run_dir), "--overwrite"]
     for o in overrides:
         coord_argv += ["--set", o]
     procs: list[subprocess.Popen[bytes]] = []

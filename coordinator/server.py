@@ -50,8 +50,9 @@ from rabo import checkpoint
 from rabo.auth import TlsFiles
 from rabo.config import Config, to_dict
 from rabo.engine import ClientPlan, GlobalState, Update, sample_participants
+from rabo.errors import RaboError
 from rabo.job import Job, evaluate
-from rabo.metrics import MetricsWriter, truncate_metrics, write_json
+from rabo.metrics import MetricsWriter, truncate_metrics, wire_total, write_json
 from rabo.netstat import SocketCounters, TcpCounters, parse_peer
 from rabo.runner import round_record, summarize
 from rabo.runtime import tune_allocator
@@ -66,8 +67,9 @@ PROTOCOL_VERSION = 1
 SERVICE_NAME = "rabo.v1.Coordinator"
 
 
-class CoordinatorError(Exception):
-    """The run cannot go on (e.g. too few workers); the message says why."""
+class CoordinatorError(RaboError):
+    """The run cannot go on (e.g. too few workers, an address it cannot bind); the message
+    says why."""
 
 
 # --------------------------------------------------------------------------- round records
@@ -561,8 +563,7 @@ class RoundDriver:
                 writer.close()
         self.summary = summarize(cfg, c.state, self.records, c.clock() - start,
                                  {"transport": "grpc",
-                                  "wire_bytes_total": sum(r.get("wire_bytes") or 0
-                                                          for r in self.records),
+                                  "wire_bytes_total": wire_total(self.records),
                                   "rejected_messages": dict(c.rejected),
                                   "workers_left_out": sum(len(r.get("left_out", []))
                                                           for r in self.records),

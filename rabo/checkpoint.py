@@ -131,6 +131,31 @@ def has_checkpoint(directory: str | Path) -> bool:
     return Path(directory).is_dir() and bool(_candidates(Path(directory)))
 
 
+RUN_FILES = ("metrics.jsonl", "summary.json")  # what a run writes beside its checkpoints
+
+
+def claim_run_dir(directory: str | Path, overwrite: bool = False) -> Path:
+    """The folder of a run that starts from round 0. A folder that holds another run's
+    results is refused: its metrics would be cut or mixed, and rotation would delete the new
+    checkpoints in favour of the old run's higher-numbered ones (a later --resume would then
+    continue the old run). ``overwrite`` removes those files first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return directory
+    found = [p for p in (*(directory / n for n in RUN_FILES), *_candidates(directory))
+             if p.exists()]
+    if found and not overwrite:
+        raise CheckpointError(
+            f"{directory} holds a run ({', '.join(sorted({p.name for p in found})[:4])}"
+            f"{', ...' if len(found) > 4 else ''}): continue it with --resume {directory}, "
+            f"pick another folder, or pass --overwrite to replace it")
+    for p in found:
+        p.unlink(missing_ok=True)
+        if p.suffix == ".pt":
+            p.with_suffix(".json").unlink(missing_ok=True)  # its checksum sidecar
+    return directory
+
+
 def load_latest(directory: str | Path
                 ) -> tuple[GlobalState, dict[str, Any], Path, list[tuple[Path, str]]]:
     """The newest checkpoint in ``directory`` that verifies, plus the ones skipped and why.

@@ -13,12 +13,50 @@ import logging
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
-from pathlib import Path
 from typing import Any
 
 from rabo.errors import RaboError
 
 log = logging.getLogger("rabo")
+
+
+def int_arg(lo: int | None = None, hi: int | None = None, env: str | None = None
+            ) -> Any:
+    """An argparse ``type`` for integers in [lo, hi]. With ``env``, the flag's default comes
+    from that environment variable as text, so a bad value is reported by argparse only for
+    the command that uses it, naming the flag and the variable (not a traceback at start-up
+    of every command)."""
+    def convert(text: str) -> int:
+        where = f" (flag or env {env})" if env else ""
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer{where}") from None
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            bounds = (f"{lo}..{hi}" if lo is not None and hi is not None
+                      else f">= {lo}" if lo is not None else f"<= {hi}")
+            raise argparse.ArgumentTypeError(f"{value} is out of range: {bounds}{where}")
+        return value
+    convert.__name__ = "integer"
+    return convert
+
+
+PORT = {"lo": 0, "hi": 65535}
+
+
+def check_address(text: str, what: str, listen: bool = False) -> str:
+    """HOST:PORT with a port in 1..65535 (0 too when ``listen``: any free port; IPv6 hosts in
+    brackets); the error names ``what``."""
+    lo = 0 if listen else 1
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not lo <= int(port) <= 65535:
+        raise RaboError(f"{what} {text!r}: expected HOST:PORT with a port in {lo}..65535")
+    return text
+
+
+def add_overwrite_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier run in --out (refused otherwise)")
 
 
 def add_config_args(p: argparse.ArgumentParser, rounds: bool = True) -> None:
@@ -43,10 +81,11 @@ def load_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from rabo.checkpoint import claim_run_dir
     from rabo.runner import format_progress, simulate
 
     cfg = load_config(args)
-    out = Path(args.out) if args.out else None
+    out = claim_run_dir(args.out, args.overwrite) if args.out else None
     print(f"rabo simulate: task {cfg.task}, {cfg.algorithm.upper()}, estimator "
           f"{cfg.estimator.name}, {cfg.clients.count} clients, {cfg.rounds} rounds, "
           f"data {cfg.data.dataset} ({cfg.data.split})", flush=True)
@@ -118,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="in-process run over simulated clients")
     add_config_args(p)
     p.add_argument("--out", metavar="DIR", help="run folder (metrics.jsonl, summary.json)")
+    add_overwrite_arg(p)
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("config", help="show the config schema, or a resolved config")

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import logging
+import math
 import os
 import sys
 import time
@@ -42,13 +44,13 @@ from rabo.config import Config, to_dict
 from rabo.engine import Assignment, ClientPlan, Update, client_step, sample_participants
 from rabo.errors import RaboError
 from rabo.job import Job, evaluate
-from rabo.metrics import MetricsWriter, write_json
+from rabo.metrics import MetricsWriter, wire_total, write_json
 from rabo.netstat import SocketCounters, TcpCounters
 from rabo.params import Params
 from rabo.policy import Resources
 from rabo.resources import measure
 from rabo.runner import format_progress, round_record, summarize
-from rabo.runtime import tune_allocator
+from rabo.runtime import rss_bytes, tune_allocator
 from rabo.units import parse_byte_list, parse_bytes
 
 log = logging.getLogger("rabo.dist")
@@ -219,6 +221,9 @@ def run_coordinator(ctx: Context, out: Path | None, progress: bool = True) -> di
                      for rank in plans]
             for work in sends:
                 _wait(work)
+            # waited for in rank order (polling is_completed() on gloo's point-to-point works
+            # never saw them finish: the job timed out), so a fast rank behind a slow one is
+            # stamped late: a rank's transfer_s is an upper bound (docs/torch-distributed.md)
             arrived: dict[int, float] = {}
             for rank, rb, rm in recvs:
                 _wait(rb)
@@ -283,7 +288,7 @@ def run_coordinator(ctx: Context, out: Path | None, progress: bool = True) -> di
     summary = summarize(cfg, state, records, time.perf_counter() - start,
                         {"transport": f"torch.distributed ({ctx.backend})",
                          "world_size": ctx.world,
-                         "wire_bytes_total": sum(r["wire_bytes"] or 0 for r in records)})
+                         "wire_bytes_total": wire_total(records)})
     if out:
         checkpoint.save(out, state, {"config": to_dict(cfg)})
         write_json(out / "summary.json", summary)
@@ -310,8 +315,12 @@ def run_worker(ctx: Context, memory_limit: int | None) -> None:
     _gather_endpoints(ctx, local_endpoints(store_port) if ctx.backend == "gloo"
                       else torch.zeros(MAX_ENDPOINTS, 2, dtype=torch.float64))
     flops = None
+    # the start-up footprint; what the rank holds above it is training state it will reuse,
+    # counted back into its budget as the gRPC worker does (worker.client)
+    baseline = rss_bytes()
     for q in range(1, cfg.rounds + 1):
-        prof = measure(ctx.compute_device, memory_limit, flops_per_s=flops)
+        prof = measure(ctx.compute_device, memory_limit, flops_per_s=flops,
+                       held_bytes=max(0, rss_bytes() - baseline))
         flops = prof.flops_per_s
         _gather_profiles(ctx, torch.tensor([float(prof.memory_budget_bytes), prof.flops_per_s],
                                            dtype=torch.float64))
@@ -339,11 +348,24 @@ def run_worker(ctx: Context, memory_limit: int | None) -> None:
 # --------------------------------------------------------------------------- entry
 
 
+def positive_seconds(text: str) -> float:
+    """--timeout-s: finite and >= 0 (0: the config's)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number >= 0")
+    return value
+
+
 def add_dist_args(p: argparse.ArgumentParser) -> None:
-    from rabo.cli import add_config_args
+    from rabo.cli import add_config_args, int_arg
 
     add_config_args(p)
     p.add_argument("--out", metavar="DIR", help="run folder (written by rank 0)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier run in --out (refused otherwise)")
     p.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto",
                    help="auto: nccl where this node has a GPU for each of its ranks, else gloo")
     p.add_argument("--memory-limit", default=os.environ.get("RABO_MEMORY_LIMIT"),
@@ -355,9 +377,10 @@ def add_dist_args(p: argparse.ArgumentParser) -> None:
                         "(rank 1 is client 0), e.g. 96MiB,40MiB: heterogeneous workers on one "
                         "machine, as `rabo local --worker-memory-limits`; overrides "
                         "--memory-limit (env RABO_WORKER_MEMORY_LIMITS)")
-    p.add_argument("--threads", type=int, default=int(os.environ.get("RABO_THREADS", "0")),
-                   help="torch CPU threads per rank (0: torch's default)")
-    p.add_argument("--timeout-s", type=float, default=0.0,
+    p.add_argument("--threads", type=int_arg(0, env="RABO_THREADS"),
+                   default=os.environ.get("RABO_THREADS", "0"),
+                   help="torch CPU threads per rank (0: torch's default; env RABO_THREADS)")
+    p.add_argument("--timeout-s", type=positive_seconds, default=0.0,
                    help="collective / send / recv timeout (0: cluster.dist_timeout_s)")
 
 
@@ -369,8 +392,14 @@ def cmd_dist(args: argparse.Namespace) -> int:
             print(f"rabo dist: error: {key} is not set; launch with torchrun, e.g. "
                   "torchrun --nproc-per-node 3 -m rabo.dist --config FILE", file=sys.stderr)
             return 2
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    try:
+        rank, world, local_rank = (int(os.environ[k]) if k in os.environ else 0
+                                   for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    except ValueError:
+        bad = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        print(f"rabo dist: error: RANK, WORLD_SIZE and LOCAL_RANK must be integers, got {bad}",
+              file=sys.stderr)
+        return 2
     if world < 2:
         print("rabo dist: error: needs at least 2 processes (rank 0 coordinates)",
               file=sys.stderr)
@@ -415,31 +444,66 @@ def cmd_dist(args: argparse.Namespace) -> int:
         # more ranks than GPUs share them round-robin (gloo moves the tensors through host memory)
         compute = torch.device("cuda", local_rank % gpus) if (
             cfg.device in ("auto", "cuda") and gpus) else torch.device("cpu")
+    out = None
+    if rank == 0 and args.out:
+        try:
+            out = checkpoint.claim_run_dir(args.out, args.overwrite)
+        except RaboError as exc:  # the other ranks stop at the rendezvous timeout
+            print(f"rabo dist: rank 0: error: {exc}", file=sys.stderr)
+            return 2
     timeout = timedelta(seconds=args.timeout_s or cfg.cluster.dist_timeout_s)
-    dist.init_process_group(backend, timeout=timeout)
     where = "coordinator" if rank == 0 else f"worker for client {rank - 1}"
     try:
+        dist.init_process_group(backend, timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 - the rendezvous failed: say where and why
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"rabo dist: rank {rank} ({where}): error: cannot join the process group at "
+              f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within "
+              f"{timeout.total_seconds():.0f}s ({first}); are all {world} ranks started, "
+              "with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE?", file=sys.stderr)
+        return 1
+    try:
+        check_same_config(cfg, rank, world, comm)
         ctx = Context(cfg, Job.from_config(cfg), rank, world, backend, comm, compute)
         if rank == 0:
             print(f"rabo dist: {world - 1} workers over torch.distributed ({backend}); task "
                   f"{cfg.task}, {cfg.algorithm.upper()}, {cfg.rounds} rounds", flush=True)
-            summary = run_coordinator(ctx, Path(args.out) if args.out else None)
+            summary = run_coordinator(ctx, out)
             print(f"done: test_acc {summary['test_acc']:.4f}, upper_loss "
                   f"{summary['upper_loss']:.4f}, C_x* {summary['C_x_star']}, "
                   f"{summary['wall_s']:.1f}s", flush=True)
         else:
             run_worker(ctx, limit)
         dist.barrier()
-    except (RuntimeError, DistError) as exc:
+    except Exception as exc:  # noqa: BLE001 - one clear line per rank, then exit non-zero
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"rabo dist: rank {rank} ({where}): error: {msg}. A peer rank failed, "
-              "disconnected or timed out; the job stops.", file=sys.stderr, flush=True)
+        # the hint fits the errors of the transport, not e.g. this rank's own out-of-memory
+        peer = isinstance(exc, (DistError, dist.DistError)) or "timed out" in msg.lower()
+        print(f"rabo dist: rank {rank} ({where}): error: {msg}"
+              + (". A peer rank failed, disconnected or timed out; the job stops."
+                 if peer else ""), file=sys.stderr, flush=True)
         return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
 
+
+
+def check_same_config(cfg: Config, rank: int, world: int, device: torch.device) -> None:
+    """Every rank loads its own --config; on several machines they can differ (a stale copy,
+    another seed), which would train a wrong model or hang. The ranks compare a SHA-256 of
+    the resolved config (as tensors: no pickled objects cross the wire)."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).digest()
+    mine = torch.tensor(list(digest), dtype=torch.uint8, device=device)
+    every = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(every, mine)
+    differ = [r for r, d in enumerate(every) if not torch.equal(d, every[0])]
+    if differ:
+        raise DistError(f"ranks {differ} resolved a different config than rank 0 (same "
+                        f"--config file, --set overrides and rounds on every rank?)")
 
 
 def pick_backend(requested: str, gpus: int, local_world_size: str | None) -> str:

@@ -6,10 +6,15 @@ Every transport writes the same schema, documented in docs/metrics.md.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
 from typing import Any
+
+from rabo.errors import RaboError
+
+log = logging.getLogger("rabo.metrics")
 
 
 def _clean(value: Any) -> Any:
@@ -57,10 +62,32 @@ def write_json(path: str | Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _records(path: Path, strict: bool) -> list[dict[str, Any]]:
+    """The records of ``path``. A last line cut short (a run stopped mid-write) is dropped
+    with a warning. An unreadable line before the end is an error naming it when ``strict``;
+    otherwise the records end there, with a warning."""
+    lines = path.read_text().splitlines()
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            last = all(not rest.strip() for rest in lines[i:])
+            if strict and not last:
+                raise RaboError(f"{path}: line {i} is not a metrics record ({exc})") from None
+            log.warning("%s: line %d is %s; the records end before it", path, i,
+                        "cut short" if last else f"unreadable ({exc})")
+            break
+        out.append(rec)
+    return out
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    with path.open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return _records(Path(run_dir) / "metrics.jsonl", strict=True)
 
 
 def truncate_metrics(run_dir: str | Path, last_round: int) -> list[dict[str, Any]]:
@@ -69,17 +96,15 @@ def truncate_metrics(run_dir: str | Path, last_round: int) -> list[dict[str, Any
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    kept = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            break  # a line cut short by a crash ends the usable part
-        if rec.get("round", 0) <= last_round:
-            kept.append(rec)
+    kept = [r for r in _records(path, strict=False) if r.get("round", 0) <= last_round]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(tmp, path)
     return kept
+
+
+def wire_total(records: list[dict[str, Any]]) -> int | None:
+    """Bytes on the wire over the run; None when any round's could not be measured (a sum
+    that leaves rounds out would read as a measurement)."""
+    wires = [r.get("wire_bytes") for r in records]
+    return None if any(w is None for w in wires) else int(sum(wires))  # type: ignore[arg-type]

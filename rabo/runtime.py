@@ -92,7 +92,10 @@ def enable_stack_dumps() -> bool:
 
     if not hasattr(signal, "SIGUSR1"):
         return False
-    faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+    try:
+        faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+    except (OSError, ValueError, AttributeError):  # stderr is no file (e.g. captured)
+        return False
     return True
 
 

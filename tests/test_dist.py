@@ -69,6 +69,22 @@ def test_two_node_launch_with_c10d_rendezvous(tmp_path: Path) -> None:
     assert len(records) == 2 and len(records[-1]["clients"]) == 3
 
 
+@pytest.mark.slow
+def test_ranks_with_different_configs_stop_with_an_error(tmp_path: Path) -> None:
+    """Each node reads its own --config; two that disagree (here: the seed) must stop at
+    once with an error saying so, not train a wrong model or hang."""
+    port = free_port()
+    nodes = [subprocess.Popen(
+        [*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+         "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "rabo-cfg", "-m", "rabo.dist",
+         "--backend", "gloo", "--rounds", "2", "--timeout-s", "60", *JOB, "--set",
+         f"seed={seed}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+        for seed in (1, 2)]
+    outputs = [n.communicate(timeout=240)[0] for n in nodes]
+    assert all(n.returncode != 0 for n in nodes), "\n".join(outputs)
+    assert "resolved a different config than rank 0" in "".join(outputs), "\n".join(outputs)
+
+
 def _rank_pid(launcher: psutil.Process, rank: int) -> int | None:
     for child in launcher.children(recursive=True):
         try:

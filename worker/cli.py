@@ -12,6 +12,7 @@ import os
 import socket
 import sys
 
+from rabo.cli import check_address, int_arg
 from rabo.units import parse_bytes
 
 
@@ -24,9 +25,11 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
                         "(env RABO_MEMORY_LIMIT; default: cgroup limit, else available memory)")
     p.add_argument("--device", default=env("RABO_DEVICE", "auto"),
                    help="auto, cpu, cuda or cuda:N (env RABO_DEVICE)")
-    p.add_argument("--threads", type=int, default=int(env("RABO_THREADS", "0")),
+    p.add_argument("--threads", type=int_arg(0, env="RABO_THREADS"),
+                   default=env("RABO_THREADS", "0"),
                    help="torch CPU threads (0: torch's default; env RABO_THREADS)")
-    p.add_argument("--client-id", type=int, default=int(env("RABO_CLIENT_ID", "-1")),
+    p.add_argument("--client-id", type=int_arg(-1, env="RABO_CLIENT_ID"),
+                   default=env("RABO_CLIENT_ID", "-1"),
                    help="data partition to ask for (-1: any free one; env RABO_CLIENT_ID)")
     p.add_argument("--name", default=env("RABO_WORKER_NAME", socket.gethostname()),
                    help="a name for logs (env RABO_WORKER_NAME)")
@@ -56,13 +59,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print("rabo worker: error: --coordinator HOST:PORT (or RABO_COORDINATOR) is required",
               file=sys.stderr)
         return 2
+    from rabo.auth import load_tls, load_tokens
+    from rabo.errors import ConfigError, RaboError
+
     try:
+        check_address(args.coordinator, "--coordinator")
         limit = parse_bytes(args.memory_limit) if args.memory_limit else None
     except ValueError as exc:
         print(f"rabo worker: error: --memory-limit: {exc}", file=sys.stderr)
         return 2
-    from rabo.auth import load_tls, load_tokens
-    from rabo.errors import ConfigError
+    except RaboError as exc:
+        print(f"rabo worker: error: {exc}", file=sys.stderr)
+        return 2
 
     try:
         tls = load_tls(args.tls_cert, args.tls_key, args.tls_ca)

@@ -1,0 +1,64 @@
+"""Bad flags and environment variables: a clear error that names the flag or variable and the
+allowed values, exit status 2, no traceback; and one bad RABO_* variable does not break the
+commands that never read it."""
+
+from __future__ import annotations
+
+import pytest
+
+from rabo.cli import main as rabo_main
+from worker.cli import main as worker_main
+
+
+def _run(fn, argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    try:
+        rc = fn(argv)
+    except SystemExit as exc:  # argparse reports through parser.error
+        rc = int(exc.code or 0)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return rc, err
+
+
+@pytest.mark.parametrize(("env", "argv", "message"), [
+    ({"RABO_HEALTH_PORT": "x"}, ["coordinator"],
+     "argument --health-port: 'x' is not an integer (flag or env RABO_HEALTH_PORT)"),
+    ({}, ["coordinator", "--metrics-port", "70000"],
+     "argument --metrics-port: 70000 is out of range: 0..65535"),
+    ({}, ["coordinator", "--bind", "nonsense"],
+     "--bind 'nonsense': expected HOST:PORT with a port in 0..65535"),
+    ({}, ["coordinator", "--bind", "127.0.0.1:99999"], "port in 0..65535"),
+    ({}, ["local", "--workers", "0", "--out", "unused"], "--workers must be at least 1"),
+    ({}, ["config", "--set", "outer.lr=.inf"], "outer.lr: must be a finite number"),
+    ({}, ["dist", "--timeout-s", "-5"], "argument --timeout-s: '-5': expected a finite"),
+])
+def test_rabo_refuses_bad_flags_and_env_by_name(monkeypatch, capsys, env, argv,
+                                                message) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    rc, err = _run(rabo_main, argv, capsys)
+    assert rc == 2 and message in err, err
+
+
+def test_a_bad_variable_only_troubles_the_commands_that_read_it(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("RABO_THREADS", "four")
+    monkeypatch.setenv("RABO_HEALTH_PORT", "x")
+    rc, _ = _run(rabo_main, ["config", "--set", "rounds=3"], capsys)
+    assert rc == 0
+
+
+@pytest.mark.parametrize(("env", "argv", "message"), [
+    ({"RABO_THREADS": "four"}, ["--coordinator", "127.0.0.1:1"],
+     "argument --threads: 'four' is not an integer (flag or env RABO_THREADS)"),
+    ({"RABO_CLIENT_ID": "-2"}, ["--coordinator", "127.0.0.1:1"],
+     "argument --client-id: -2 is out of range: >= -1"),
+    ({}, ["--coordinator", "nonsense"],
+     "--coordinator 'nonsense': expected HOST:PORT with a port in 1..65535"),
+    ({}, ["--coordinator", "127.0.0.1:1", "--memory-limit", "lots"], "--memory-limit"),
+])
+def test_worker_refuses_bad_flags_and_env_by_name(monkeypatch, capsys, env, argv,
+                                                  message) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    rc, err = _run(worker_main, argv, capsys)
+    assert rc == 2 and message in err, err
