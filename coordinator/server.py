@@ -51,7 +51,7 @@ from rabo.auth import TlsFiles
 from rabo.config import Config, to_dict
 from rabo.engine import ClientPlan, GlobalState, Update, sample_participants
 from rabo.errors import RaboError
-from rabo.job import Job, evaluate
+from rabo.job import Job, evaluate_state
 from rabo.metrics import MetricsWriter, truncate_metrics, wire_total, write_json
 from rabo.netstat import SocketCounters, TcpCounters, parse_peer
 from rabo.runner import round_record, summarize
@@ -627,7 +627,7 @@ class RoundDriver:
         done_at = c.clock()
         test = None
         if ticket.round % c.cfg.eval_every == 0 or ticket.round == c.cfg.rounds:
-            test = evaluate(c.job.task, c.state.x, c.state.y, c.job.data.test)
+            test = evaluate_state(c.job.task, c.state, c.job.data.test)
         now = c.clock()
         workers = []
         for t in sorted(ticket.tasks.values(), key=lambda t: t.plan.client_id):

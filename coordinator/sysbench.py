@@ -303,7 +303,7 @@ def ratio_child(task: str, ratio: float, overrides: list[str], mode: str, repeat
     data = job.data.clients[0]
     if device.type == "cuda":
         data = type(data)(data.client_id, data.train.to(device), data.val.to(device))
-    batch = cfg.data.batch_size or 1
+    batch = job.step_batch(0)
     info = {"estimate_bytes": estimate_memory(job.task, job.hyper, ratio, batch),
             "estimate_flops": estimate_flops(job.task, job.hyper, ratio, batch),
             "payload_bytes": 4 * a.payload_numel(), "batch": batch,

@@ -43,7 +43,7 @@ from rabo import checkpoint
 from rabo.config import Config, to_dict
 from rabo.engine import Assignment, ClientPlan, Update, client_step, sample_participants
 from rabo.errors import RaboError
-from rabo.job import Job, evaluate
+from rabo.job import Job, evaluate_state
 from rabo.metrics import MetricsWriter, wire_total, write_json
 from rabo.netstat import SocketCounters, TcpCounters
 from rabo.params import Params
@@ -263,7 +263,7 @@ def run_coordinator(ctx: Context, out: Path | None, progress: bool = True) -> di
             done_at = time.perf_counter()
             test = None
             if q % cfg.eval_every == 0 or q == cfg.rounds:
-                test = evaluate(job.task, state.x, state.y, job.data.test)
+                test = evaluate_state(job.task, state, job.data.test)
             now = time.perf_counter()
             rec = round_record(stats, state, now - start, done_at - opened, clients, test)
             rec["eval_s"] = round(now - done_at, 6)

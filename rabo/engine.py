@@ -38,7 +38,7 @@ from rabo.config import Config, EstimatorConfig
 from rabo.data import ClientData, TensorSet
 from rabo.estimators import Problem, grads, make_estimator
 from rabo.masks import MaskSpec, client_mask_seed
-from rabo.params import Params, clone, norm, numel
+from rabo.params import Params, norm, numel
 from rabo.runtime import peak_memory_bytes, reset_peak_memory
 from rabo.submodel import SlicePlan, check_slices, extract, scatter
 from rabo.tasks import Batch, BilevelTask
@@ -227,10 +227,9 @@ class RoundEngine:
         )
 
     def _lower_of(self, state: GlobalState, client_id: int) -> tuple[Params, Params]:
-        if self.cfg.lower_level == "personalized":
-            if client_id not in state.y_clients:
-                state.y_clients[client_id] = clone(state.y)
-                state.v_clients[client_id] = clone(state.v)
+        """The (y, v) a client starts from: its own under ``lower_level: personalized`` (the
+        shared initial ones before its first round); reads ``state``, never changes it."""
+        if self.cfg.lower_level == "personalized" and client_id in state.y_clients:
             return state.y_clients[client_id], state.v_clients[client_id]
         return state.y, state.v
 

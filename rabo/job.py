@@ -14,7 +14,7 @@ import torch
 
 from rabo.config import Config
 from rabo.data import FederatedData, TensorSet, build_federated
-from rabo.engine import ClientHyper, RoundEngine
+from rabo.engine import ClientHyper, GlobalState, RoundEngine
 from rabo.models import WidthModel, build_model
 from rabo.params import Params
 from rabo.policy import Resources, choose_ratio
@@ -59,11 +59,20 @@ class Job:
         else:
             choice = choose_ratio(self.task, self.hyper, resources, cfg.policy.ladder,
                                   cfg.policy.safety, cfg.policy.deadline_s,
-                                  cfg.data.batch_size or 1)
+                                  self.step_batch(client_id))
             ratio, why = choice.ratio, choice.reason
         if cfg.clients.mode == "exclusion" and ratio is not None and ratio < 1.0:
             return None, f"excluded: fits only ratio {ratio:g} (clients.mode: exclusion)"
         return ratio, why
+
+    def step_batch(self, client_id: int) -> int:
+        """The samples one local gradient of this client uses, for the policy's estimates:
+        ``data.batch_size``, or the client's whole train split when it is 0 (full batch)."""
+        b = self.cfg.data.batch_size
+        if b:
+            return b
+        clients = self.data.clients
+        return max(1, len(clients[client_id % len(clients)].train)) if clients else 1
 
     def simulated_ratios(self) -> list[float]:
         """Per-client ratios of a simulation (0: does not take part), from the fixed list or
@@ -87,6 +96,19 @@ def resolve_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
+def evaluate_state(task: BilevelTask, state: GlobalState, test: TensorSet,
+                   device: torch.device | str = "cpu") -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of a global state on ``test``. Under ``lower_level:
+    personalized`` every client that has trained keeps its own y: the mean over those clients
+    (each its y with the shared x) is reported, since the shared y never trains there."""
+    if state.y_clients:
+        scores = [evaluate(task, state.x, y, test, device)
+                  for _, y in sorted(state.y_clients.items())]
+        return (sum(a for a, _ in scores) / len(scores),
+                sum(loss for _, loss in scores) / len(scores))
+    return evaluate(task, state.x, state.y, test, device)
+
+
 def evaluate(task: BilevelTask, x: Params, y: Params, test: TensorSet,
              device: torch.device | str = "cpu", batch: int = 2048) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of the model (x, y) on ``test``."""

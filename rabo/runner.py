@@ -14,7 +14,7 @@ from typing import Any
 
 from rabo.config import Config, to_dict
 from rabo.engine import ClientPlan, GlobalState, RoundStats, Update, sample_participants
-from rabo.job import Job, evaluate, resolve_device
+from rabo.job import Job, evaluate_state, resolve_device
 from rabo.metrics import MetricsWriter, write_json
 
 BYTES_PER_ELEMENT = 4
@@ -111,7 +111,7 @@ def simulate(cfg: Config, out_dir: str | Path | None = None,
             state, stats = engine.server_step(state, results)
             test = None
             if q % cfg.eval_every == 0 or q == cfg.rounds:
-                test = evaluate(job.task, state.x, state.y, job.data.test, device)
+                test = evaluate_state(job.task, state, job.data.test, device)
             now = time.perf_counter()
             rec = round_record(stats, state, now - start, now - round_start, clients, test)
             records.append(rec)

@@ -119,6 +119,51 @@ def test_personalized_lower_level_keeps_y_per_client() -> None:
     assert max_abs_diff(res.state.y_clients[0], res.state.y_clients[1]) > 0
 
 
+def test_personalized_runs_report_their_clients_heads_and_leave_the_input_state() -> None:
+    """The shared y never trains under lower_level: personalized, so accuracy is the mean of
+    the clients' own heads; and the server step reads, never changes, the state it gets."""
+    from rabo.job import evaluate, evaluate_state
+
+    over = [*TINY, "rounds=12", "clients.count=3", "clients.ratios=[1]",
+            "lower_level=personalized", "outer.lr=0.5", "inner.lr=0.5"]
+    cfg = config.load(None, over)
+    res = simulate(cfg)
+    job = Job.from_config(cfg)
+    heads = [evaluate(job.task, res.state.x, y, job.data.test)[0]
+             for _, y in sorted(res.state.y_clients.items())]
+    assert res.summary["test_acc"] == pytest.approx(sum(heads) / 3)
+    assert evaluate_state(job.task, res.state, job.data.test)[0] == pytest.approx(
+        sum(heads) / 3)
+    shared = evaluate(job.task, res.state.x, res.state.y, job.data.test)[0]
+    assert res.summary["test_acc"] > shared + 0.2  # the untrained shared head is near chance
+    # server_step on a fresh state: its (empty) per-client dicts stay empty
+    state = job.engine.init_state()
+    plan = job.engine.plan(1, 0, 1.0)
+    upd = job.engine.client_step(job.engine.assign(state, plan), job.data.clients[0])
+    new, _ = job.engine.server_step(state, [(plan, upd)])
+    assert state.y_clients == {} and sorted(new.y_clients) == [0]
+
+
+def test_full_batch_policy_sizes_the_whole_train_split() -> None:
+    """data.batch_size 0 means full batch: the ratio policy must size memory for the client's
+    whole train split, not for one sample."""
+    from rabo.policy import Resources, estimate_memory
+
+    cfg = config.load(None, ["data.dataset=digits", "model.hidden=[512, 512]",
+                             "clients.count=2", "data.batch_size=0"])
+    job = Job.from_config(cfg)
+    n = len(job.data.clients[0].train)
+    assert job.step_batch(0) == n > 100
+    one = estimate_memory(job.task, job.hyper, 1.0, 1)
+    full = estimate_memory(job.task, job.hyper, 1.0, n)
+    assert full > one
+    # a budget that fits ratio 1 at one sample but not at the real batch
+    budget = int((one + full) / 2 / cfg.policy.safety)
+    ratio, _ = job.ratio_for(0, Resources(budget))
+    assert ratio is not None and ratio < 1.0
+    assert estimate_memory(job.task, job.hyper, ratio, n) <= budget * cfg.policy.safety
+
+
 def test_task_c_hyper_cleaning_runs_and_moves_only_participants_weights() -> None:
     over = ["task=C", "data.dataset=digits", "model.hidden=[16]", "clients.count=4",
             "clients.participation=0.5", "rounds=2", "data.label_noise=0.3",

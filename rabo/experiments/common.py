@@ -102,7 +102,7 @@ def tier_budgets(job: Any, ratios: Sequence[float], hyper: Any = None) -> list[s
     cfg = job.cfg
     hyper = hyper or job.hyper
     ladder = sorted(cfg.policy.ladder)
-    batch = cfg.data.batch_size or 1
+    batch = job.step_batch(0)
     out = []
     for r in ratios:
         if r not in ladder:

@@ -96,7 +96,7 @@ def policy_table(preset: str) -> list[dict[str, Any]]:
             est_job = Job(cfg, job.data, job.model, job.task, RoundEngine(cfg, job.task))
             picks = [est_job.ratio_for(0, Resources(parse_bytes(b)))[0] or 0.0
                      for b in budgets]
-            hp, batch = est_job.engine.hyper, cfg.data.batch_size or 1
+            hp, batch = est_job.engine.hyper, est_job.step_batch(0)
             out.append({"task": task, "dataset": ds, "estimator": est, "budgets": budgets,
                         "ratios": picks,
                         "estimate_at_ratio_1_bytes": estimate_memory(job.task, hp, 1.0, batch),
