@@ -20,6 +20,7 @@ from rabo.engine import GlobalState
 from rabo.errors import RaboError
 
 CHECKPOINT = "checkpoint.pt"
+RUN_FILES = ("metrics.jsonl", "summary.json")  # what a run writes beside its checkpoints
 
 
 class CheckpointError(RaboError):
@@ -129,9 +130,6 @@ def _candidates(directory: Path) -> list[Path]:
 def has_checkpoint(directory: str | Path) -> bool:
     """Whether ``directory`` holds any checkpoint to resume from (verified or not)."""
     return Path(directory).is_dir() and bool(_candidates(Path(directory)))
-
-
-RUN_FILES = ("metrics.jsonl", "summary.json")  # what a run writes beside its checkpoints
 
 
 def claim_run_dir(directory: str | Path, overwrite: bool = False) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
@@ -39,6 +40,17 @@ def int_arg(lo: int | None = None, hi: int | None = None, env: str | None = None
         return value
     convert.__name__ = "integer"
     return convert
+
+
+def seconds_arg(text: str) -> float:
+    """An argparse ``type`` for a duration: a finite number of seconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number >= 0")
+    return value
 
 
 PORT = {"lo": 0, "hi": 65535}

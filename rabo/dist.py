@@ -24,10 +24,10 @@ round, and torchrun tears the job down.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import ipaddress
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -348,19 +348,8 @@ def run_worker(ctx: Context, memory_limit: int | None) -> None:
 # --------------------------------------------------------------------------- entry
 
 
-def positive_seconds(text: str) -> float:
-    """--timeout-s: finite and >= 0 (0: the config's)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number >= 0")
-    return value
-
-
 def add_dist_args(p: argparse.ArgumentParser) -> None:
-    from rabo.cli import add_config_args, int_arg
+    from rabo.cli import add_config_args, int_arg, seconds_arg
 
     add_config_args(p)
     p.add_argument("--out", metavar="DIR", help="run folder (written by rank 0)")
@@ -380,7 +369,7 @@ def add_dist_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int_arg(0, env="RABO_THREADS"),
                    default=os.environ.get("RABO_THREADS", "0"),
                    help="torch CPU threads per rank (0: torch's default; env RABO_THREADS)")
-    p.add_argument("--timeout-s", type=positive_seconds, default=0.0,
+    p.add_argument("--timeout-s", type=seconds_arg, default=0.0,
                    help="collective / send / recv timeout (0: cluster.dist_timeout_s)")
 
 
@@ -489,13 +478,10 @@ def cmd_dist(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def check_same_config(cfg: Config, rank: int, world: int, device: torch.device) -> None:
     """Every rank loads its own --config; on several machines they can differ (a stale copy,
     another seed), which would train a wrong model or hang. The ranks compare a SHA-256 of
     the resolved config (as tensors: no pickled objects cross the wire)."""
-    import hashlib
-
     digest = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).digest()
     mine = torch.tensor(list(digest), dtype=torch.uint8, device=device)
     every = [torch.empty_like(mine) for _ in range(world)]
@@ -514,6 +500,7 @@ def pick_backend(requested: str, gpus: int, local_world_size: str | None) -> str
     if requested != "auto":
         return requested
     return "nccl" if gpus and local_world_size and gpus >= int(local_world_size) else "gloo"
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rabo.dist",

@@ -109,6 +109,7 @@ def evaluate_state(task: BilevelTask, state: GlobalState, test: TensorSet,
     return evaluate(task, state.x, state.y, test, device)
 
 
+@torch.no_grad()
 def evaluate(task: BilevelTask, x: Params, y: Params, test: TensorSet,
              device: torch.device | str = "cpu", batch: int = 2048) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of the model (x, y) on ``test``."""

@@ -10,6 +10,14 @@ from rabo.cli import main as rabo_main
 from worker.cli import main as worker_main
 
 
+def _refused(fn, monkeypatch, capsys, env: dict[str, str], argv: list[str],
+             message: str) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    rc, err = _run(fn, argv, capsys)
+    assert rc == 2 and message in err, err
+
+
 def _run(fn, argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     try:
         rc = fn(argv)
@@ -34,10 +42,7 @@ def _run(fn, argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
 ])
 def test_rabo_refuses_bad_flags_and_env_by_name(monkeypatch, capsys, env, argv,
                                                 message) -> None:
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    rc, err = _run(rabo_main, argv, capsys)
-    assert rc == 2 and message in err, err
+    _refused(rabo_main, monkeypatch, capsys, env, argv, message)
 
 
 def test_a_bad_variable_only_troubles_the_commands_that_read_it(monkeypatch, capsys) -> None:
@@ -58,7 +63,4 @@ def test_a_bad_variable_only_troubles_the_commands_that_read_it(monkeypatch, cap
 ])
 def test_worker_refuses_bad_flags_and_env_by_name(monkeypatch, capsys, env, argv,
                                                   message) -> None:
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    rc, err = _run(worker_main, argv, capsys)
-    assert rc == 2 and message in err, err
+    _refused(worker_main, monkeypatch, capsys, env, argv, message)

@@ -90,7 +90,7 @@ class Worker:
         self.opts = opts
         # backoff waits end early on SIGTERM/SIGINT (a plain time.sleep would sit out up to
         # the backoff cap, past a supervisor's grace period)
-        self.sleep = sleep or (lambda seconds: self.stop.wait(seconds) and None)
+        self.sleep = sleep or self._pause
         self.clock = clock  # for the give-up and contact times (injectable for tests)
         self.stop = threading.Event()
         self.device = pick_device(opts.device)
@@ -280,22 +280,24 @@ class Worker:
                     raise
                 # late, stale, duplicate or for an earlier try of the round: this update is
                 # not needed; the session goes on with the next assignment
-                self._contact = self.clock()
                 log.warning("round %d: update not taken (%s: %s)", assignment.round,
                             code.name, exc.details())  # type: ignore[attr-defined]
-                last_round = assignment.round
-                del assignment, update, messages, first, call
-                continue
+                reply = None
             self._contact = self.clock()
             last_round = assignment.round
-            self.rounds_done += 1
-            log.info("round %d done: ratio %g, %.2fs compute, peak memory %d MiB above "
-                     "start-up, %s", assignment.round, assignment.mask.ratio, update.compute_s,
-                     self._step_peak(update.peak_mem_bytes) >> 20, reply.message)
+            if reply is not None:
+                self.rounds_done += 1
+                log.info("round %d done: ratio %g, %.2fs compute, peak memory %d MiB above "
+                         "start-up, %s", assignment.round, assignment.mask.ratio,
+                         update.compute_s, self._step_peak(update.peak_mem_bytes) >> 20,
+                         reply.message)
             # drop this round's payloads before the next one arrives, or the next round's
             # peak would carry them too
             del assignment, update, messages, first, call
         return False
+
+    def _pause(self, seconds: float) -> None:
+        self.stop.wait(seconds)
 
     def _step_peak(self, peak: int) -> int:
         """A step's peak above start-up: the CPU peak is the process's RSS high-water mark
