@@ -403,6 +403,7 @@ def run_load(workers: int = 200, heartbeats: int = 5, timeout_s: float = 120.0
     import grpc
 
     from coordinator.server import serve
+    from rabo_proto import PROTOCOL_VERSION
     from rabo_proto.v1 import rabo_pb2 as pb
     from rabo_proto.v1 import rabo_pb2_grpc as pb_grpc
 
@@ -422,7 +423,7 @@ def run_load(workers: int = 200, heartbeats: int = 5, timeout_s: float = 120.0
             start_gate.wait(timeout=timeout_s)
             t0 = time.perf_counter()
             reply = stub.Register(pb.RegisterRequest(
-                name=f"sim-{i}", client_id=-1, protocol=1,
+                name=f"sim-{i}", client_id=-1, protocol=PROTOCOL_VERSION,
                 profile=pb.ResourceProfile(memory_budget_bytes=1 << 30)), timeout=timeout_s)
             reg = time.perf_counter() - t0
             lat = []

@@ -14,7 +14,8 @@ class Monitor:
         self.workers = Gauge("rabo_workers_live", "Registered, non-expired workers", registry=r)
         self.test_acc = Gauge("rabo_test_accuracy", "Test accuracy after the last round",
                               registry=r)
-        self.upper_loss = Gauge("rabo_upper_loss", "Workers' upper-level loss", registry=r)
+        self.upper_loss = Gauge("rabo_upper_loss",
+                                "Upper-level loss of the global model (validation)", registry=r)
         self.coverage_x = Gauge("rabo_coverage_x_min", "Minimum coverage of x, last round",
                                 registry=r)
         self.payload = Counter("rabo_payload_bytes", "Tensor payload bytes", ["direction"],
@@ -39,7 +40,8 @@ class Monitor:
         self.workers.set(live)
         if rec.get("test_acc") is not None:
             self.test_acc.set(rec["test_acc"])
-        self.upper_loss.set(rec["upper_loss"])
+        if rec.get("upper_loss") is not None:
+            self.upper_loss.set(rec["upper_loss"])
         self.coverage_x.set(rec["coverage_x_min"])
         self.round_seconds.observe(rec["round_s"])
         self.left_out.inc(len(rec.get("left_out", [])))

@@ -51,11 +51,13 @@ from rabo.auth import TlsFiles
 from rabo.config import Config, to_dict
 from rabo.engine import ClientPlan, GlobalState, Update, sample_participants
 from rabo.errors import RaboError
-from rabo.job import Job, evaluate_state
+from rabo.evaluation import due, evaluate_round
+from rabo.job import Job
 from rabo.metrics import MetricsWriter, truncate_metrics, wire_total, write_json
 from rabo.netstat import SocketCounters, TcpCounters, parse_peer
 from rabo.runner import round_record, summarize
 from rabo.runtime import tune_allocator
+from rabo_proto import PROTOCOL_VERSION
 from rabo_proto.codec import Assembler, WireError, check_header, message_bytes
 from rabo_proto.status import RUN_COMPLETE, RUN_STATE_KEY, RUN_STOPPING
 from rabo_proto.v1 import rabo_pb2 as pb
@@ -63,7 +65,6 @@ from rabo_proto.v1 import rabo_pb2_grpc as pb_grpc
 
 log = logging.getLogger("rabo.coordinator")
 STOP_DRAIN_S = 20.0  # SIGTERM: how long the driver may take to record its last round
-PROTOCOL_VERSION = 1
 SERVICE_NAME = "rabo.v1.Coordinator"
 
 
@@ -625,16 +626,14 @@ class RoundDriver:
         with c.cond:
             c.state = new_state
         done_at = c.clock()
-        test = None
-        if ticket.round % c.cfg.eval_every == 0 or ticket.round == c.cfg.rounds:
-            test = evaluate_state(c.job.task, c.state, c.job.data.test)
+        evaluation = evaluate_round(c.job, c.state) if due(c.cfg, ticket.round) else None
         now = c.clock()
         workers = []
         for t in sorted(ticket.tasks.values(), key=lambda t: t.plan.client_id):
             workers.append(self._worker_record(t))
         # round_s: open to aggregated (transfers, compute, aggregation); eval_s is apart
         rec = round_record(stats, c.state, now - start, done_at - ticket.opened_at,
-                           [w for w in workers if w["arrived"]], test)
+                           [w for w in workers if w["arrived"]], evaluation)
         rec["eval_s"] = round(now - done_at, 6)
         rec["left_out"] = [w for w in workers if not w["arrived"]]
         rec["not_assigned"] = dict(ticket.not_assigned)

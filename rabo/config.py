@@ -57,8 +57,12 @@ class ModelConfig:
     )
     channels: list[int] = opt([32, 64], "CNN convolution channels, one entry per conv block")
     kernel: int = opt(3, "CNN kernel size (odd; 'same' padding, 2x2 max-pool after each)", ge=1)
-    scaler: bool = opt(False, "[recon] HeteroFL scaler: a submodel scales its hidden outputs by "
-                       "full width / kept width")
+    scaler: Literal["none", "forward", "consistent"] = opt(
+        "none", "none: submodels run unscaled; forward: [recon] HeteroFL's scaler, a submodel "
+        "multiplies its hidden outputs by full / kept width (meant to sit before a "
+        "normalization layer; without one it amplifies a small client's gradients, and RABO "
+        "warns); consistent: [ext] the forward scaler with each client's y steps, v update and "
+        "hypergradient scaled per tensor by the kept fraction of that tensor")
 
     def validate(self, key: str) -> None:
         if self.kind == "mlp" and not self.hidden:
@@ -137,7 +141,12 @@ class MaskConfig:
         "rolling", "[recon] submodel index policy: static prefix (HeteroFL), rolling window "
         "(FedRolex), random per round and client (Federated Dropout)"
     )
-    rolling_stride: int = opt(1, "units the rolling window moves per round", ge=1)
+    rolling_stride: int = opt(0, "units a rolling window moves per round; 0: tied to the layer, "
+                              "ceil(width / sweep_rounds) but at most the window's size",
+                              ge=0)
+    sweep_rounds: int = opt(8, "rolling masks with rolling_stride 0: rounds a window takes to "
+                            "sweep a layer (a window smaller than width/sweep_rounds takes "
+                            "width/window rounds)", ge=1)
 
 
 @dataclass(kw_only=True)
@@ -250,7 +259,12 @@ class Config:
         "global", "[recon] global: y is averaged (FedNest form); personalized: y stays per client"
     )
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where the simulator computes")
-    eval_every: int = opt(1, "evaluate on the test set every N rounds (and the last)", ge=1)
+    eval_every: int = opt(1, "evaluate the global model (test accuracy, per class and per "
+                          "width, validation upper_loss) every N rounds (and the last)", ge=1)
+    hypergradient_every: int = opt(
+        0, "at evaluated rounds that are multiples of N (and the last), also compute the exact "
+        "full-batch hypergradient norm of the global model (CG on exact Hessian-vector "
+        "products; costly); 0: never", ge=0)
     model: ModelConfig = opt(ModelConfig(), "model")
     data: DataConfig = opt(DataConfig(), "data")
     clients: ClientsConfig = opt(ClientsConfig(), "clients")

@@ -43,7 +43,8 @@ from rabo import checkpoint
 from rabo.config import Config, to_dict
 from rabo.engine import Assignment, ClientPlan, Update, client_step, sample_participants
 from rabo.errors import RaboError
-from rabo.job import Job, evaluate_state
+from rabo.evaluation import due, evaluate_round
+from rabo.job import Job
 from rabo.metrics import MetricsWriter, wire_total, write_json
 from rabo.netstat import SocketCounters, TcpCounters
 from rabo.params import Params
@@ -261,11 +262,9 @@ def run_coordinator(ctx: Context, out: Path | None, progress: bool = True) -> di
                 raise DistError(f"round {q}: no worker could take part: {not_assigned}")
             state, stats = engine.server_step(state, results)
             done_at = time.perf_counter()
-            test = None
-            if q % cfg.eval_every == 0 or q == cfg.rounds:
-                test = evaluate_state(job.task, state, job.data.test)
+            evaluation = evaluate_round(job, state) if due(cfg, q) else None
             now = time.perf_counter()
-            rec = round_record(stats, state, now - start, done_at - opened, clients, test)
+            rec = round_record(stats, state, now - start, done_at - opened, clients, evaluation)
             rec["eval_s"] = round(now - done_at, 6)
             rec["not_assigned"] = not_assigned
             rec["left_out"] = []

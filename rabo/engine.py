@@ -40,7 +40,7 @@ from rabo.estimators import Problem, grads, make_estimator
 from rabo.masks import MaskSpec, client_mask_seed
 from rabo.params import Params, norm, numel
 from rabo.runtime import peak_memory_bytes, reset_peak_memory
-from rabo.submodel import SlicePlan, check_slices, extract, scatter
+from rabo.submodel import ParamLayout, SlicePlan, check_slices, extract, scatter
 from rabo.tasks import Batch, BilevelTask
 
 # --------------------------------------------------------------------------- value types
@@ -212,7 +212,8 @@ class RoundEngine:
     def plan(self, round: int, client_id: int, ratio: float) -> ClientPlan:
         mask = MaskSpec(policy=self.cfg.mask.policy, ratio=ratio, round=round,
                         seed=client_mask_seed(self.cfg.seed, client_id),
-                        stride=self.cfg.mask.rolling_stride)
+                        stride=self.cfg.mask.rolling_stride,
+                        sweep_rounds=self.cfg.mask.sweep_rounds)
         return ClientPlan(round, client_id, mask, self.task.x_plan(mask, client_id),
                           self.task.y_plan(mask))
 
@@ -309,6 +310,10 @@ def client_step(task: BilevelTask, a: Assignment, data: ClientData, device: torc
         upper_loss = float(task.f(x0, y0, Batch(val.inputs, val.labels,
                                                 torch.arange(len(val), device=device))))
     x, y, v = dict(x0), dict(y0), dict(v0)
+    # [ext] the consistent scaler: a submodel's steps on each tensor scaled by the tensor's kept
+    # fraction (1 for a whole tensor), which undoes the forward scaler's gain on its gradients
+    fy = kept_fractions(task.y_layout, y0) if task.model.spec.scaler == "consistent" else None
+    fx = kept_fractions(task.x_layout, x0) if fy is not None else None
     hypergradient: Params = {}
     for t in range(hp.local_steps):
         val_batch = sample_batch(val, hp.batch_size,
@@ -320,7 +325,7 @@ def client_step(task: BilevelTask, a: Assignment, data: ClientData, device: torc
                               g=functools.partial(_bound, task.g, train_batch))
             if k < hp.inner_steps - 1:
                 _, gy = grads(problem.g, x, y, wrt_x=False)
-                y = {n: y[n] - hp.inner_lr * gy[n] for n in y}
+                y = _step(y, gy, hp.inner_lr, fy)
                 continue
             if estimator.uses_base:
                 base = grads(problem.g, x, y)
@@ -329,11 +334,17 @@ def client_step(task: BilevelTask, a: Assignment, data: ClientData, device: torc
                 base = None
                 _, gy = grads(problem.g, x, y, wrt_x=False)
             est = estimator.estimate(problem, x, y, v, base)
-            y = {n: y[n] - hp.inner_lr * gy[n] for n in y}
-            v = est.v
-            hypergradient = est.hypergradient
+            y = _step(y, gy, hp.inner_lr, fy)
+            if fy is None:
+                v, hypergradient = est.v, est.hypergradient
+            else:  # a convex combination of two points of the ball: v stays projected
+                assert fx is not None
+                v = {n: v[n] + fy[n] * (est.v[n] - v[n]) if fy[n] != 1.0 else est.v[n]
+                     for n in v}
+                hypergradient = {n: h * fx[n] if fx[n] != 1.0 else h
+                                 for n, h in est.hypergradient.items()}
             if hp.algorithm == "rafbo":
-                x = {n: x[n] - hp.local_lr * hypergradient[n] for n in x}
+                x = _step(x, hypergradient, hp.local_lr, None)
     if hp.algorithm == "rafbo":
         x_out = {n: (x[n] - x0[n]).cpu() for n in x}
     else:
@@ -346,6 +357,20 @@ def client_step(task: BilevelTask, a: Assignment, data: ClientData, device: torc
         samples=len(train), upper_loss=upper_loss, compute_s=compute_s,
         peak_mem_bytes=peak_memory_bytes(device),
     )
+
+
+def kept_fractions(layout: Mapping[str, ParamLayout], sub: Mapping[str, torch.Tensor]
+                   ) -> dict[str, float]:
+    """Per tensor of a submodel: its kept entries over the full tensor's (1.0 when whole)."""
+    return {n: t.numel() / math.prod(layout[n].shape) for n, t in sub.items()}
+
+
+def _step(params: Params, grad: Mapping[str, torch.Tensor], lr: float,
+          scale: Mapping[str, float] | None) -> Params:
+    """params - lr * grad, per tensor times ``scale[name]`` where given."""
+    if scale is None:
+        return {n: params[n] - lr * grad[n] for n in params}
+    return {n: params[n] - (lr * scale[n]) * grad[n] for n in params}
 
 
 def _bound(loss: Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], Batch],

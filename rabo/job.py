@@ -7,19 +7,21 @@ shipping any of it.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from itertools import cycle, islice
 
 import torch
 
 from rabo.config import Config
-from rabo.data import FederatedData, TensorSet, build_federated
-from rabo.engine import ClientHyper, GlobalState, RoundEngine
+from rabo.data import FederatedData, build_federated
+from rabo.engine import ClientHyper, RoundEngine
 from rabo.models import WidthModel, build_model
-from rabo.params import Params
 from rabo.policy import Resources, choose_ratio
 from rabo.tasks import BilevelTask, build_task
 from rabo.units import parse_bytes
+
+log = logging.getLogger("rabo")
 
 
 @dataclass
@@ -36,6 +38,11 @@ class Job:
         model = build_model(cfg.model.kind, data.input_shape, data.num_classes,
                             cfg.model.hidden, cfg.model.channels, cfg.model.kernel,
                             cfg.model.scaler)
+        if cfg.model.scaler == "forward" and not model.has_normalization:
+            log.warning("model.scaler: forward on a model without normalization layers "
+                        "multiplies a small client's gradients by about 1/(kept fraction) "
+                        "(21-85x measured at ratio 1/8), so small clients dominate shared "
+                        "coordinates; 'consistent' corrects it (docs/method.md)")
         task = build_task(cfg, model, [len(c.train) for c in data.clients])
         return cls(cfg, data, model, task, RoundEngine(cfg, task))
 
@@ -93,36 +100,3 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
     return torch.device(name)
-
-
-@torch.no_grad()
-def evaluate_state(task: BilevelTask, state: GlobalState, test: TensorSet,
-                   device: torch.device | str = "cpu") -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of a global state on ``test``. Under ``lower_level:
-    personalized`` every client that has trained keeps its own y: the mean over those clients
-    (each its y with the shared x) is reported, since the shared y never trains there."""
-    if state.y_clients:
-        scores = [evaluate(task, state.x, y, test, device)
-                  for _, y in sorted(state.y_clients.items())]
-        return (sum(a for a, _ in scores) / len(scores),
-                sum(loss for _, loss in scores) / len(scores))
-    return evaluate(task, state.x, state.y, test, device)
-
-
-@torch.no_grad()
-def evaluate(task: BilevelTask, x: Params, y: Params, test: TensorSet,
-             device: torch.device | str = "cpu", batch: int = 2048) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of the model (x, y) on ``test``."""
-    device = torch.device(device)
-    xs = {k: t.to(device) for k, t in x.items()}
-    ys = {k: t.to(device) for k, t in y.items()}
-    correct = 0
-    loss = 0.0
-    n = len(test)
-    for i in range(0, n, batch):
-        inputs = test.inputs[i:i + batch].to(device)
-        labels = test.labels[i:i + batch].to(device)
-        logits = task.logits(xs, ys, inputs)
-        loss += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(1) == labels).sum())
-    return correct / max(n, 1), loss / max(n, 1)

@@ -5,8 +5,12 @@ Only a :class:`MaskSpec` travels between coordinator and worker, never a boolean
 
 Policies [recon]:
   * ``static``  - the first ``k`` units of every layer (HeteroFL, Diao et al., ICLR 2021).
-  * ``rolling`` - a window of ``k`` units that moves ``stride`` units per round and wraps
-    around (FedRolex, Alam et al., NeurIPS 2022); the same window for every client.
+  * ``rolling`` - a window of ``k`` units that moves every round and wraps around (FedRolex,
+    Alam et al., NeurIPS 2022); the same window for every client. By default the step is tied
+    to the layer: ``ceil(width / sweep_rounds)`` units per round, so a window sweeps every
+    layer in ``sweep_rounds`` rounds whatever its width (measured here: FedRolex's one unit per
+    round leaves a 1/8 window of 256 units on units 1-51 after 20 rounds, i.e. static in
+    practice; see docs/method.md). A fixed ``stride`` in units overrides it.
   * ``random``  - ``k`` units drawn per round and per client (Federated Dropout, Caldas et al.
     2018); the client enters through ``seed`` (see :func:`client_mask_seed`).
 """
@@ -31,15 +35,24 @@ class MaskSpec:
     ratio: float
     round: int
     seed: int = 0
-    stride: int = 1
+    stride: int = 0  # rolling: units per round; 0: ceil(width / sweep_rounds) per layer
+    sweep_rounds: int = 8  # rolling with stride 0: rounds a window takes to sweep a layer
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"mask policy {self.policy!r} is not one of {', '.join(POLICIES)}")
         if not 0 < self.ratio <= 1:
             raise ValueError(f"mask ratio must be in (0, 1], got {self.ratio}")
-        if self.round < 0 or self.seed < 0 or self.stride < 1:
-            raise ValueError("mask round and seed must be >= 0 and stride >= 1")
+        if self.round < 0 or self.seed < 0 or self.stride < 0:
+            raise ValueError("mask round, seed and stride must be >= 0")
+        if self.sweep_rounds < 1:
+            raise ValueError(f"mask sweep_rounds must be >= 1, got {self.sweep_rounds}")
+
+    def step(self, width: int, kept: int) -> int:
+        """Units a rolling window of ``kept`` units moves per round in a layer of ``width``:
+        ``stride`` if set, else ceil(width / sweep_rounds) but never more than ``kept`` (a
+        smaller window moves by its own size, so that it skips no unit)."""
+        return self.stride or max(1, min(kept, math.ceil(width / self.sweep_rounds)))
 
 
 def kept_count(ratio: float, width: int) -> int:
@@ -52,6 +65,17 @@ def client_mask_seed(run_seed: int, client_id: int) -> int:
     return (run_seed * 1_000_003 + client_id * 7_919 + 1) % (2**31 - 1)
 
 
+def rounds_to_visit_all(spec: MaskSpec, width: int) -> int | None:
+    """Consecutive rounds after which a rolling window of ``spec`` has visited every unit of a
+    layer of ``width`` units: ceil((width - k) / step) + 1 for k kept units; None when the step
+    exceeds the window (a fixed ``stride`` larger than k skips units)."""
+    k = kept_count(spec.ratio, width)
+    step = spec.step(width, k)
+    if k == width:
+        return 1
+    return None if step > k else math.ceil((width - k) / step) + 1
+
+
 def kept_units(spec: MaskSpec, widths: Mapping[str, int]) -> dict[str, torch.Tensor]:
     """Sorted int64 indices of the kept units of every group (in ``widths`` order)."""
     kept: dict[str, torch.Tensor] = {}
@@ -62,7 +86,7 @@ def kept_units(spec: MaskSpec, widths: Mapping[str, int]) -> dict[str, torch.Ten
         elif spec.policy == "static":
             idx = np.arange(k)
         elif spec.policy == "rolling":
-            start = (spec.round * spec.stride) % width
+            start = (spec.round * spec.step(width, k)) % width
             idx = np.sort((start + np.arange(k)) % width)
         else:
             rng = np.random.Generator(np.random.PCG64([spec.seed, spec.round, group_index]))

@@ -22,6 +22,8 @@ from rabo.masks import MaskSpec, kept_units
 from rabo.params import Params
 from rabo.submodel import Axis, Layout, ParamLayout, SlicePlan, extract, plan
 
+SCALERS = ("none", "forward", "consistent")
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -35,9 +37,12 @@ class ModelSpec:
     hidden: tuple[int, ...] = ()
     channels: tuple[int, ...] = ()
     kernel: int = 3
-    scaler: bool = False
+    scaler: str = "none"  # none | forward | consistent (see rabo.config.ModelConfig.scaler)
 
     def __post_init__(self) -> None:
+        if self.scaler not in SCALERS:
+            raise ValueError(f"model scaler must be one of {', '.join(SCALERS)}, "
+                             f"got {self.scaler!r}")
         if self.kind not in ("mlp", "cnn"):
             raise ValueError(f"model kind must be 'mlp' or 'cnn', got {self.kind!r}")
         if self.kind == "cnn":
@@ -138,11 +143,15 @@ class WidthModel:
                              width)
         return h
 
+    # The built-in models have no normalization layer: the forward scaler on its own then
+    # amplifies a small client's gradients (see docs/method.md), so tasks warn about it.
+    has_normalization = False
+
     def _scaled(self, h: torch.Tensor, full_width: int) -> torch.Tensor:
         """HeteroFL's scaler: a submodel keeping k of n units multiplies their outputs by n/k,
         so that the next layer sees the full model's scale (the full model is unchanged)."""
         kept = h.shape[1]
-        if not self.spec.scaler or kept == full_width:
+        if self.spec.scaler == "none" or kept == full_width:
             return h
         return h * (full_width / kept)
 
@@ -197,7 +206,7 @@ class WidthModel:
 
 
 def build_model(kind: str, input_shape: tuple[int, ...], classes: int, hidden: list[int] | tuple,
-                channels: list[int] | tuple = (), kernel: int = 3, scaler: bool = False
+                channels: list[int] | tuple = (), kernel: int = 3, scaler: str = "none"
                 ) -> WidthModel:
     return WidthModel(ModelSpec(kind=kind, input_shape=tuple(input_shape), classes=classes,
                                 hidden=tuple(hidden), channels=tuple(channels), kernel=kernel,

@@ -26,12 +26,13 @@ def table(records: list[dict[str, Any]]) -> str:
     lines = [head, "-" * len(head)]
     for r in records:
         b, _ = _round_bytes(r)
-        acc = r.get("test_acc")
+        acc, loss = r.get("test_acc"), r.get("upper_loss")
         compute = r.get("compute_s",
                         max((c.get("compute_s", 0) for c in r.get("clients", [])), default=0))
         lines.append(
             f"{r['round']:>5} {'-' if acc is None else f'{acc:.4f}':>8} "
-            f"{r['upper_loss']:>8.4f} {r['coverage_x_min']:>6} {r['coverage_y_min']:>6} "
+            f"{'-' if loss is None else f'{loss:.4f}':>8} "
+            f"{r['coverage_x_min']:>6} {r['coverage_y_min']:>6} "
             f"{len(r.get('clients', [])):>7} {b / 2**20:>9.2f} {r.get('round_s', 0):>8.2f} "
             f"{compute:>9.2f}")
     return "\n".join(lines)

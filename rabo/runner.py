@@ -14,7 +14,8 @@ from typing import Any
 
 from rabo.config import Config, to_dict
 from rabo.engine import ClientPlan, GlobalState, RoundStats, Update, sample_participants
-from rabo.job import Job, evaluate_state, resolve_device
+from rabo.evaluation import EMPTY_RECORD, Evaluation, due, evaluate_round
+from rabo.job import Job, resolve_device
 from rabo.metrics import MetricsWriter, write_json
 
 BYTES_PER_ELEMENT = 4
@@ -28,16 +29,16 @@ class RunResult:
 
 
 def round_record(stats: RoundStats, state: GlobalState, wall_s: float, round_s: float,
-                 clients: list[dict[str, Any]], test: tuple[float, float] | None
+                 clients: list[dict[str, Any]], evaluation: Evaluation | None
                  ) -> dict[str, Any]:
-    """The per-round metrics object shared by every transport."""
+    """The per-round metrics object shared by every transport. The global model's figures
+    (``upper_loss``, ``test_*``) are None in a round that does not evaluate it."""
     rec: dict[str, Any] = {
         "round": stats.round,
         "wall_s": round(wall_s, 4),
         "round_s": round(round_s, 4),
-        "upper_loss": stats.upper_loss,
-        "test_acc": test[0] if test else None,
-        "test_loss": test[1] if test else None,
+        **(evaluation.as_record() if evaluation else EMPTY_RECORD),
+        "client_upper_loss": stats.upper_loss,
         "hypergradient_norm": stats.step_norm,
         **stats.coverage_x.as_dict("coverage_x"),
         **stats.coverage_y.as_dict("coverage_y"),
@@ -66,14 +67,17 @@ def client_record(plan: ClientPlan, update: Update, down_elems: int) -> dict[str
 
 def summarize(cfg: Config, state: GlobalState, records: list[dict[str, Any]], wall_s: float,
               extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    last = records[-1] if records else {}
     evaluated = [r for r in records if r.get("test_acc") is not None]
+    last = evaluated[-1] if evaluated else {}
     return {
         "rounds": state.round,
-        "test_acc": evaluated[-1]["test_acc"] if evaluated else None,
-        "test_loss": evaluated[-1]["test_loss"] if evaluated else None,
+        "test_acc": last.get("test_acc"),
+        "test_loss": last.get("test_loss"),
         "best_test_acc": max((r["test_acc"] for r in evaluated), default=None),
         "upper_loss": last.get("upper_loss"),
+        "test_acc_per_class": last.get("test_acc_per_class"),
+        "test_acc_per_width": last.get("test_acc_per_width"),
+        "client_upper_loss": records[-1]["client_upper_loss"] if records else None,
         "C_x_star": state.c_x_star,
         "wall_s": round(wall_s, 3),
         **(extra or {}),
@@ -109,11 +113,10 @@ def simulate(cfg: Config, out_dir: str | Path | None = None,
                 results.append((plan, update))
                 clients.append(client_record(plan, update, assignment.payload_numel()))
             state, stats = engine.server_step(state, results)
-            test = None
-            if q % cfg.eval_every == 0 or q == cfg.rounds:
-                test = evaluate_state(job.task, state, job.data.test, device)
+            evaluation = evaluate_round(job, state, device) if due(cfg, q) else None
             now = time.perf_counter()
-            rec = round_record(stats, state, now - start, now - round_start, clients, test)
+            rec = round_record(stats, state, now - start, now - round_start, clients,
+                               evaluation)
             records.append(rec)
             if writer:
                 writer.write(rec)
@@ -132,8 +135,9 @@ def simulate(cfg: Config, out_dir: str | Path | None = None,
 def format_progress(rec: dict[str, Any], total_rounds: int) -> str:
     """One terminal line per round."""
     ratios = ",".join(f"{c['ratio']:g}" for c in rec["clients"])
-    acc = rec.get("test_acc")
+    acc, loss = rec.get("test_acc"), rec.get("upper_loss")
     acc_s = f"{100 * acc:5.1f}%" if acc is not None else "   -  "
+    loss_s = f"{loss:.4f}" if loss is not None else "   -  "
     return (f"round {rec['round']:>3}/{total_rounds}  test_acc {acc_s}  "
-            f"upper_loss {rec['upper_loss']:.4f}  cov_x min {rec['coverage_x_min']} "
+            f"upper_loss {loss_s}  cov_x min {rec['coverage_x_min']} "
             f"mean {rec['coverage_x_mean']:.2f}  ratios [{ratios}]  {rec['round_s']:.2f}s")

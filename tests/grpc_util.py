@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from rabo_proto import PROTOCOL_VERSION
 from rabo_proto.codec import Assembler, Encoded, WireTensor
 from rabo_proto.v1 import rabo_pb2 as pb
 from rabo_proto.v1 import rabo_pb2_grpc as pb_grpc
@@ -33,7 +34,7 @@ def connect(port: int, client_id: int = -1, budget: int = 1 << 34) -> Session:
                                  flops_per_s=1e9)
     try:
         reply = stub.Register(pb.RegisterRequest(name="test", profile=profile,
-                                                 client_id=client_id, protocol=1),
+                                                 client_id=client_id, protocol=PROTOCOL_VERSION),
                               timeout=10, wait_for_ready=True)
     except BaseException:
         channel.close()  # a refused registration must not leave a live channel behind

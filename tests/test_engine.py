@@ -122,7 +122,10 @@ def test_personalized_lower_level_keeps_y_per_client() -> None:
 def test_personalized_runs_report_their_clients_heads_and_leave_the_input_state() -> None:
     """The shared y never trains under lower_level: personalized, so accuracy is the mean of
     the clients' own heads; and the server step reads, never changes, the state it gets."""
-    from rabo.job import evaluate, evaluate_state
+    from rabo.evaluation import evaluate_round, score
+
+    def evaluate(task, x, y, test):
+        return score(task, x, y, test, job.data.num_classes, torch.device("cpu"))
 
     over = [*TINY, "rounds=12", "clients.count=3", "clients.ratios=[1]",
             "lower_level=personalized", "outer.lr=0.5", "inner.lr=0.5"]
@@ -132,8 +135,7 @@ def test_personalized_runs_report_their_clients_heads_and_leave_the_input_state(
     heads = [evaluate(job.task, res.state.x, y, job.data.test)[0]
              for _, y in sorted(res.state.y_clients.items())]
     assert res.summary["test_acc"] == pytest.approx(sum(heads) / 3)
-    assert evaluate_state(job.task, res.state, job.data.test)[0] == pytest.approx(
-        sum(heads) / 3)
+    assert evaluate_round(job, res.state).test_acc == pytest.approx(sum(heads) / 3)
     shared = evaluate(job.task, res.state.x, res.state.y, job.data.test)[0]
     assert res.summary["test_acc"] > shared + 0.2  # the untrained shared head is near chance
     # server_step on a fresh state: its (empty) per-client dicts stay empty

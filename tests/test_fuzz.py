@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from coordinator.server import Coordinator, CoordinatorServicer, RoundDriver, serve
 from rabo import config
 from rabo.job import Job
+from rabo_proto import PROTOCOL_VERSION
 from rabo_proto.codec import Encoded, WireTensor
 from rabo_proto.v1 import rabo_pb2 as pb
 
@@ -54,7 +55,7 @@ def rig():
     cfg = config.load(None, CFG)
     coord = Coordinator(cfg, Job.from_config(cfg), None)
     servicer = CoordinatorServicer(coord)
-    reg = servicer.Register(pb.RegisterRequest(name="w", client_id=0, protocol=1,
+    reg = servicer.Register(pb.RegisterRequest(name="w", client_id=0, protocol=PROTOCOL_VERSION,
                                                profile=pb.ResourceProfile()), FakeContext())
     ticket = RoundDriver(coord, None).open_round(1)
     task = ticket.tasks[reg.worker_id]
@@ -125,7 +126,7 @@ def test_servicer_survives_random_and_mutated_messages(rig, method, seed, raw) -
             stream.insert(rng.randrange(len(stream) + 1), raw)
         messages = [m for m in (_parse(pb.UpdateMessage, d) for d in stream) if m is not None]
     else:
-        base = {"Register": pb.RegisterRequest(name="x", protocol=1, client_id=1),
+        base = {"Register": pb.RegisterRequest(name="x", protocol=PROTOCOL_VERSION, client_id=1),
                 "Heartbeat": pb.HeartbeatRequest(worker_id=reg.worker_id,
                                                  credential=reg.credential),
                 "FetchAssignment": pb.FetchRequest(worker_id=reg.worker_id,

@@ -14,6 +14,7 @@ from coordinator.server import Security, serve
 from rabo import config
 from rabo.auth import TlsFiles
 from rabo.certs import _key_pem, issue, make_ca, write_bundle
+from rabo_proto import PROTOCOL_VERSION
 from rabo_proto.v1 import rabo_pb2 as pb
 from rabo_proto.v1 import rabo_pb2_grpc as pb_grpc
 from worker.security import open_channel
@@ -23,7 +24,8 @@ CFG = ["data.dataset=digits", "model.hidden=[16]", "clients.count=3", "cluster.w
 
 
 def _register(stub, client_id: int = -1) -> pb.RegisterReply:
-    return stub.Register(pb.RegisterRequest(name="t", client_id=client_id, protocol=1,
+    return stub.Register(pb.RegisterRequest(name="t", client_id=client_id,
+                                            protocol=PROTOCOL_VERSION,
                                             profile=pb.ResourceProfile(memory_budget_bytes=1)),
                          timeout=5)
 

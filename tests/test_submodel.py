@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -39,18 +41,59 @@ def test_static_is_a_prefix_and_round_independent() -> None:
     assert torch.equal(a["fc0"], torch.arange(20)) and torch.equal(a["fc0"], b["fc0"])
 
 
-def test_rolling_moves_with_the_round_and_wraps() -> None:
-    r1 = kept_units(MaskSpec("rolling", 0.25, 1), WIDTHS)["fc0"]
-    r2 = kept_units(MaskSpec("rolling", 0.25, 2), WIDTHS)["fc0"]
-    assert not torch.equal(r1, r2)
-    assert torch.equal(r1, torch.arange(1, 11))
-    wrapped = kept_units(MaskSpec("rolling", 0.25, 35), WIDTHS)["fc0"]
-    assert torch.equal(wrapped, torch.tensor([0, 1, 2, 3, 4, 35, 36, 37, 38, 39]))
+def test_rolling_with_a_fixed_stride_moves_with_the_round_and_wraps() -> None:
+    def window(q: int) -> torch.Tensor:
+        return kept_units(MaskSpec("rolling", 0.25, q, stride=1), WIDTHS)["fc0"]
+
+    assert not torch.equal(window(1), window(2))
+    assert torch.equal(window(1), torch.arange(1, 11))
+    assert torch.equal(window(35), torch.tensor([0, 1, 2, 3, 4, 35, 36, 37, 38, 39]))
     # over `width` rounds every unit is covered equally often
     counts = torch.zeros(40)
     for q in range(40):
-        counts[kept_units(MaskSpec("rolling", 0.25, q), WIDTHS)["fc0"]] += 1
+        counts[window(q)] += 1
     assert torch.all(counts == 10)
+
+
+def test_the_default_rolling_step_is_tied_to_the_layer_width() -> None:
+    spec = MaskSpec("rolling", 0.125, round=1)
+    assert spec.step(256, kept_count(0.125, 256)) == 32  # ceil(256 / 8)
+    assert spec.step(250, kept_count(0.125, 250)) == 32
+    assert spec.step(256, kept_count(0.0625, 256)) == 16  # a smaller window moves by its size
+    assert MaskSpec("rolling", 0.125, 1, stride=3).step(256, 32) == 3  # a fixed stride wins
+    assert torch.equal(kept_units(spec, {"fc0": 256})["fc0"], torch.arange(32, 64))
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.25, 0.125, 0.0625])
+@pytest.mark.parametrize("widths", [{"fc0": 256, "fc1": 256}, {"fc0": 200, "fc1": 37},
+                                    {"conv0": 32, "conv1": 64, "fc0": 1000}])
+def test_a_rolling_window_visits_every_unit_within_the_stated_rounds(
+        ratio: float, widths: dict[str, int]) -> None:
+    """The documented rule: with the default step a window visits every unit of every layer
+    within ceil((width - k) / step) + 1 consecutive rounds, at most max(8, ceil(width / k))."""
+    from rabo.masks import rounds_to_visit_all
+
+    for group, width in widths.items():
+        k = kept_count(ratio, width)
+        bound = rounds_to_visit_all(MaskSpec("rolling", ratio, 0), width)
+        assert bound is not None and bound <= max(8, math.ceil(width / k))
+        for first in (1, 5, 13):  # from any starting round
+            seen = torch.zeros(width, dtype=torch.bool)
+            for q in range(first, first + bound):
+                seen[kept_units(MaskSpec("rolling", ratio, q), widths)[group]] = True
+            assert bool(seen.all()), (group, width, ratio, first)
+            # and not before: one round fewer leaves a unit out (the bound is tight)
+            if bound > 1:
+                seen[:] = False
+                for q in range(first, first + bound - 1):
+                    seen[kept_units(MaskSpec("rolling", ratio, q), widths)[group]] = True
+                assert not bool(seen.all())
+
+
+def test_a_stride_larger_than_the_window_is_reported_as_skipping_units() -> None:
+    from rabo.masks import rounds_to_visit_all
+
+    assert rounds_to_visit_all(MaskSpec("rolling", 0.125, 0, stride=64), 256) is None
 
 
 def test_random_differs_across_rounds_and_clients() -> None:

@@ -27,6 +27,7 @@ from rabo.auth import TlsFiles
 from rabo.engine import client_step
 from rabo.job import Job
 from rabo.runtime import prefer_low_memory
+from rabo_proto import PROTOCOL_VERSION
 from rabo_proto.codec import Assembler, WireError, check_header
 from rabo_proto.status import RUN_COMPLETE, RUN_STOPPING, run_state
 from rabo_proto.v1 import rabo_pb2 as pb
@@ -37,7 +38,6 @@ from worker.security import open_channel
 from worker.wire import assignment_from_wire, update_messages
 
 log = logging.getLogger("rabo.worker")
-PROTOCOL_VERSION = 1
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
              grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.ABORTED,
              grpc.StatusCode.CANCELLED}

@@ -19,6 +19,7 @@ import zlib
 
 import grpc
 
+from rabo_proto import PROTOCOL_VERSION
 from rabo_proto.v1 import rabo_pb2 as pb
 from rabo_proto.v1 import rabo_pb2_grpc as pb_grpc
 from worker.backoff import Backoff
@@ -54,7 +55,7 @@ def run(target: str, client_id: int, name: str, max_message_bytes: int, poll_s: 
                                      memory_budget_bytes=1 << 40, device="cpu",
                                      budget_source="echo worker", flops_per_s=0.0)
         request = pb.RegisterRequest(name=name, profile=profile, client_id=client_id,
-                                     protocol=1)
+                                     protocol=PROTOCOL_VERSION)
         backoff = Backoff(initial=0.2, cap=5.0)
         while True:
             try:
