@@ -16,7 +16,8 @@ from rabo_proto.v1 import rabo_pb2 as pb
 
 def mask_to_pb(mask: MaskSpec) -> pb.MaskSpec:
     return pb.MaskSpec(policy=mask.policy, ratio=mask.ratio, round=mask.round, seed=mask.seed,
-                       stride=mask.stride, sweep_rounds=mask.sweep_rounds)
+                       stride=mask.stride, sweep_rounds=mask.sweep_rounds,
+                       layer_shift=mask.layer_shift)
 
 
 def hyper_to_pb(h: ClientHyper) -> pb.ClientHyper:

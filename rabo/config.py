@@ -58,11 +58,12 @@ class ModelConfig:
     channels: list[int] = opt([32, 64], "CNN convolution channels, one entry per conv block")
     kernel: int = opt(3, "CNN kernel size (odd; 'same' padding, 2x2 max-pool after each)", ge=1)
     scaler: Literal["none", "forward", "consistent"] = opt(
-        "none", "none: submodels run unscaled; forward: [recon] HeteroFL's scaler, a submodel "
-        "multiplies its hidden outputs by full / kept width (meant to sit before a "
-        "normalization layer; without one it amplifies a small client's gradients, and RABO "
-        "warns); consistent: [ext] the forward scaler with each client's y steps, v update and "
-        "hypergradient scaled per tensor by the kept fraction of that tensor")
+        "consistent",
+        "none: submodels run unscaled; forward: [recon] HeteroFL's scaler, a submodel multiplies "
+        "its hidden outputs by full / kept width (meant to sit before a normalization layer; "
+        "without one it amplifies a small client's gradients, and RABO warns); consistent: "
+        "[ext] the forward scaler with each client's y steps, v update and hypergradient scaled "
+        "per tensor by the kept fraction of that tensor (measured best, docs/method.md)")
 
     def validate(self, key: str) -> None:
         if self.kind == "mlp" and not self.hidden:
@@ -147,6 +148,10 @@ class MaskConfig:
     sweep_rounds: int = opt(8, "rolling masks with rolling_stride 0: rounds a window takes to "
                             "sweep a layer (a window smaller than width/sweep_rounds takes "
                             "width/window rounds)", ge=1)
+    layer_shift: bool = opt(True, "[ext] rolling: after each sweep, layer g's window moves g "
+                            "positions further, so that the windows of consecutive layers "
+                            "take every relative offset and a small client's submodel reaches "
+                            "every block of a hidden-to-hidden weight, not only the diagonal")
 
 
 @dataclass(kw_only=True)
@@ -189,9 +194,9 @@ class TaskConfig:
 
 @dataclass(kw_only=True)
 class AggregationConfig:
-    weighting: Literal["uniform", "samples"] = opt(
-        "uniform", "[recon] weight of each client in coverage averaging"
-    )
+    weighting: Literal["uniform", "samples", "inverse-ratio"] = opt(
+        "uniform", "[recon] weight of each client in coverage averaging: uniform, its sample "
+        "count, or [ext] 1/ratio (equal influence per client and round)")
 
 
 @dataclass(kw_only=True)

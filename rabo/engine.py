@@ -162,6 +162,17 @@ class RoundStats:
 # --------------------------------------------------------------------------- helpers
 
 
+def client_weight(weighting: str, ratio: float, samples: int) -> float:
+    """A client's weight in coverage averaging: 1 (uniform), its sample count, or 1/ratio
+    (inverse-ratio: a client that covers a fraction r of a layer weighs 1/r on what it covers,
+    so every client's total influence per round is about equal)."""
+    if weighting == "samples":
+        return float(samples)
+    if weighting == "inverse-ratio":
+        return 1.0 / ratio
+    return 1.0
+
+
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integer parts (numpy SeedSequence mixing)."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint32)
@@ -213,7 +224,8 @@ class RoundEngine:
         mask = MaskSpec(policy=self.cfg.mask.policy, ratio=ratio, round=round,
                         seed=client_mask_seed(self.cfg.seed, client_id),
                         stride=self.cfg.mask.rolling_stride,
-                        sweep_rounds=self.cfg.mask.sweep_rounds)
+                        sweep_rounds=self.cfg.mask.sweep_rounds,
+                        layer_shift=self.cfg.mask.layer_shift)
         return ClientPlan(round, client_id, mask, self.task.x_plan(mask, client_id),
                           self.task.y_plan(mask))
 
@@ -257,7 +269,7 @@ class RoundEngine:
         weighted_loss = 0.0
         total_samples = 0
         for plan, upd in ordered:
-            w = float(upd.samples) if self.cfg.aggregation.weighting == "samples" else 1.0
+            w = client_weight(self.cfg.aggregation.weighting, plan.ratio, upd.samples)
             xa.add(plan.x, upd.x, w)
             ya.add(plan.y, upd.y, w)
             va.add(plan.y, upd.v, w)

@@ -46,6 +46,11 @@ class Job:
         task = build_task(cfg, model, [len(c.train) for c in data.clients])
         return cls(cfg, data, model, task, RoundEngine(cfg, task))
 
+    def reconfigured(self, cfg: Config) -> Job:
+        """This job under ``cfg`` (same data, model and task: ``cfg`` may change only what
+        they do not depend on, e.g. budgets or the estimator), with a new round engine."""
+        return Job(cfg, self.data, self.model, self.task, RoundEngine(cfg, self.task))
+
     @property
     def hyper(self) -> ClientHyper:
         return self.engine.hyper

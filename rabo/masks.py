@@ -37,6 +37,7 @@ class MaskSpec:
     seed: int = 0
     stride: int = 0  # rolling: units per round; 0: ceil(width / sweep_rounds) per layer
     sweep_rounds: int = 8  # rolling with stride 0: rounds a window takes to sweep a layer
+    layer_shift: bool = True  # rolling: shift each layer's window by its index once a sweep
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -73,7 +74,12 @@ def rounds_to_visit_all(spec: MaskSpec, width: int) -> int | None:
     step = spec.step(width, k)
     if k == width:
         return 1
-    return None if step > k else math.ceil((width - k) / step) + 1
+    if step > k:
+        return None
+    sweep = math.ceil((width - k) / step) + 1
+    # with layer_shift a sweep starts only at multiples of the positions per layer, so any
+    # 2 sweeps - 1 consecutive rounds hold a whole one
+    return 2 * sweep - 1 if spec.layer_shift else sweep
 
 
 def kept_units(spec: MaskSpec, widths: Mapping[str, int]) -> dict[str, torch.Tensor]:
@@ -86,7 +92,11 @@ def kept_units(spec: MaskSpec, widths: Mapping[str, int]) -> dict[str, torch.Ten
         elif spec.policy == "static":
             idx = np.arange(k)
         elif spec.policy == "rolling":
-            start = (spec.round * spec.step(width, k)) % width
+            step = spec.step(width, k)
+            position = spec.round
+            if spec.layer_shift:  # after each sweep, layer g moves g more positions ahead
+                position += group_index * (spec.round // math.ceil(width / step))
+            start = (position * step) % width
             idx = np.sort((start + np.arange(k)) % width)
         else:
             rng = np.random.Generator(np.random.PCG64([spec.seed, spec.round, group_index]))

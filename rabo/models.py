@@ -37,7 +37,7 @@ class ModelSpec:
     hidden: tuple[int, ...] = ()
     channels: tuple[int, ...] = ()
     kernel: int = 3
-    scaler: str = "none"  # none | forward | consistent (see rabo.config.ModelConfig.scaler)
+    scaler: str = "none"  # none | forward | consistent (rabo.config.ModelConfig.scaler)
 
     def __post_init__(self) -> None:
         if self.scaler not in SCALERS:

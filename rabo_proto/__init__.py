@@ -1,5 +1,6 @@
 """The wire contract's Python side: generated modules (v1/), codec and status helpers."""
 
 # Bumped whenever the meaning of a field changes; Register refuses any other version.
-# 2: MaskSpec carries sweep_rounds, and stride 0 ties a rolling window's step to the layer.
+# 2: MaskSpec carries sweep_rounds and layer_shift, and stride 0 ties a rolling window's
+#    step to the layer.
 PROTOCOL_VERSION = 2

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from rabo import config
-from rabo.evaluation import evaluate_round, exact_hypergradient_norm
+from rabo.evaluation import exact_hypergradient_norm
 from rabo.job import Job
 from rabo.runner import simulate
 from rabo.tasks import Batch
@@ -68,7 +68,7 @@ def test_the_consistent_scaler_scales_each_tensors_steps_by_its_kept_fraction(ta
 
 
 def test_the_consistent_scaler_leaves_a_full_width_client_unchanged() -> None:
-    cfg = config.load(None, [*TINY, "clients.ratios=[1]", "inner.steps=2"])
+    cfg = config.load(None, [*TINY, "clients.ratios=[1]", "inner.steps=2", "model.scaler=none"])
     plain = simulate(cfg)
     cons = simulate(config.load(None, [*TINY, "clients.ratios=[1]", "inner.steps=2",
                                        "model.scaler=consistent"]))

@@ -67,27 +67,57 @@ def test_the_default_rolling_step_is_tied_to_the_layer_width() -> None:
 @pytest.mark.parametrize("ratio", [0.5, 0.25, 0.125, 0.0625])
 @pytest.mark.parametrize("widths", [{"fc0": 256, "fc1": 256}, {"fc0": 200, "fc1": 37},
                                     {"conv0": 32, "conv1": 64, "fc0": 1000}])
+@pytest.mark.parametrize("layer_shift", [False, True])
 def test_a_rolling_window_visits_every_unit_within_the_stated_rounds(
-        ratio: float, widths: dict[str, int]) -> None:
+        ratio: float, widths: dict[str, int], layer_shift: bool) -> None:
     """The documented rule: with the default step a window visits every unit of every layer
-    within ceil((width - k) / step) + 1 consecutive rounds, at most max(8, ceil(width / k))."""
+    within ceil((width - k) / step) + 1 consecutive rounds, at most max(8, ceil(width / k))
+    (twice that less one with layer_shift, whose sweeps start at fixed rounds)."""
     from rabo.masks import rounds_to_visit_all
+
+    def spec(q: int) -> MaskSpec:
+        return MaskSpec("rolling", ratio, q, layer_shift=layer_shift)
 
     for group, width in widths.items():
         k = kept_count(ratio, width)
-        bound = rounds_to_visit_all(MaskSpec("rolling", ratio, 0), width)
-        assert bound is not None and bound <= max(8, math.ceil(width / k))
-        for first in (1, 5, 13):  # from any starting round
+        bound = rounds_to_visit_all(spec(0), width)
+        one_sweep = max(8, math.ceil(width / k))
+        assert bound is not None and bound <= (2 * one_sweep - 1 if layer_shift else one_sweep)
+        for first in (1, 5, 13, 40):  # from any starting round
             seen = torch.zeros(width, dtype=torch.bool)
             for q in range(first, first + bound):
-                seen[kept_units(MaskSpec("rolling", ratio, q), widths)[group]] = True
+                seen[kept_units(spec(q), widths)[group]] = True
             assert bool(seen.all()), (group, width, ratio, first)
             # and not before: one round fewer leaves a unit out (the bound is tight)
-            if bound > 1:
+            if bound > 1 and not layer_shift:
                 seen[:] = False
                 for q in range(first, first + bound - 1):
-                    seen[kept_units(MaskSpec("rolling", ratio, q), widths)[group]] = True
+                    seen[kept_units(spec(q), widths)[group]] = True
                 assert not bool(seen.all())
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.25, 0.125])
+def test_layer_shift_lets_a_small_window_reach_every_block_of_a_hidden_weight(
+        ratio: float) -> None:
+    """Without the shift, consecutive layers' windows move together, so a 1/8 client only
+    ever touches the diagonal blocks (1/8) of a 256x256 hidden-to-hidden weight; with it,
+    every entry within (sweep positions)^2 rounds."""
+    widths = {"fc0": 256, "fc1": 256}
+    spec = MaskSpec("rolling", ratio, 0)
+    positions = math.ceil(256 / spec.step(256, kept_count(ratio, 256)))  # 8 sweep positions
+
+    def covered(layer_shift: bool, rounds: int) -> float:
+        seen = torch.zeros(256, 256, dtype=torch.bool)
+        for q in range(1, rounds + 1):
+            k = kept_units(MaskSpec("rolling", ratio, q, layer_shift=layer_shift), widths)
+            seen[k["fc1"][:, None], k["fc0"][None, :]] = True
+        return float(seen.float().mean())
+
+    assert covered(True, positions * positions + positions) == 1.0
+    without = covered(False, 200)
+    assert without < 1.0
+    if ratio == 0.125:
+        assert without == 0.125  # exactly the 8 diagonal 32x32 blocks
 
 
 def test_a_stride_larger_than_the_window_is_reported_as_skipping_units() -> None:

@@ -14,7 +14,8 @@ def assignment_from_wire(msg: pb.Assignment, tensors: Sequence[WireTensor]) -> A
     m, h = msg.mask, msg.hyper
     try:
         mask = MaskSpec(policy=m.policy, ratio=m.ratio, round=m.round, seed=m.seed,
-                        stride=m.stride, sweep_rounds=m.sweep_rounds)
+                        stride=m.stride, sweep_rounds=m.sweep_rounds,
+                        layer_shift=m.layer_shift)
     except ValueError as exc:
         raise WireError(f"assignment mask: {exc}") from None
     hyper = ClientHyper(

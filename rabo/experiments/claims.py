@@ -27,23 +27,34 @@ from rabo.experiments.common import (
 
 NAME = "claims"
 METHODS: dict[str, tuple[str, ...]] = {
-    "RABO": (),
+    "RABO": (),  # the task configs: rolling masks tied to the width, see configs/experiments
     "RAFBO": ("algorithm=rafbo", "outer.local_steps=2", "outer.lr=0.02"),
     "full": ("clients.mode=full",),
     "exclusion": ("clients.mode=exclusion",),
     # control: the upper level switched off (x stays at its initialisation)
     "RABO, x frozen": ("outer.lr=1.0e-9",),
-    # mask policies (the task configs use static masks without HeteroFL's scaler)
-    "RABO rolling": ("mask.policy=rolling",),
+    # mask policies and scalers against RABO's own setting
+    "RABO static": ("mask.policy=static",),
     "RABO random": ("mask.policy=random",),
-    "RABO static + scaler": ("model.scaler=true",),
-    "RABO rolling + scaler": ("mask.policy=rolling", "model.scaler=true"),
-    "RABO random + scaler": ("mask.policy=random", "model.scaler=true"),
+    "RABO rolling, stride 1": ("mask.policy=rolling", "mask.rolling_stride=1"),  # FedRolex's
+    "RABO no scaler": ("model.scaler=none",),
+    "RABO + consistent scaler": ("model.scaler=consistent",),
+    "RABO static + consistent scaler": ("mask.policy=static", "model.scaler=consistent"),
+    "RABO + forward scaler": ("model.scaler=forward",),
+    # label skew that follows client size: each client weighs 1/ratio on what it covers
+    "RABO inverse-ratio weighting": ("aggregation.weighting=inverse-ratio",),
 }
 CORE = ("RABO", "RAFBO", "full", "exclusion")
+BASELINES = ("RABO", "full", "exclusion")
 CONTROLS = ("RABO, x frozen",)
-MASKS = ("RABO rolling", "RABO random")
-MASKS_SCALER = ("RABO static + scaler", "RABO rolling + scaler", "RABO random + scaler")
+MASKS = ("RABO static", "RABO random", "RABO rolling, stride 1")
+MASKS_SCALER = ("RABO no scaler", "RABO + consistent scaler", "RABO static + consistent scaler",
+                "RABO + forward scaler")
+SKEW = ("RABO inverse-ratio weighting",)
+# Targets of the method (issue 10): final accuracy of the full-width global model, RABO's gap
+# to the full model at most this many points, by split
+GAP_TARGET = {"iid": 0.01, "dirichlet": 0.03, "shards": 0.08}
+EVAL_EVERY = ("eval_every=10",)  # curves at 10-round resolution (round 20 = "early" included)
 
 
 @dataclass(frozen=True)
@@ -63,20 +74,24 @@ class Preset:
 
 
 PRESETS = {
+    # At convergence: 300 rounds (full's validation accuracy is flat from about round 200 on
+    # MNIST; see the curves), 3 seeds.
     "reduced": Preset(
-        blocks=(Block(("mnist",), ("iid", "dirichlet"), CORE),
-                Block(("mnist",), ("iid",), CONTROLS + MASKS),
-                Block(("mnist",), ("iid", "dirichlet"), ("RABO static + scaler",), ("A",)),
-                Block(("digits",), ("iid", "shards"), ("RABO", "full", "exclusion")),
-                Block(("mnist1d",), ("iid", "dirichlet"), ("RABO", "full", "exclusion"),
-                      ("A",))),
-        seeds=(0, 1, 2), rounds=20),
+        blocks=(Block(("mnist",), ("iid", "dirichlet"), BASELINES),
+                Block(("digits",), ("iid", "shards"), BASELINES),
+                Block(("mnist1d",), ("iid",), BASELINES),
+                Block(("mnist",), ("iid",), ("RAFBO", *CONTROLS), ("A",)),
+                Block(("mnist",), ("iid",), MASKS + MASKS_SCALER, ("A",)),
+                Block(("digits",), ("shards",), ("RABO static", "RABO rolling, stride 1",
+                                                 "RABO no scaler", *SKEW), ("A",)),
+                Block(("mnist",), ("dirichlet",), SKEW, ("A",))),
+        seeds=(0, 1, 2), rounds=300, extra=EVAL_EVERY),
     "full": Preset(
         blocks=(Block(("mnist", "digits", "mnist1d"), ("iid", "shards", "dirichlet"),
-                      CORE + CONTROLS + MASKS + MASKS_SCALER),),
-        seeds=(0, 1, 2, 3, 4), rounds=60),
+                      CORE + CONTROLS + MASKS + MASKS_SCALER + SKEW),),
+        seeds=(0, 1, 2, 3, 4), rounds=500, extra=EVAL_EVERY),
     "tiny": Preset(
-        blocks=(Block(("digits",), ("iid",), CORE + CONTROLS),),
+        blocks=(Block(("digits",), ("iid",), CORE + CONTROLS + ("RABO static",)),),
         seeds=(0, 1), rounds=3,
         extra=("model.hidden=[16]", "clients.count=4", "data.batch_size=32")),
 }
@@ -145,7 +160,13 @@ def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
             "ratios": runs[0]["ratios"],
             "test_acc": stats(r["final"]["test_acc"] for r in runs),
             "best_test_acc": stats(r["final"]["best_test_acc"] for r in runs),
+            "early_test_acc": stats(r["final"].get("early_test_acc") for r in runs),
             "upper_loss": stats(r["final"]["upper_loss"] for r in runs),
+            "client_upper_loss": stats(r["final"].get("client_upper_loss") for r in runs),
+            "test_acc_per_class": _mean_lists([r["final"].get("test_acc_per_class")
+                                               for r in runs]),
+            "test_acc_per_width": _mean_dicts([r["final"].get("test_acc_per_width")
+                                               for r in runs]),
             "C_x_star": stats(r["final"]["C_x_star"] for r in runs),
             "payload_mib_per_round": stats(r["final"]["payload_bytes_per_round"] / 2**20
                                            for r in runs),
@@ -155,12 +176,33 @@ def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _mean_lists(rows: list[list[float | None] | None]) -> list[float | None] | None:
+    """Element-wise mean over seeds (None entries skipped); None if no run has the list."""
+    known = [r for r in rows if r]
+    if not known:
+        return None
+    out: list[float | None] = []
+    for values in zip(*known, strict=False):
+        vals = [v for v in values if v is not None]
+        out.append(sum(vals) / len(vals) if vals else None)
+    return out
+
+
+def _mean_dicts(rows: list[dict[str, float] | None]) -> dict[str, float] | None:
+    known = [r for r in rows if r]
+    if not known:
+        return None
+    return {k: sum(r[k] for r in known) / len(known) for k in known[0]
+            if all(k in r for r in known)}
+
+
 def _mask_label(data: dict[str, Any], task: str) -> str:
-    """'static + scaler' or 'static, no scaler': RABO's own mask setting in ``task``."""
+    """'rolling, consistent scaler' and the like: RABO's own mask and scaler in ``task``."""
     for cfg in data.get("base_configs", {}).values():
         if cfg.get("task") == task:
-            return (f"{cfg['mask']['policy']}"
-                    f"{' + scaler' if cfg['model']['scaler'] else ', no scaler'}")
+            scaler = cfg["model"]["scaler"]
+            return (f"{cfg['mask']['policy']}, "
+                    f"{'no scaler' if scaler in ('none', False) else scaler + ' scaler'}")
     return "config"
 
 
@@ -190,7 +232,9 @@ def verdicts(data: dict[str, Any]) -> dict[str, Any]:
         full = table.get((*s, "full"))
         if full and full["test_acc"]["mean"] is not None:
             gap = full["test_acc"]["mean"] - ra["mean"]
-            close.append({"setting": "/".join(s), "gap": gap, "ok": gap <= 0.02})
+            target = GAP_TARGET.get(s[2], 0.01)
+            close.append({"setting": "/".join(s), "gap": gap, "target": target,
+                          "ok": gap <= target})
         excl = table.get((*s, "exclusion"))
         if excl and excl["test_acc"]["mean"] is not None:
             diff = ra["mean"] - excl["test_acc"]["mean"]
@@ -247,7 +291,7 @@ def plot(data: dict[str, Any], out: Path) -> list[Path]:
                 band(axes[row][1], rounds, up_m, up_s, method, c)
                 band(axes[row][2], mib, acc_m, acc_s, method, c)
                 band(axes[row][3], comp, acc_m, acc_s, method, c)
-            titles = ("test accuracy", "upper-level loss (clients' f)",
+            titles = ("test accuracy", "upper-level loss (global model, validation)",
                       "test accuracy", "test accuracy")
             xlabels = ("round", "round", "cumulative payload MiB (tensor bytes, no wire)",
                        "cumulative worker compute s (sum over clients)")
@@ -292,8 +336,8 @@ def plot(data: dict[str, Any], out: Path) -> list[Path]:
         ax.legend(fontsize=7, ncol=4)
         paths.append(save(fig, out / f"claims_final_{task}.png"))
     # (3) mask policies
-    mask_methods = ["RABO", *MASKS, *MASKS_SCALER]
-    mask_sets = sorted({(k[0], k[1], k[2]) for k in by if k[3] in MASKS + MASKS_SCALER})
+    mask_methods = ["RABO", *MASKS, *MASKS_SCALER, *SKEW]
+    mask_sets = sorted({(k[0], k[1], k[2]) for k in by if k[3] in MASKS + MASKS_SCALER + SKEW})
     if mask_sets:
         fig, axes = plt.subplots(1, len(mask_sets), figsize=(5 * len(mask_sets), 3.5),
                                  squeeze=False)

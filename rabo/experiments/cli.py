@@ -26,8 +26,11 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
                         "JSON files)")
     p.add_argument("--full", action="store_true",
                    help="the whole grid (hours); default: the reduced variant of make bench")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke-sized grid (seconds; what the test suite runs): checks the "
+                        "pipeline, measures nothing")
     p.add_argument("--preset", choices=["reduced", "full", "tiny"], default=None,
-                   help=argparse.SUPPRESS)  # tiny: the test suite's smoke size
+                   help=argparse.SUPPRESS)  # tiny = --quick
     p.add_argument("--out", metavar="DIR", default=str(common.RESULTS_DIR),
                    help="results folder: JSON and PNG files (default docs/results)")
     p.add_argument("--report", metavar="FILE", default=None,
@@ -58,7 +61,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         path = write_report(out, target)
         print(f"rabo experiment report: wrote {path} from the JSON files in {out}")
         return 0
-    preset = args.preset or ("full" if args.full else "reduced")
+    preset = args.preset or ("tiny" if args.quick else "full" if args.full else "reduced")
     names = GROUPS if args.name == "all" else (args.name,)
     t0 = time.perf_counter()
     for name in names:

@@ -4,8 +4,11 @@ Eight clients, of which k fit ratio 1 and the others only 1/8 (their memory budg
 policy pick those ratios); masks are static prefixes, so the last units of every hidden layer
 are covered by the k ratio-1 clients only and C_x* = k. The data, the clients and the rounds are
 the same for every k. The paper's rate is O(1/sqrt(C_x* Q)) for the average squared
-hypergradient norm; the records carry the norm of the coverage-averaged *estimated*
-hypergradient (``hypergradient_norm``), which is what is fitted here.
+hypergradient norm. It is measured here on the exact, full-batch hypergradient of the
+full-width global model (``hypergradient_norm_exact``, computed by the coordinator every
+``HYPERGRADIENT_EVERY`` rounds: CG on exact Hessian-vector products), after a warm-up of
+``WARMUP`` rounds, as a tail average T(q) = mean of ||grad Phi||^2 over the evaluated rounds in
+[q/2, q] (a running mean from round 1 would keep the warm-up in it for ever).
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from rabo.experiments.common import (
 
 NAME = "coverage"
 POOR_RATIO = 0.125
-FIT_FROM_ROUND = 3
+WARMUP = 50  # rounds left out of every fit (the 20-round protocol measured only this)
+HYPERGRADIENT_EVERY = 10
+RESIDUAL_OK = 1e-3  # a CG solve above this relative residual gives no usable exact norm
 
 
 @dataclass(frozen=True)
@@ -40,14 +45,15 @@ class Preset:
     seeds: tuple[int, ...]
     rounds: int
     extra: tuple[str, ...] = ()
+    every: int = HYPERGRADIENT_EVERY  # rounds between exact hypergradient measurements
 
 
 PRESETS = {
-    "reduced": Preset(("A", "B"), ("mnist",), ("iid",), (1, 2, 4, 8), 8, (0, 1, 2), 25),
+    "reduced": Preset(("A", "B"), ("digits",), ("iid",), (1, 2, 4, 8), 8, (0, 1, 2), 300),
     "full": Preset(("A", "B"), ("mnist", "mnist1d"), ("iid", "dirichlet"),
-                   (1, 2, 3, 4, 6, 8), 8, (0, 1, 2, 3, 4), 100),
-    "tiny": Preset(("A",), ("digits",), ("iid",), (1, 4), 4, (0,), 4,
-                   extra=("model.hidden=[16]", "data.batch_size=32")),
+                   (1, 2, 3, 4, 6, 8), 8, (0, 1, 2, 3, 4), 300),
+    "tiny": Preset(("A",), ("digits",), ("iid",), (1, 4), 4, (0,), 8,
+                   extra=("model.hidden=[16]", "data.batch_size=32"), every=2),
 }
 
 
@@ -63,7 +69,9 @@ def build_specs(preset: str) -> list[RunSpec]:
                         key = f"{task}/{ds}/{split}/k{k}/{seed}"
                         ov = (f"data.dataset={ds}", *SPLIT_OVERRIDES[split],
                               *DATASET_OVERRIDES[ds], f"seed={seed}", f"rounds={p.rounds}",
-                              f"clients.count={p.clients}", "mask.policy=static", *p.extra)
+                              f"clients.count={p.clients}", "mask.policy=static",
+                              f"eval_every={p.every}", f"hypergradient_every={p.every}",
+                              *p.extra)
                         specs.append(common.spec(key, task, ov, tiers, task=task, dataset=ds,
                                                  split=split, k=k, seed=seed))
     return specs
@@ -76,34 +84,38 @@ def run(preset: str, out: Path, jobs: int) -> dict[str, Any]:
         {"seeds": list(p.seeds), "rounds": p.rounds, "clients": p.clients,
          "ratio_1_clients_k": list(p.ks), "other_clients_ratio": POOR_RATIO,
          "datasets": list(p.datasets), "splits": list(p.splits),
-         "extra_overrides": list(p.extra), "jobs": jobs, "fit_from_round": FIT_FROM_ROUND})
+         "extra_overrides": list(p.extra), "jobs": jobs,
+         "warmup_rounds": min(WARMUP, p.rounds // 4), "hypergradient_every": p.every,
+         "cg_residual_ok": RESIDUAL_OK})
 
 
 # --------------------------------------------------------------------------- analysis
 
 
-def running_mean_sq(norms: list[float | None]) -> list[float] | None:
-    """M(q) = (1/q) sum_{t<=q} h_t^2; None for a run that diverged (a non-finite norm, stored
-    as None), whose M is infinite from there on and has no place in a mean or a fit."""
-    if any(h is None or not math.isfinite(h) for h in norms):
-        return None
-    out, total = [], 0.0
-    for i, h in enumerate(norms, 1):
-        total += float(h) ** 2  # type: ignore[arg-type]
-        out.append(total / i)
+def exact_points(run: dict[str, Any], warmup: int) -> tuple[list[int], list[float], int]:
+    """(rounds, squared exact hypergradient norms) after ``warmup`` where the CG solve met
+    ``RESIDUAL_OK``, and how many measured points were refused for their residual."""
+    c = run["curve"]
+    qs, gs, refused = [], [], 0
+    for q, h, res in zip(c["round"], c.get("hypergradient_norm_exact") or [],
+                         c.get("hypergradient_cg_residual") or [], strict=False):
+        if h is None or q < warmup:
+            continue
+        if res is None or res > RESIDUAL_OK or not math.isfinite(h):
+            refused += 1
+            continue
+        qs.append(q)
+        gs.append(float(h) ** 2)
+    return qs, gs, refused
+
+
+def tail_average(qs: list[int], gs: list[float]) -> list[float]:
+    """T(q) = mean of g(t) over the measured t in [q/2, q], at every measured q."""
+    out = []
+    for q in qs:
+        window = [g for t, g in zip(qs, gs, strict=True) if q / 2 <= t <= q]
+        out.append(sum(window) / len(window))
     return out
-
-
-def m_curves(runs: list[dict[str, Any]]) -> tuple[list[list[float]], int]:
-    """M(q) of every run that stayed finite, and how many diverged."""
-    ms = [running_mean_sq(r["curve"]["hypergradient_norm"]) for r in runs]
-    kept = [m for m in ms if m is not None]
-    return kept, len(ms) - len(kept)
-
-
-def _finite_mean(values: list[float | None]) -> float | None:
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    return sum(vals) / len(vals) if vals else None
 
 
 def _lstsq(xs: list[float], ys: list[float], intercept: bool) -> dict[str, float]:
@@ -121,57 +133,52 @@ def _lstsq(xs: list[float], ys: list[float], intercept: bool) -> dict[str, float
 
 
 def analyze(data: dict[str, Any]) -> dict[str, Any]:
-    """Per setting and k: accuracy, C_x*, M(Q); the pooled fit of M(q) on 1/sqrt(C_x* q)."""
-    out: dict[str, Any] = {"settings": []}
+    """Per setting and k: accuracy, C_x*, the tail average T(q) of the exact squared
+    hypergradient norm after the warm-up, its slope in log q, and T(Q) against C_x*."""
+    warmup = data["settings"].get("warmup_rounds", WARMUP)
+    out: dict[str, Any] = {"settings": [], "warmup": warmup}
     by_setting = group(data["runs"], "task", "dataset", "split")
     for (task, ds, split), runs in sorted(by_setting.items()):
         per_k = []
-        xs, ys = [], []
         for (k,), rs in sorted(group(runs, "k").items()):
-            c_star = stats(r["final"]["C_x_star"] for r in rs)
-            ms, diverged = m_curves(rs)
-            n = min((len(m) for m in ms), default=0)
-            mean_m = [sum(m[i] for m in ms) / len(ms) for i in range(n)]
-            c = c_star["mean"] or k
-            for q in range(FIT_FROM_ROUND, n + 1):
-                xs.append(1.0 / math.sqrt(c * q))
-                ys.append(mean_m[q - 1])
-            # slope of log M(q) against log q (theory: -1/2 or steeper)
-            qs = list(range(FIT_FROM_ROUND, n + 1))
-            loglog = _lstsq([math.log(q) for q in qs],
-                            [math.log(max(mean_m[q - 1], 1e-30)) for q in qs], True) \
-                if len(qs) >= 2 else {"slope": float("nan"), "r2": float("nan")}
+            series = [exact_points(r, warmup) for r in rs]
+            refused = sum(s[2] for s in series)
+            # the rounds every seed measured; T(q) averaged over seeds
+            common_q = sorted(set.intersection(*(set(s[0]) for s in series))) if series else []
+            tails = []
+            for qs, gs, _ in series:
+                t = dict(zip(qs, tail_average(qs, gs), strict=True))
+                tails.append([t[q] for q in common_q])
+            mean_t = [sum(t[i] for t in tails) / len(tails) for i in range(len(common_q))]
+            fit_q = [(q, m) for q, m in zip(common_q, mean_t, strict=True) if q >= 2 * warmup]
+            slope = (_lstsq([math.log(q) for q, _ in fit_q],
+                            [math.log(max(m, 1e-300)) for _, m in fit_q], True)
+                     if len(fit_q) >= 2 else {"slope": float("nan"), "r2": float("nan")})
             per_k.append({
-                "k": k, "C_x_star": c_star, "seeds": len(rs), "diverged": diverged,
+                "k": k, "seeds": len(rs), "refused_points": refused,
+                "C_x_star": stats(r["final"]["C_x_star"] for r in rs),
                 "test_acc": stats(r["final"]["test_acc"] for r in rs),
-                "M_final": stats(m[-1] for m in ms),
-                "M_final_times_sqrt_CQ": stats(m[-1] * math.sqrt(c * len(m)) for m in ms),
-                "hypergradient_norm_last5": stats(
-                    _finite_mean(r["curve"]["hypergradient_norm"][-5:]) for r in rs),
-                "loglog_slope_M_vs_q": loglog["slope"],
-                "loglog_r2": loglog["r2"],
+                "rounds": common_q, "T": mean_t,
+                "T_final": stats(t[-1] for t in tails if t),
+                "min_sq_norm": stats(min(s[1]) for s in series if s[1]),
+                "loglog_slope_T_vs_q": slope["slope"], "loglog_r2": slope["r2"],
             })
-        # the C_x* dependence alone, at the last round: log M(Q) against log C_x*
-        finite = [p for p in per_k if p["M_final"]["mean"] is not None]
+        finite = [p for p in per_k if p["T_final"]["mean"] is not None]
         cs = [p["C_x_star"]["mean"] for p in finite]
-        ms_q = [p["M_final"]["mean"] for p in finite]
-        c_fit = (_lstsq([math.log(c) for c in cs], [math.log(max(m, 1e-300)) for m in ms_q],
-                        True) if len(finite) >= 2 and all(c and c > 0 for c in cs) else {})
-        fit = _lstsq(xs, ys, True) if len(xs) >= 3 else {}
-        fit0 = _lstsq(xs, ys, False) if len(xs) >= 2 else {}
+        ts = [p["T_final"]["mean"] for p in finite]
+        c_fit = (_lstsq([math.log(c) for c in cs], [math.log(max(t, 1e-300)) for t in ts], True)
+                 if len(finite) >= 2 and all(c and c > 0 for c in cs) else {})
         accs = [p["test_acc"]["mean"] for p in per_k]
-        mfin = [p["M_final"]["mean"] for p in per_k]
+        tfin = [p["T_final"]["mean"] for p in per_k]
         pairs = [(i, j) for i in range(len(per_k)) for j in range(i + 1, len(per_k))]
         acc_ordered = sum(1 for i, j in pairs if None not in (accs[i], accs[j])
                           and accs[j] > accs[i])
-        # a k whose every run diverged has no M(Q): its pairs count as not ordered
-        m_ordered = sum(1 for i, j in pairs if None not in (mfin[i], mfin[j])
-                        and mfin[j] < mfin[i])
+        t_ordered = sum(1 for i, j in pairs if None not in (tfin[i], tfin[j])
+                        and tfin[j] < tfin[i])
         out["settings"].append({
             "task": task, "dataset": ds, "split": split, "per_k": per_k,
-            "fit_affine": fit, "fit_through_origin": fit0, "fit_log_M_Q_vs_log_C": c_fit,
-            "pairs": len(pairs), "acc_increasing_pairs": acc_ordered,
-            "M_decreasing_pairs": m_ordered,
+            "fit_log_T_Q_vs_log_C": c_fit, "pairs": len(pairs),
+            "acc_increasing_pairs": acc_ordered, "T_decreasing_pairs": t_ordered,
         })
     return out
 
@@ -187,37 +194,34 @@ def plot(data: dict[str, Any], out: Path) -> list[Path]:
         runs = [r for r in data["runs"] if (r["labels"]["task"], r["labels"]["dataset"],
                                             r["labels"]["split"]) == (task, ds, split)]
         fig, axes = plt.subplots(1, 3, figsize=(16, 3.8))
-        for i, (_, rs) in enumerate(sorted(group(runs, "k").items())):
+        by_k = dict(sorted(group(runs, "k").items()))
+        for i, (p, (_, rs)) in enumerate(zip(s["per_k"], by_k.items(), strict=True)):
             c = f"C{i}"
-            rounds = rs[0]["curve"]["round"]
-            cs = rs[0]["final"]["C_x_star"]
+            label = f"C_x* = {p['C_x_star']['mean']:g}"
+            acc_rounds = [q for q, a in zip(rs[0]["curve"]["round"],
+                                            rs[0]["curve"]["test_acc"], strict=True)
+                          if a is not None]
             mean, std = mean_curve(rs, "test_acc")
-            band(axes[0], rounds, mean, std, f"C_x* = {cs}", c)
-            hm, hs = mean_curve(rs, "hypergradient_norm")
-            band(axes[1], rounds, hm, hs, f"C_x* = {cs}", c)
-            ms, _ = m_curves(rs)
-            n = min((len(m) for m in ms), default=0)
-            mm = [sum(m[q] for m in ms) / len(ms) for q in range(n)]
-            xs = [1 / math.sqrt(cs * (q + 1)) for q in range(FIT_FROM_ROUND - 1, n)]
-            axes[2].scatter(xs, mm[FIT_FROM_ROUND - 1:], s=8, color=c, label=f"C_x* = {cs}")
-        fit = s.get("fit_affine") or {}
-        if fit:
-            lo = min(1 / math.sqrt(max(p["C_x_star"]["mean"] or 1, 1) * len(runs[0]["curve"]
-                                                                          ["round"]))
-                     for p in s["per_k"])
-            hi = 1 / math.sqrt(FIT_FROM_ROUND)
-            axes[2].plot([lo, hi], [fit["intercept"] + fit["slope"] * lo,
-                                    fit["intercept"] + fit["slope"] * hi], "k--",
-                         label=f"fit a + b/sqrt(C q), R^2 = {fit['r2']:.2f}")
+            pts = [(q, m, d) for q, m, d in zip(rs[0]["curve"]["round"], mean, std,
+                                                strict=True) if q in acc_rounds]
+            band(axes[0], [q for q, _, _ in pts], [100 * m for _, m, _ in pts],
+                 [100 * d for _, _, d in pts], label, c)
+            for r in rs:
+                qs, gs, _ = exact_points(r, 0)
+                axes[1].plot(qs, gs, color=c, alpha=0.35, lw=0.8)
+            axes[1].plot([], [], color=c, label=label)
+            if p["rounds"]:
+                axes[2].plot(p["rounds"], p["T"], "o-", ms=3, color=c, label=label)
+        axes[1].axvline(an["warmup"], color="k", ls=":", lw=0.8, label="end of warm-up")
         axes[0].set_title(f"task {task}, {ds} {split}: test accuracy", fontsize=9)
-        axes[1].set_title("norm of the averaged hypergradient estimate", fontsize=9)
+        axes[0].set_ylabel("test accuracy (%)")
+        axes[1].set_title("exact ||grad Phi||^2 of the global model (each seed)", fontsize=9)
         axes[1].set_yscale("log")
-        axes[2].set_title("M(q) = mean of squared norms up to q, against 1/sqrt(C_x* q)",
-                          fontsize=9)
-        axes[2].set_xlabel("1 / sqrt(C_x* q)")
-        for ax in axes[:2]:
-            ax.set_xlabel("round")
+        axes[2].set_title("tail average T(q) after the warm-up (mean over seeds)", fontsize=9)
+        axes[2].set_xscale("log")
+        axes[2].set_yscale("log")
         for ax in axes:
+            ax.set_xlabel("round")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         paths.append(save(fig, out / f"coverage_{task}_{ds}_{split}.png"))

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 COLORS = {
-    "RABO": "C0", "RAFBO": "C1", "full": "C2", "exclusion": "C3", "RABO rolling": "C4",
-    "RABO random": "C5", "RABO static + scaler": "C6", "RABO rolling + scaler": "C8",
-    "RABO random + scaler": "C9", "RABO, x frozen": "C7", "fd-central": "C0",
-    "fd-forward": "C1", "exact": "C2", "neumann": "C3",
+    "RABO": "C0", "RAFBO": "C1", "full": "C2", "exclusion": "C3", "RABO static": "C4",
+    "RABO random": "C5", "RABO rolling, stride 1": "C6", "RABO no scaler": "C8",
+    "RABO + consistent scaler": "C8", "RABO static + consistent scaler": "C9",
+    "RABO + forward scaler": "C1", "RABO inverse-ratio weighting": "C5", "RABO, x frozen": "C7",
+    "fd-central": "C0", "fd-forward": "C1", "exact": "C2", "neumann": "C3",
 }
 
 

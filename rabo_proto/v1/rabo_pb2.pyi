@@ -160,20 +160,22 @@ class FetchRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., credential: _Optional[str] = ..., after_round: _Optional[int] = ..., wait_s: _Optional[float] = ...) -> None: ...
 
 class MaskSpec(_message.Message):
-    __slots__ = ("policy", "ratio", "round", "seed", "stride", "sweep_rounds")
+    __slots__ = ("policy", "ratio", "round", "seed", "stride", "sweep_rounds", "layer_shift")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     RATIO_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     STRIDE_FIELD_NUMBER: _ClassVar[int]
     SWEEP_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_SHIFT_FIELD_NUMBER: _ClassVar[int]
     policy: str
     ratio: float
     round: int
     seed: int
     stride: int
     sweep_rounds: int
-    def __init__(self, policy: _Optional[str] = ..., ratio: _Optional[float] = ..., round: _Optional[int] = ..., seed: _Optional[int] = ..., stride: _Optional[int] = ..., sweep_rounds: _Optional[int] = ...) -> None: ...
+    layer_shift: bool
+    def __init__(self, policy: _Optional[str] = ..., ratio: _Optional[float] = ..., round: _Optional[int] = ..., seed: _Optional[int] = ..., stride: _Optional[int] = ..., sweep_rounds: _Optional[int] = ..., layer_shift: _Optional[bool] = ...) -> None: ...
 
 class ClientHyper(_message.Message):
     __slots__ = ("algorithm", "inner_steps", "inner_lr", "local_steps", "local_lr", "batch_size", "estimator", "delta", "eta_v", "radius", "neumann_terms", "neumann_eta", "seed")
