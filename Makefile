@@ -40,8 +40,9 @@ lint: install
 	$(BIN)/ruff check rabo coordinator worker tests
 	$(BIN)/mypy
 
-# The reduced suite (under 20 minutes on 2 cores) regenerates docs/RESULTS.md and
-# docs/results/; FULL=1 runs the whole grids (hours).
+# The reduced suite (about 40 minutes on 2 cores: the experiments compare methods at
+# convergence, 300 rounds x 3 seeds) regenerates docs/RESULTS.md and docs/results/; FULL=1
+# runs the whole grids (many hours).
 bench: install
 	mkdir -p $(RESULTS)
 	$(BIN)/rabo bench estimator --json > $(RESULTS)/bench_estimator.json.tmp && mv $(RESULTS)/bench_estimator.json.tmp $(RESULTS)/bench_estimator.json

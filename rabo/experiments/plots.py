@@ -10,7 +10,7 @@ from typing import Any
 COLORS = {
     "RABO": "C0", "RAFBO": "C1", "full": "C2", "exclusion": "C3", "RABO static": "C4",
     "RABO random": "C5", "RABO rolling, stride 1": "C6", "RABO no scaler": "C8",
-    "RABO + consistent scaler": "C8", "RABO static + consistent scaler": "C9",
+"RABO static, no scaler": "C9",
     "RABO + forward scaler": "C1", "RABO inverse-ratio weighting": "C5", "RABO, x frozen": "C7",
     "fd-central": "C0", "fd-forward": "C1", "exact": "C2", "neumann": "C3",
 }
