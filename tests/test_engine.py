@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from params_util import flat, unflat
 
 from rabo import config
 from rabo.engine import sample_participants
@@ -21,19 +22,6 @@ TINY = ["data.dataset=digits", "model.hidden=[16]", "clients.count=1", "clients.
         "data.batch_size=0", "inner.steps=1", "outer.optimizer=sgd", "rounds=1",
         "estimator.radius=0"]
 
-
-def _flat(p):
-    return torch.cat([t.reshape(-1) for t in p.values()])
-
-
-def _unflat(vec, like):
-    out, i = {}, 0
-    for k, t in like.items():
-        out[k] = vec[i:i + t.numel()].view(t.shape)
-        i += t.numel()
-    return out
-
-
 @pytest.mark.parametrize("task_name", ["A", "B"])
 def test_one_client_at_ratio_one_is_a_centralized_bilevel_step(task_name: str) -> None:
     cfg = config.load(None, [*TINY, f"task={task_name}", "estimator.name=exact",
@@ -42,7 +30,7 @@ def test_one_client_at_ratio_one_is_a_centralized_bilevel_step(task_name: str) -
     state = job.engine.init_state()
     gen = torch.Generator().manual_seed(9)
     state.v = {k: 0.1 * torch.randn(t.shape, generator=gen) for k, t in state.y.items()}
-    x0, y0, v0 = _flat(state.x), _flat(state.y), _flat(state.v)
+    x0, y0, v0 = flat(state.x), flat(state.y), flat(state.v)
 
     plan = job.engine.plan(1, 0, 1.0)
     update = job.engine.client_step(job.engine.assign(state, plan), job.data.clients[0])
@@ -55,10 +43,10 @@ def test_one_client_at_ratio_one_is_a_centralized_bilevel_step(task_name: str) -
     task = job.task
 
     def g(xv, yv):
-        return task.g(_unflat(xv, state.x), _unflat(yv, state.y), tr)
+        return task.g(unflat(xv, state.x), unflat(yv, state.y), tr)
 
     def f(xv, yv):
-        return task.f(_unflat(xv, state.x), _unflat(yv, state.y), va)
+        return task.f(unflat(xv, state.x), unflat(yv, state.y), va)
 
     fx, fy = torch.autograd.functional.jacobian(f, (x0, y0))
     _, gy = torch.autograd.functional.jacobian(g, (x0, y0))
@@ -70,9 +58,9 @@ def test_one_client_at_ratio_one_is_a_centralized_bilevel_step(task_name: str) -
     expect_x = x0 - 0.7 * h
     expect_y = y0 - 0.4 * gy
     expect_v = v0 - 0.3 * (hess @ v0 - fy)
-    assert torch.allclose(_flat(new.x), expect_x, rtol=1e-4, atol=1e-6)
-    assert torch.allclose(_flat(new.y), expect_y, rtol=1e-4, atol=1e-6)
-    assert torch.allclose(_flat(new.v), expect_v, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(flat(new.x), expect_x, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(flat(new.y), expect_y, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(flat(new.v), expect_v, rtol=1e-4, atol=1e-6)
     assert float(torch.linalg.norm(cross.T @ v0)) > 1e-4  # the second-order term mattered
 
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from params_util import flat, unflat
 
 from rabo import config
 from rabo.evaluation import exact_hypergradient_norm
@@ -16,19 +17,6 @@ from rabo.tasks import Batch
 
 TINY = ["data.dataset=digits", "model.hidden=[12, 8]", "clients.count=3",
         "data.batch_size=0", "outer.optimizer=sgd", "rounds=2", "estimator.radius=0"]
-
-
-def _flat(p):
-    return torch.cat([t.reshape(-1) for t in p.values()])
-
-
-def _unflat(vec, like):
-    out, i = {}, 0
-    for k, t in like.items():
-        out[k] = vec[i:i + t.numel()].view(t.shape)
-        i += t.numel()
-    return out
-
 
 def _client_update(scaler: str, task: str = "A", inner_steps: int = 1):
     cfg = config.load(None, [*TINY, f"task={task}", f"model.scaler={scaler}",
@@ -140,7 +128,7 @@ def test_the_exact_hypergradient_norm_matches_dense_hessians() -> None:
 
     def pooled(loss, split, n):
         def fn(xv, yv):
-            x, y = _unflat(xv, state.x), _unflat(yv, state.y)
+            x, y = unflat(xv, state.x), unflat(yv, state.y)
             total = 0
             for c in job.data.clients:
                 s = getattr(c, split)
@@ -151,7 +139,7 @@ def test_the_exact_hypergradient_norm_matches_dense_hessians() -> None:
 
     g = pooled(job.task.g, "train", n_train)
     f = pooled(job.task.f, "val", n_val)
-    xv, yv = _flat(state.x), _flat(state.y)
+    xv, yv = flat(state.x), flat(state.y)
     fx, fy = torch.func.grad(f, argnums=(0, 1))(xv, yv)
     hyy = torch.func.hessian(g, argnums=1)(xv, yv)
     hxy = torch.func.jacrev(torch.func.grad(g, argnums=1), argnums=0)(xv, yv)  # (dy, dx)
