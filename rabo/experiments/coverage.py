@@ -216,10 +216,17 @@ def plot(data: dict[str, Any], out: Path) -> list[Path]:
         axes[0].set_title(f"task {task}, {ds} {split}: test accuracy", fontsize=9)
         axes[0].set_ylabel("test accuracy (%)")
         axes[1].set_title("exact ||grad Phi||^2 of the global model (each seed)", fontsize=9)
-        axes[1].set_yscale("log")
+        # log scales only where there is something positive to scale (every point of a
+        # setting may be refused for its CG residual)
+        if any(exact_points(r, 0)[0] for r in runs):
+            axes[1].set_yscale("log")
         axes[2].set_title("tail average T(q) after the warm-up (mean over seeds)", fontsize=9)
-        axes[2].set_xscale("log")
-        axes[2].set_yscale("log")
+        if any(p["rounds"] for p in s["per_k"]):
+            axes[2].set_xscale("log")
+            axes[2].set_yscale("log")
+        else:
+            axes[2].text(0.5, 0.5, "no point past the warm-up met the CG residual",
+                         ha="center", va="center", transform=axes[2].transAxes, fontsize=8)
         for ax in axes:
             ax.set_xlabel("round")
             ax.grid(alpha=0.3)

@@ -515,6 +515,18 @@ def section_coverage(data: dict[str, Any], rel: str) -> tuple[str, list[dict[str
         lines.append("")
         n = st["pairs"]
         acc_ok, t_ok = st["acc_increasing_pairs"], st["T_decreasing_pairs"]
+        where = f"task {st['task']}, {st['dataset']} {st['split']}"
+        if not any(p["rounds"] for p in st["per_k"]):
+            refused = sum(p["refused_points"] for p in st["per_k"])
+            why = (f"not measured: all {refused} exact-hypergradient points after the warm-up "
+                   f"were refused for their CG residual (g is not strongly convex in y here, "
+                   f"so H^-1 grad_y f is not defined); accuracy increases with C_x* in "
+                   f"{acc_ok} of {n} pairs of k")
+            lines.append(f"- **Rate in Q and C_x***: {why}.")
+            lines.append("")
+            heads.append({"claim": f"The exact hypergradient measure falls with Q and C_x* "
+                                   f"({where})", "verdict": "not measured", "evidence": why})
+            continue
         c_text = (f"T(Q) decreases with C_x* in {t_ok} of {n} pairs of k; accuracy increases "
                   f"in {acc_ok} of {n}")
         c_word = verdict_word(t_ok, n)
@@ -534,7 +546,6 @@ def section_coverage(data: dict[str, Any], rel: str) -> tuple[str, list[dict[str
         lines.append(f"- **Decreasing in Q after the warm-up** (rule: negative slope for every "
                      f"C_x*): {q_word}; {q_text}.")
         lines.append("")
-        where = f"task {st['task']}, {st['dataset']} {st['split']}"
         heads.append({"claim": f"After the warm-up, the exact hypergradient measure falls with "
                                f"rounds Q for every C_x* ({where})",
                       "verdict": q_word, "evidence": q_text})
