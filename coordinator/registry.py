@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from coordinator.untrusted import printable
 from rabo_proto.v1 import rabo_pb2 as pb
 
 
@@ -84,7 +85,8 @@ class Registry:
             now = self.clock()
             rec = WorkerRecord(worker_id=secrets.token_hex(8),
                                credential=secrets.token_urlsafe(32), client_id=client_id,
-                               name=name or "worker", profile=profile, registered_at=now,
+                               name=printable(name or "worker", 64), profile=profile,
+                               registered_at=now,
                                last_seen=now, peer=peer, identity=identity)
             self._workers[rec.worker_id] = rec
             return rec
