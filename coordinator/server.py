@@ -135,7 +135,8 @@ class Coordinator:
         self.out_dir = out_dir
         self.clock = clock
         c = cfg.cluster
-        self.registry = Registry(cfg.clients.count, c.heartbeat_s * c.heartbeat_misses, clock)
+        self.registry = Registry(cfg.clients.count, c.heartbeat_s * c.heartbeat_misses, clock,
+                                 out_dir / checkpoint.SLOTS if out_dir is not None else None)
         self.register_limiter = RateLimiter(c.register_rate_per_s, 4 * c.register_rate_per_s,
                                             clock)
         self.cond = threading.Condition()
@@ -235,7 +236,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                    f"{self.c.cfg.cluster.register_rate_per_s:g} per second")
         try:
             rec = self.c.registry.register(request.name, request.profile, request.client_id,
-                                           context.peer(), peer_identity(context))
+                                           context.peer(), peer_identity(context),
+                                           request.instance)
         except RegistryError as exc:
             self.c.reject("register")
             _abort(context, getattr(grpc.StatusCode, exc.code), str(exc))

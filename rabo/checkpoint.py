@@ -23,7 +23,8 @@ from rabo.metrics import temporary_beside
 
 CHECKPOINT = "checkpoint.pt"
 LOCK_FILE = ".rabo.lock"  # held (flock) by the process that runs into the folder
-RUN_FILES = ("metrics.jsonl", "summary.json")  # what a run writes beside its checkpoints
+SLOTS = "slots.json"  # the coordinator's worker instance -> client slot map (coordinator/)
+RUN_FILES = ("metrics.jsonl", "summary.json", SLOTS)  # what a run writes beside checkpoints
 
 
 class CheckpointError(RaboError):
