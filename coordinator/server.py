@@ -171,6 +171,7 @@ class _RoundClosed(Exception):
     """The round closed while its update was still arriving."""
 
 
+RECEIVE_HEADROOM = 1 << 20  # bytes beyond a chunk that a received message may hold
 STATUS_MESSAGE_LIMIT = 1000  # characters of a refusal's message (it may quote the input)
 
 
@@ -792,7 +793,11 @@ def _close_metrics(monitor: Monitor | None) -> None:
 
 def grpc_options(cfg: Config) -> list[tuple[str, int]]:
     m = cfg.cluster.max_message_bytes
-    return [("grpc.max_send_message_length", m), ("grpc.max_receive_message_length", m),
+    # what the coordinator receives is never larger than a chunk and a header (registrations,
+    # heartbeats, polls and update headers are small), so that is all gRPC buffers from a
+    # peer, authenticated or not, before refusing (a 60 MiB message is refused unread)
+    receive = min(m, cfg.cluster.chunk_bytes + RECEIVE_HEADROOM)
+    return [("grpc.max_send_message_length", m), ("grpc.max_receive_message_length", receive),
             # workers ping every 20 s while idle (see worker/client.py); allow it
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),

@@ -121,3 +121,53 @@ def test_a_trickling_update_cannot_hold_a_round_past_its_deadline_and_grace() ->
         fast.close()
         slow.close()
         srv.stop(grace=0)
+
+
+def test_oversized_messages_are_refused_before_they_are_buffered(tmp_path) -> None:
+    """Eight parallel 60 MiB registrations without any credential, at a coordinator process:
+    before, each was read in whole (320-570 MiB more resident memory); now gRPC refuses what
+    is larger than a chunk plus its headroom, unread."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import psutil
+
+    from rabo_proto.v1 import rabo_pb2_grpc as pb_grpc
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    sets = sum((["--set", s] for s in [*CFG, "cluster.register_timeout_s=120"]), [])
+    coord = subprocess.Popen([sys.executable, "-m", "rabo.cli", "coordinator", "--bind",
+                              f"127.0.0.1:{port}", *sets], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env=dict(os.environ,
+                                                                 GRPC_VERBOSITY="NONE"))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            grpc.channel_ready_future(ch).result(timeout=120)
+        time.sleep(0.5)
+        before = psutil.Process(coord.pid).memory_info().rss
+        big = pb.RegisterRequest(name="x" * (60 << 20), protocol=PROTOCOL_VERSION)
+
+        def one(_: int) -> grpc.StatusCode:
+            opts = [("grpc.max_send_message_length", 128 << 20)]
+            with grpc.insecure_channel(f"127.0.0.1:{port}", options=opts) as ch:
+                try:
+                    pb_grpc.CoordinatorStub(ch).Register(big, timeout=60)
+                except grpc.RpcError as exc:
+                    return exc.code()
+            return grpc.StatusCode.OK
+
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(one, range(8)))
+        grown = psutil.Process(coord.pid).memory_info().rss - before
+        assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 8
+        assert grown < 64 << 20, f"the coordinator grew by {grown >> 20} MiB"
+        assert coord.poll() is None  # still serving
+    finally:
+        coord.kill()
+        coord.wait()
