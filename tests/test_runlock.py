@@ -24,33 +24,43 @@ def _simulate(out: Path, rounds: int, *extra: str) -> subprocess.Popen:
 
 def test_a_second_run_into_a_folder_in_use_is_refused_and_the_first_stays_whole(
         tmp_path: Path) -> None:
+    """The first run is a coordinator waiting for its workers (it holds the folder for as
+    long as the test needs, with no timing luck); simulations and another coordinator into
+    the same folder are refused, --overwrite or not."""
     out = tmp_path / "run"
-    rounds = 400
-    first = _simulate(out, rounds)
+    sets = sum((["--set", s] for s in [*SETS, "cluster.register_timeout_s=300"]), [])
+    first = subprocess.Popen([sys.executable, "-m", "rabo.cli", "coordinator", "--bind",
+                              "127.0.0.1:0", "--out", str(out), *sets],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, GRPC_VERBOSITY="NONE"))
     try:
-        metrics = out / "metrics.jsonl"
+        lock = out / ".rabo.lock"
         end = time.monotonic() + 120
-        while not (metrics.exists() and metrics.stat().st_size) and time.monotonic() < end:
+        while not (lock.exists() and lock.read_text().strip()) and time.monotonic() < end:
             assert first.poll() is None, first.communicate()
             time.sleep(0.05)
-        for extra in ((), ("--overwrite",)):  # not even --overwrite may take it over
-            second = _simulate(out, 2, *extra)
+        assert lock.read_text().strip() == str(first.pid)
+        attempts = [_simulate(out, 2), _simulate(out, 2, "--overwrite"),
+                    subprocess.Popen([sys.executable, "-m", "rabo.cli", "coordinator", "--bind",
+                                      "127.0.0.1:0", "--out", str(out), "--overwrite", *sets],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+        for second in attempts:
             _, err = second.communicate(timeout=120)
             assert second.returncode != 0
             assert f"is in use by another run (pid {first.pid})" in err, err
             assert "Traceback" not in err
-        assert first.wait(timeout=300) == 0, first.communicate()
+        assert first.poll() is None  # untouched by the refused ones
     finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
+        first.kill()
+        first.wait()
+    # the folder is free once its run has ended, and a run's files are whole
+    rounds = 5
+    again = _simulate(out, rounds, "--overwrite")
+    assert again.wait(timeout=120) == 0, again.communicate()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == list(range(1, rounds + 1))
     assert json.loads((out / "summary.json").read_text())["rounds"] == rounds
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
-    # the folder is free again once its run has ended
-    again = _simulate(out, 2, "--overwrite")
-    assert again.wait(timeout=120) == 0
 
 
 def test_the_lock_is_per_process_and_temporary_names_are_unique(tmp_path: Path) -> None:
