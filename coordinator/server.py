@@ -786,6 +786,26 @@ class Server:
             self.health_server.stop(0).wait()
 
 
+def own_pool_health() -> health.HealthServicer:
+    """The standard health service, answered from thread pools of its own: gRPC Python runs
+    a behaviour in its ``experimental_thread_pool`` when it has one, so calls that hold every
+    RPC thread of the workers' pool (silent streams) cannot make the health check time out.
+    Check and Watch get separate pools (a Watch holds its thread for as long as it lasts)."""
+    check_pool = futures.ThreadPoolExecutor(4, thread_name_prefix="rabo-health")
+    watch_pool = futures.ThreadPoolExecutor(4, thread_name_prefix="rabo-health-watch")
+
+    class Health(health.HealthServicer):
+        def Check(self, request, context):  # noqa: N802 - the gRPC method name
+            return super().Check(request, context)
+
+        def Watch(self, request, context, send_response_callback=None):  # noqa: N802
+            return super().Watch(request, context, send_response_callback)
+
+    Health.Check.experimental_thread_pool = check_pool  # type: ignore[attr-defined]
+    Health.Watch.experimental_thread_pool = watch_pool  # type: ignore[attr-defined]
+    return Health()
+
+
 def _close_metrics(monitor: Monitor | None) -> None:
     if monitor is not None:
         monitor.close()
@@ -837,7 +857,7 @@ def serve(cfg: Config, out_dir: str | Path | None = None, bind: str | None = Non
                                                     thread_name_prefix="rabo-rpc"),
                          options=grpc_options(cfg), interceptors=interceptors)
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coord), server)
-    health_servicer = health.HealthServicer()
+    health_servicer = own_pool_health()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = bind or cfg.cluster.bind
     try:

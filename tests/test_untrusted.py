@@ -171,3 +171,45 @@ def test_oversized_messages_are_refused_before_they_are_buffered(tmp_path) -> No
     finally:
         coord.kill()
         coord.wait()
+
+
+def test_silent_streams_cannot_starve_the_health_check() -> None:
+    """200 calls from one peer that open an update stream and send nothing hold every RPC
+    thread of the workers' pool; the health service answers from pools of its own, so it
+    still says SERVING within 1 s (before, it shared the pool and timed out)."""
+    import threading
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from rabo_proto.v1 import rabo_pb2_grpc as pb_grpc
+
+    srv = serve(config.load(None, CFG), None, bind="127.0.0.1:0", linger_s=0.0)
+    hold = threading.Event()
+    channels = [grpc.insecure_channel(f"127.0.0.1:{srv.port}") for _ in range(10)]
+    calls = []
+    try:
+        def silent():
+            hold.wait(120)
+            return
+            yield  # a generator that yields nothing until released
+
+        for i in range(200):
+            stub = pb_grpc.CoordinatorStub(channels[i % len(channels)])
+            calls.append(stub.SubmitUpdate.future(silent(), timeout=120))
+        # every pool thread is taken: a worker's own call waits (the pool is the bound here)
+        probe = pb_grpc.CoordinatorStub(channels[0])
+        with pytest.raises(grpc.RpcError) as err:
+            probe.Heartbeat(pb.HeartbeatRequest(worker_id="x", credential="y"), timeout=1.0)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            for _ in range(5):
+                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        hold.set()
+        for c in calls:
+            c.cancel()
+        for ch in channels:
+            ch.close()
+        srv.stop(grace=0)
