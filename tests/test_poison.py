@@ -150,3 +150,32 @@ def test_a_poisoning_worker_is_refused_while_the_honest_ones_finish_the_run(
         attacker.close()
         stop_workers(workers)
         server.stop(grace=0)
+
+
+@pytest.mark.slow
+def test_a_worker_whose_update_is_refused_goes_on_with_the_next_try(tmp_path: Path) -> None:
+    """An honest worker can produce a refused update (a diverging step): it drops it and
+    answers the retry, instead of exiting. Here the bound is set so low that every update is
+    refused, so the round is retried until the run stops."""
+    cfg = config.load(None, [*TINY, "clients.count=1", "clients.ratios=[1]", "rounds=1",
+                             "aggregation.max_update_rms=1e-12", "cluster.max_round_retries=2",
+                             "cluster.heartbeat_s=30"])
+    server = serve(cfg, None, bind="127.0.0.1:0", linger_s=0.0)
+    log = tmp_path / "worker.log"
+    cmd = [sys.executable, "-m", "worker", "--coordinator", f"127.0.0.1:{server.port}",
+           "--threads", "1", "--poll-s", "1", "--give-up-s", "20"]
+    w = WorkerProcess(0, None, subprocess.Popen(cmd, stdout=log.open("wb"),
+                                                stderr=subprocess.STDOUT,
+                                                env=dict(os.environ, GRPC_VERBOSITY="ERROR")),
+                      log)
+    try:
+        end = time.monotonic() + 120
+        while not server.driver.done.is_set() and time.monotonic() < end:
+            assert w.proc.poll() is None, w.tail()  # never exits on a refusal
+            time.sleep(0.1)
+        assert server.driver.error is not None  # fewer than min_workers updates, 3 tries
+        assert server.coord.rejected.get("magnitude") == 3
+        assert log.read_text().count("update not taken (INVALID_ARGUMENT") == 3, w.tail()
+    finally:
+        stop_workers([w])
+        server.stop(grace=0)

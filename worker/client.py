@@ -45,10 +45,12 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
              grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.ABORTED,
              grpc.StatusCode.CANCELLED}
 FORGOTTEN = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
-# an update the coordinator does not need (late, stale round, duplicate, earlier try of a
-# retried round): dropped, and the worker fetches its next assignment
+# an update the coordinator does not take (late, stale round, duplicate, earlier try of a
+# retried round, or refused: its magnitude, a non-finite value, a damaged payload): dropped,
+# and the worker fetches its next assignment (one bad step must not end an honest worker)
 SUBMIT_REFUSED = {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.FAILED_PRECONDITION,
-                  grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.ABORTED}
+                  grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.ABORTED,
+                  grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DATA_LOSS}
 
 
 class WorkerExit(Exception):
@@ -313,8 +315,8 @@ class Worker:
                 code = exc.code()  # type: ignore[attr-defined]
                 if code not in SUBMIT_REFUSED or run_state(exc):
                     raise
-                # late, stale, duplicate or for an earlier try of the round: this update is
-                # not needed; the session goes on with the next assignment
+                # late, stale, duplicate, for an earlier try of the round or refused: this
+                # update is not taken; the session goes on with the next assignment
                 log.warning("round %d: update not taken (%s: %s)", assignment.round,
                             code.name, exc.details())  # type: ignore[attr-defined]
                 reply = None
