@@ -33,7 +33,15 @@ class Monitor:
                                        buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
-        start_http_server(port, addr=addr, registry=self.registry)
+        """Listen on ``port``; OSError when it is taken."""
+        self._http = start_http_server(port, addr=addr, registry=self.registry)
+
+    def close(self) -> None:
+        http = getattr(self, "_http", None)
+        if http is not None:
+            http[0].shutdown()
+            http[0].server_close()
+            self._http = None
 
     def observe_round(self, rec: dict[str, Any], live: int) -> None:
         self.round.set(rec["round"])

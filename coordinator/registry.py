@@ -5,13 +5,18 @@ Time is injected (``clock``) so expiry is tested without sleeping, as in Flower'
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import json
 import secrets
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+from coordinator.untrusted import printable
+from rabo.metrics import write_json
 from rabo_proto.v1 import rabo_pb2 as pb
 
 
@@ -44,24 +49,50 @@ class WorkerRecord:
     last_seen: float
     peer: str = ""
     identity: str = ""  # fingerprint of the client certificate it registered with (mTLS)
+    instance: str = ""  # sha256 of the worker's instance secret ("" if it sent none)
+
+
+def _read_slots(path: Path) -> dict[str, int]:
+    """The instance -> slot map a previous coordinator of this run folder kept (none: {})."""
+    try:
+        data = json.loads(path.read_text())
+        return {str(k): int(v) for k, v in data["slots"].items()}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise RegistryError(f"{path}: not a slot file ({exc}); remove it to start afresh"
+                            ) from None
 
 
 class Registry:
     """Thread-safe registry of workers; client slots are the data partitions 0..slots-1."""
 
     def __init__(self, slots: int, expire_after_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 slots_file: Path | None = None) -> None:
+        """``slots_file``: where the slot of each worker instance is kept (in the run folder),
+        so that a coordinator resumed from that folder gives every returning worker its slot
+        back; read if it exists."""
         self.slots = slots
         self.expire_after_s = expire_after_s
         self.clock = clock
         self._lock = threading.Lock()
         self._workers: dict[str, WorkerRecord] = {}
         self.expired_total = 0
+        self._slots_file = slots_file
+        # sha256 of a worker's instance secret -> its client slot (never the secret itself)
+        self._bound: dict[str, int] = _read_slots(slots_file) if slots_file else {}
 
     def register(self, name: str, profile: pb.ResourceProfile, requested_client: int,
-                 peer: str = "", identity: str = "") -> WorkerRecord:
+                 peer: str = "", identity: str = "", instance: str = "") -> WorkerRecord:
+        key = hashlib.sha256(instance.encode()).hexdigest() if instance else ""
         with self._lock:
             self._expire_locked()
+            if key and requested_client < 0 and key in self._bound:
+                requested_client = self._bound[key]  # a returning worker: its own slot
+                # its earlier session, if the coordinator still holds one, is over
+                for wid in [w for w, r in self._workers.items() if r.instance == key]:
+                    del self._workers[wid]
             taken = {w.client_id: w for w in self._workers.values()}
             if requested_client >= self.slots:
                 raise RegistryError(f"client slot {requested_client} does not exist: this job "
@@ -80,14 +111,27 @@ class Registry:
                 if not free:
                     raise RegistryFull(f"all {self.slots} client slots are taken "
                                        "(clients.count); no more workers are needed")
-                client_id = free[0]
+                # a slot that belongs to a known instance is given to a newcomer only when
+                # no other is free (its worker may be on its way back after a restart)
+                owned = set(self._bound.values())
+                client_id = next((c for c in free if c not in owned), free[0])
             now = self.clock()
             rec = WorkerRecord(worker_id=secrets.token_hex(8),
                                credential=secrets.token_urlsafe(32), client_id=client_id,
-                               name=name or "worker", profile=profile, registered_at=now,
-                               last_seen=now, peer=peer, identity=identity)
+                               name=printable(name or "worker", 64), profile=profile,
+                               registered_at=now,
+                               last_seen=now, peer=peer, identity=identity, instance=key)
             self._workers[rec.worker_id] = rec
+            if key and self._bound.get(key) != client_id:
+                for other in [k for k, c in self._bound.items() if c == client_id]:
+                    del self._bound[other]  # the slot has a new owner
+                self._bound[key] = client_id
+                self._save_slots_locked()
             return rec
+
+    def _save_slots_locked(self) -> None:
+        if self._slots_file is not None:
+            write_json(self._slots_file, {"slots": self._bound})
 
     def authenticate(self, worker_id: str, credential: str, identity: str = "") -> WorkerRecord:
         """The live record of ``worker_id`` if ``credential`` is its own (constant time) and,

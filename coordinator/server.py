@@ -39,6 +39,7 @@ from coordinator.security import (
     peer_identity,
     server_credentials,
 )
+from coordinator.untrusted import printable
 from coordinator.wire import (
     assignment_header,
     encode_assignment,
@@ -50,7 +51,7 @@ from rabo import checkpoint
 from rabo.auth import TlsFiles
 from rabo.config import Config, to_dict
 from rabo.engine import ClientPlan, GlobalState, Update, sample_participants
-from rabo.errors import RaboError
+from rabo.errors import RaboError, UpdateRejected
 from rabo.evaluation import due, evaluate_round
 from rabo.job import Job
 from rabo.metrics import MetricsWriter, truncate_metrics, wire_total, write_json
@@ -89,6 +90,8 @@ class WorkerTask:
     counters_start: SocketCounters | None = None
     peer: str = ""
     last_progress: float | None = None  # when bytes of this task last moved, either way
+    moved: int = 0  # message bytes of this task moved so far, both ways
+    moved_at_deadline: int | None = None  # ``moved`` when the round's deadline passed
     receiving: bool = False
     update: Update | None = None
     received_at: float | None = None
@@ -97,6 +100,11 @@ class WorkerTask:
     message_up: int = 0
     payload_up: int = 0
     wire: SocketCounters | None = None
+    refused: str | None = None  # why its update was refused for its magnitude (round done)
+
+    def answered(self) -> bool:
+        """An update arrived, or one was refused for its magnitude (nothing more comes)."""
+        return self.update is not None or self.refused is not None
 
 
 @dataclass
@@ -110,7 +118,7 @@ class RoundTicket:
     closed: bool = False
 
     def complete(self) -> bool:
-        return all(t.update is not None for t in self.tasks.values())
+        return all(t.answered() for t in self.tasks.values())
 
 
 # --------------------------------------------------------------------------- shared state
@@ -127,7 +135,8 @@ class Coordinator:
         self.out_dir = out_dir
         self.clock = clock
         c = cfg.cluster
-        self.registry = Registry(cfg.clients.count, c.heartbeat_s * c.heartbeat_misses, clock)
+        self.registry = Registry(cfg.clients.count, c.heartbeat_s * c.heartbeat_misses, clock,
+                                 out_dir / checkpoint.SLOTS if out_dir is not None else None)
         self.register_limiter = RateLimiter(c.register_rate_per_s, 4 * c.register_rate_per_s,
                                             clock)
         self.cond = threading.Condition()
@@ -158,8 +167,18 @@ class Coordinator:
 # --------------------------------------------------------------------------- servicer
 
 
+class _RoundClosed(Exception):
+    """The round closed while its update was still arriving."""
+
+
+RECEIVE_HEADROOM = 1 << 20  # bytes beyond a chunk that a received message may hold
+STATUS_MESSAGE_LIMIT = 1000  # characters of a refusal's message (it may quote the input)
+
+
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
-    context.abort(code, message)
+    """End the call with ``code``; the message escaped and bounded, since it may quote what
+    the peer sent (a 64 KiB name, 100,000 tensor names) and a client must be able to read it."""
+    context.abort(code, printable(message, STATUS_MESSAGE_LIMIT))
 
 
 _WIRE_KINDS = ("checksum", "truncated", "shape", "dtype", "NaN", "chunk", "measurement",
@@ -218,7 +237,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                    f"{self.c.cfg.cluster.register_rate_per_s:g} per second")
         try:
             rec = self.c.registry.register(request.name, request.profile, request.client_id,
-                                           context.peer(), peer_identity(context))
+                                           context.peer(), peer_identity(context),
+                                           request.instance)
         except RegistryError as exc:
             self.c.reject("register")
             _abort(context, getattr(grpc.StatusCode, exc.code), str(exc))
@@ -227,7 +247,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             self.c.monitor.registrations.inc()
         log.info("registered worker %s (%s) as client %d: budget %d MiB (%s), %.1f GFLOP/s",
                  rec.worker_id, rec.name, rec.client_id,
-                 rec.profile.memory_budget_bytes >> 20, rec.profile.budget_source,
+                 rec.profile.memory_budget_bytes >> 20, printable(rec.profile.budget_source),
                  rec.profile.flops_per_s / 1e9)
         with self.c.cond:
             self.c.cond.notify_all()
@@ -246,7 +266,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:
         self._auth(request.worker_id, request.credential, context)
         self.c.registry.remove(request.worker_id)
-        log.info("worker %s left: %s", request.worker_id, request.reason or "no reason given")
+        log.info("worker %s left: %s", request.worker_id,
+                 printable(request.reason) if request.reason else "no reason given")
         with self.c.cond:
             self.c.cond.notify_all()
         return pb.LeaveReply()
@@ -276,7 +297,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                     # any open task not yet answered, whatever after_round says: a retried
                     # round reuses its number, and its new tasks are for everyone again
                     task = t.tasks.get(wid)
-                    if task is not None and task.update is None and not task.receiving:
+                    if task is not None and not task.answered() and not task.receiving:
                         task.peer = context.peer()
                         task.sent_at = c.clock()
                         ticket, state = t, c.state
@@ -313,7 +334,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         for chunk in encoded.chunks():
             task.last_progress = c.clock()  # the previous message has been taken by gRPC
             msg = pb.AssignmentMessage(chunk=chunk)
-            sent += message_bytes(msg)
+            size = message_bytes(msg)
+            sent += size
+            task.moved += size
             yield msg
         task.last_progress = c.clock()
         task.message_down = sent
@@ -349,7 +372,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 c.reject("not-assigned")
                 _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
                        f"worker {rec.worker_id} has no assignment in round {h.round}")
-            if task.update is not None or task.receiving:
+            if task.answered() or task.receiving:
                 c.reject("duplicate")
                 _abort(context, grpc.StatusCode.ALREADY_EXISTS,
                        f"duplicate update: worker {rec.worker_id} already submitted round "
@@ -363,7 +386,26 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                        f"assignment")
             task.receiving = True
         try:
-            update, assembler = self._receive(h, task, request_iterator, context)
+            update, assembler = self._receive(h, task, request_iterator, context, t)
+            with c.cond:
+                state = c.state
+            c.job.engine.check_magnitude(state, task.plan, update)
+        except _RoundClosed:
+            with c.cond:
+                task.receiving = False
+            c.reject("late")
+            _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
+                   f"late update: round {h.round} closed before it arrived")
+            raise
+        except UpdateRejected as exc:
+            with c.cond:
+                task.receiving = False
+                task.refused = str(exc)
+                c.cond.notify_all()
+            c.reject("magnitude")
+            log.warning("round %d: update of worker %s refused: %s", h.round, rec.worker_id, exc)
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"update rejected: {exc}")
+            raise
         except WireError as exc:
             with c.cond:
                 task.receiving = False
@@ -398,8 +440,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                                                      f"({assembler.received} bytes)")
 
     def _receive(self, h: pb.UpdateHeader, task: WorkerTask,
-                 it: Iterator[pb.UpdateMessage], context: grpc.ServicerContext
-                 ) -> tuple[Update, Assembler]:
+                 it: Iterator[pb.UpdateMessage], context: grpc.ServicerContext,
+                 ticket: RoundTicket) -> tuple[Update, Assembler]:
         cfg = self.c.cfg.cluster
         if h.client_id != task.plan.client_id:
             raise WireError(f"client id {h.client_id} does not match the assignment's "
@@ -412,8 +454,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         for msg in it:
             if msg.WhichOneof("body") != "chunk":
                 raise WireError("only chunks may follow the update header")
+            if ticket.closed:  # stop reading (and holding this thread) at once
+                raise _RoundClosed
             assembler.add(msg.chunk)
-            received += message_bytes(msg)
+            size = message_bytes(msg)
+            received += size
+            task.moved += size
             task.last_progress = self.c.clock()
         tensors = assembler.finish(check_finite=True)
         task.message_up = received
@@ -480,9 +526,9 @@ class RoundDriver:
 
     def wait_round(self, ticket: RoundTicket) -> None:
         """Until every assigned update is in, or every live worker's is, or the deadline has
-        passed and no assigned transfer has moved bytes for ``stall_timeout_s``."""
+        passed and no assigned transfer is making progress (see :meth:`_moving`), or
+        ``round_grace_s`` past the deadline, whatever moves."""
         c = self.c
-        stall = c.cfg.cluster.stall_timeout_s
         with c.cond:
             if not ticket.tasks:
                 # no one could be assigned (no ratio fits): give the heartbeats two intervals
@@ -494,17 +540,36 @@ class RoundDriver:
             while not ticket.complete() and not c.finished:
                 now = c.clock()
                 live = {w.worker_id for w in c.registry.live()}
-                if all(t.update is not None or t.worker_id not in live
+                if all(t.answered() or t.worker_id not in live
                        for t in ticket.tasks.values()):
                     break  # everyone still alive has answered
                 if now >= ticket.deadline:
-                    moving = [t for t in ticket.tasks.values() if t.update is None
-                              and t.last_progress is not None and now - t.last_progress < stall]
-                    if not moving:
+                    if now >= ticket.deadline + c.cfg.cluster.round_grace_s:
+                        log.warning("round %d: closed %.0f s past its deadline "
+                                    "(cluster.round_grace_s) with transfers still open",
+                                    ticket.round, now - ticket.deadline)
+                        break
+                    if not any(self._moving(t, ticket.deadline, now)
+                               for t in ticket.tasks.values()):
                         break
                 c.cond.wait(0.25 if now >= ticket.deadline else min(ticket.deadline - now, 0.5))
             ticket.closed = True
             c.cond.notify_all()
+
+    def _moving(self, t: WorkerTask, deadline: float, now: float) -> bool:
+        """Whether ``t``'s transfer still earns its round time past the deadline: bytes moved
+        within ``stall_timeout_s`` and, once one such window has passed, an average of at
+        least ``min_transfer_bytes_per_s`` since the deadline (any byte is not progress)."""
+        cl = self.c.cfg.cluster
+        if t.answered() or t.last_progress is None:
+            return False
+        if t.moved_at_deadline is None:
+            t.moved_at_deadline = t.moved
+        if now - t.last_progress >= cl.stall_timeout_s:
+            return False
+        late = now - deadline
+        return late < cl.stall_timeout_s or \
+            (t.moved - t.moved_at_deadline) >= cl.min_transfer_bytes_per_s * late
 
     def run(self) -> None:
         try:
@@ -632,8 +697,9 @@ class RoundDriver:
         for t in sorted(ticket.tasks.values(), key=lambda t: t.plan.client_id):
             workers.append(self._worker_record(t))
         # round_s: open to aggregated (transfers, compute, aggregation); eval_s is apart
+        refused = {t.plan.client_id: t.refused for t in ticket.tasks.values() if t.refused}
         rec = round_record(stats, c.state, now - start, done_at - ticket.opened_at,
-                           [w for w in workers if w["arrived"]], evaluation)
+                           [w for w in workers if w["arrived"]], evaluation, refused)
         rec["eval_s"] = round(now - done_at, 6)
         rec["left_out"] = [w for w in workers if not w["arrived"]]
         rec["not_assigned"] = dict(ticket.not_assigned)
@@ -720,12 +786,44 @@ class Server:
             self.health_server.stop(0).wait()
 
 
+def own_pool_health() -> health.HealthServicer:
+    """The standard health service, answered from thread pools of its own: gRPC Python runs
+    a behaviour in its ``experimental_thread_pool`` when it has one, so calls that hold every
+    RPC thread of the workers' pool (silent streams) cannot make the health check time out.
+    Check and Watch get separate pools (a Watch holds its thread for as long as it lasts)."""
+    check_pool = futures.ThreadPoolExecutor(4, thread_name_prefix="rabo-health")
+    watch_pool = futures.ThreadPoolExecutor(4, thread_name_prefix="rabo-health-watch")
+
+    class Health(health.HealthServicer):
+        def Check(self, request, context):  # noqa: N802 - the gRPC method name
+            return super().Check(request, context)
+
+        def Watch(self, request, context, send_response_callback=None):  # noqa: N802
+            return super().Watch(request, context, send_response_callback)
+
+    Health.Check.experimental_thread_pool = check_pool  # type: ignore[attr-defined]
+    Health.Watch.experimental_thread_pool = watch_pool  # type: ignore[attr-defined]
+    return Health()
+
+
+def _close_metrics(monitor: Monitor | None) -> None:
+    if monitor is not None:
+        monitor.close()
+
+
 def grpc_options(cfg: Config) -> list[tuple[str, int]]:
     m = cfg.cluster.max_message_bytes
-    return [("grpc.max_send_message_length", m), ("grpc.max_receive_message_length", m),
+    # what the coordinator receives is never larger than a chunk and a header (registrations,
+    # heartbeats, polls and update headers are small), so that is all gRPC buffers from a
+    # peer, authenticated or not, before refusing (a 60 MiB message is refused unread)
+    receive = min(m, cfg.cluster.chunk_bytes + RECEIVE_HEADROOM)
+    return [("grpc.max_send_message_length", m), ("grpc.max_receive_message_length", receive),
             # workers ping every 20 s while idle (see worker/client.py); allow it
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ("grpc.keepalive_permit_without_calls", 1)]
+            ("grpc.keepalive_permit_without_calls", 1),
+            # gRPC sets SO_REUSEPORT by default: a second coordinator on a busy port would
+            # start without error and the kernel would split the workers between the two
+            ("grpc.so_reuseport", 0)]
 
 
 def serve(cfg: Config, out_dir: str | Path | None = None, bind: str | None = None,
@@ -740,11 +838,17 @@ def serve(cfg: Config, out_dir: str | Path | None = None, bind: str | None = Non
     security = security or Security()
     job = job or Job.from_config(cfg)
     out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        checkpoint.lock_run_dir(out)  # one run per folder (a second gets an error naming the pid)
     monitor = None
     mport = cfg.cluster.metrics_port if metrics_port is None else metrics_port
     if mport:
         monitor = Monitor()
-        monitor.serve(mport)
+        try:
+            monitor.serve(mport)
+        except OSError as exc:
+            raise CoordinatorError(f"--metrics-port {mport}: cannot listen: {exc.strerror} "
+                                   f"(is another coordinator running?)") from None
     coord = Coordinator(cfg, job, out, state=resume, monitor=monitor)
     n = cfg.cluster.workers or cfg.clients.count
     interceptors = [TokenInterceptor(security.tokens, lambda kind: coord.reject(f"auth-{kind}"))
@@ -753,7 +857,7 @@ def serve(cfg: Config, out_dir: str | Path | None = None, bind: str | None = Non
                                                     thread_name_prefix="rabo-rpc"),
                          options=grpc_options(cfg), interceptors=interceptors)
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coord), server)
-    health_servicer = health.HealthServicer()
+    health_servicer = own_pool_health()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = bind or cfg.cluster.bind
     try:
@@ -762,18 +866,32 @@ def serve(cfg: Config, out_dir: str | Path | None = None, bind: str | None = Non
         else:
             port = server.add_insecure_port(address)
     except RuntimeError as exc:
-        raise CoordinatorError(f"cannot bind {address}: {exc}") from None
+        _close_metrics(monitor)
+        raise CoordinatorError(f"--bind {address}: cannot listen ({exc}; is another "
+                               f"coordinator running?)") from None
     if port == 0:
-        raise CoordinatorError(f"cannot bind {address}")
+        _close_metrics(monitor)
+        raise CoordinatorError(f"--bind {address}: cannot listen (the port is in use or the "
+                               f"address is not this machine's; is another coordinator "
+                               f"running?)")
     coord.port = port
     hport = cfg.cluster.health_port if health_port is None else health_port
     health_server = None
     if hport:
         # kubelet's gRPC probes cannot speak TLS: health alone on a plaintext port
-        health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2),
+                                    options=[("grpc.so_reuseport", 0)])
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
         host = address.rsplit(":", 1)[0]
-        hport = health_server.add_insecure_port(f"{host}:{hport}")
+        try:
+            bound = health_server.add_insecure_port(f"{host}:{hport}")
+        except RuntimeError:
+            bound = 0
+        if bound == 0:
+            _close_metrics(monitor)
+            raise CoordinatorError(f"--health-port {hport}: cannot listen on {host}:{hport} "
+                                   f"(the port is in use; is another coordinator running?)")
+        hport = bound
         health_server.start()
     server.start()
     for name in ("", SERVICE_NAME):

@@ -8,6 +8,7 @@ so a crash never leaves a half-written checkpoint under the final name.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -18,9 +19,12 @@ import torch
 
 from rabo.engine import GlobalState
 from rabo.errors import RaboError
+from rabo.metrics import temporary_beside
 
 CHECKPOINT = "checkpoint.pt"
-RUN_FILES = ("metrics.jsonl", "summary.json")  # what a run writes beside its checkpoints
+LOCK_FILE = ".rabo.lock"  # held (flock) by the process that runs into the folder
+SLOTS = "slots.json"  # the coordinator's worker instance -> client slot map (coordinator/)
+RUN_FILES = ("metrics.jsonl", "summary.json", SLOTS)  # what a run writes beside checkpoints
 
 
 class CheckpointError(RaboError):
@@ -36,7 +40,7 @@ def _sha256(path: Path) -> str:
 
 
 def _fsync_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_beside(path)
     with tmp.open("wb") as f:
         write(f)
         f.flush()
@@ -132,13 +136,46 @@ def has_checkpoint(directory: str | Path) -> bool:
     return Path(directory).is_dir() and bool(_candidates(Path(directory)))
 
 
-def claim_run_dir(directory: str | Path, overwrite: bool = False) -> Path:
-    """The folder of a run that starts from round 0. A folder that holds another run's
-    results is refused: its metrics would be cut or mixed, and rotation would delete the new
-    checkpoints in favour of the old run's higher-numbered ones (a later --resume would then
-    continue the old run). ``overwrite`` removes those files first."""
+_HELD: dict[Path, Any] = {}  # run folders this process holds the lock of (open lock files)
+
+
+def lock_run_dir(directory: str | Path) -> Path:
+    """Hold an exclusive lock on the run folder ``directory`` (created if missing) for the
+    rest of this process, so that two runs never write one folder at once: a second run gets
+    :class:`CheckpointError` naming the holder's pid. The lock is an ``flock`` on
+    ``directory/LOCK_FILE``; the kernel drops it when the process ends, however it ends."""
     directory = Path(directory)
-    if not directory.is_dir():
+    directory.mkdir(parents=True, exist_ok=True)
+    key = directory.resolve()
+    if key in _HELD:
+        return directory
+    f = (directory / LOCK_FILE).open("a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise CheckpointError(f"{directory} is in use by another run (pid {holder}): wait for "
+                              f"it to end or pick another folder") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _HELD[key] = f
+    return directory
+
+
+def claim_run_dir(directory: str | Path, overwrite: bool = False) -> Path:
+    """The folder of a run that starts from round 0, locked for this process
+    (:func:`lock_run_dir`). A folder that holds another run's results is refused: its
+    metrics would be cut or mixed, and rotation would delete the new checkpoints in favour of
+    the old run's higher-numbered ones (a later --resume would then continue the old run).
+    ``overwrite`` removes those files first."""
+    directory = Path(directory)
+    fresh = not directory.is_dir()
+    lock_run_dir(directory)
+    if fresh:
         return directory
     found = [p for p in (*(directory / n for n in RUN_FILES), *_candidates(directory))
              if p.exists()]

@@ -194,6 +194,15 @@ class TaskConfig:
 
 @dataclass(kw_only=True)
 class AggregationConfig:
+    max_update_rms: float = opt(
+        100.0, "an update part (x hypergradient or delta, y delta, v delta) whose RMS exceeds "
+        "this many times max(1, RMS of the global values it updates) is refused before "
+        "aggregation, so that one worker cannot move the model arbitrarily far (honest "
+        "updates measured here stay below 0.1); 0: no bound", ge=0)
+    clip_rms: float = opt(
+        0.0, "[ext] robust aggregation, norm clipping: each update part is scaled down to at "
+        "most this many times the median RMS of that part over the round's updates before "
+        "coverage averaging (0: off)", ge=0)
     weighting: Literal["uniform", "samples", "inverse-ratio"] = opt(
         "uniform", "[recon] weight of each client in coverage averaging: uniform, its sample "
         "count, or [ext] 1/ratio (equal influence per client and round)")
@@ -226,7 +235,14 @@ class ClusterConfig:
                                   "a worker's transfer still makes progress, see stall_timeout_s)",
                                   gt=0)
     stall_timeout_s: float = opt(15.0, "past the deadline a round stays open while some assigned "
-                                 "worker's bytes moved within this many seconds", gt=0)
+                                 "worker's bytes moved within this many seconds (and, after "
+                                 "the first such window, at min_transfer_bytes_per_s)", gt=0)
+    min_transfer_bytes_per_s: float = opt(
+        65536.0, "past the deadline plus one stall_timeout_s, a transfer keeps a round open "
+        "only while it moves at least this many bytes per second on average since the deadline "
+        "(a worker trickling tiny chunks cannot hold everyone)", ge=0)
+    round_grace_s: float = opt(120.0, "a round never stays open longer than this past its "
+                               "deadline, whatever moves", gt=0)
     max_round_retries: int = opt(3, "times a round with fewer than min_workers updates is "
                                  "retried (model unchanged) before the run stops", ge=0)
     checkpoint_every: int = opt(5, "checkpoint every N rounds (0: only at the end and on "

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from rabo import checkpoint
 from rabo.config import Config, to_dict
 from rabo.engine import Assignment, ClientPlan, Update, client_step, sample_participants
-from rabo.errors import RaboError
+from rabo.errors import RaboError, UpdateRejected
 from rabo.evaluation import due, evaluate_round
 from rabo.job import Job
 from rabo.metrics import MetricsWriter, wire_total, write_json
@@ -233,12 +233,18 @@ def run_coordinator(ctx: Context, out: Path | None, progress: bool = True) -> di
             after = counters.read() if counters else None
             results = []
             clients = []
+            refused: dict[int, str] = {}
             for rank, plan in sorted(plans.items()):
                 x, y, v = unpack(bufs[rank], plan_shapes(plan))
                 m = metas[rank].cpu().tolist()
                 upd = Update(q, plan.client_id, x, y, v, samples=int(m[2]), upper_loss=m[3],
                              compute_s=m[0], peak_mem_bytes=int(m[1]))
-                results.append((plan, upd))
+                try:
+                    engine.check_magnitude(state, plan, upd)
+                    results.append((plan, upd))
+                except UpdateRejected as exc:
+                    refused[plan.client_id] = str(exc)
+                    log.warning("round %d: rank %d's update refused: %s", q, rank, exc)
                 wire = (after[rank].minus(before[rank])
                         if after and before and rank in after and rank in before else None)
                 payload = 4 * plan_numel(plan)
@@ -258,13 +264,15 @@ def run_coordinator(ctx: Context, out: Path | None, progress: bool = True) -> di
                     "transfer_s": round(max(0.0, elapsed - m[0]), 6),
                     "peak_mem_bytes": int(m[1]), "samples": int(m[2]), "upper_loss": m[3],
                 })
-            if not results:
+            if not plans:
                 raise DistError(f"round {q}: no worker could take part: {not_assigned}")
-            state, stats = engine.server_step(state, results)
+            state, stats = (engine.server_step(state, results) if results
+                            else engine.skip_round(state, q))
             done_at = time.perf_counter()
             evaluation = evaluate_round(job, state) if due(cfg, q) else None
             now = time.perf_counter()
-            rec = round_record(stats, state, now - start, done_at - opened, clients, evaluation)
+            rec = round_record(stats, state, now - start, done_at - opened, clients, evaluation,
+                               refused)
             rec["eval_s"] = round(now - done_at, 6)
             rec["not_assigned"] = not_assigned
             rec["left_out"] = []

@@ -24,10 +24,12 @@ this is the single-loop, simultaneous update of SOBA / FdeHBO.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,12 +38,15 @@ import torch
 from rabo.aggregation import CoverageAverager, CoverageStats, apply_average
 from rabo.config import Config, EstimatorConfig
 from rabo.data import ClientData, TensorSet
+from rabo.errors import UpdateRejected
 from rabo.estimators import Problem, grads, make_estimator
 from rabo.masks import MaskSpec, client_mask_seed
 from rabo.params import Params, norm, numel
 from rabo.runtime import peak_memory_bytes, reset_peak_memory
 from rabo.submodel import ParamLayout, SlicePlan, check_slices, extract, scatter
 from rabo.tasks import Batch, BilevelTask
+
+log = logging.getLogger("rabo")
 
 # --------------------------------------------------------------------------- value types
 
@@ -157,6 +162,9 @@ class RoundStats:
     step_norm: float  # norm of the averaged hypergradient (RABO) or x delta (RAFBO)
     upper_loss: float  # sample-weighted mean of the clients' reported f
     aggregation_s: float
+    # clients whose updates were dropped because the aggregate came out non-finite
+    dropped: tuple[int, ...] = ()
+    clipped: int = 0  # update parts scaled down by aggregation.clip_rms
 
 
 # --------------------------------------------------------------------------- helpers
@@ -252,14 +260,80 @@ class RoundEngine:
         check_slices(update.y, plan.y, "update y")
         check_slices(update.v, plan.y, "update v")
 
+    def magnitudes(self, state: GlobalState, plan: ClientPlan, update: Update
+                   ) -> dict[str, tuple[float, float]]:
+        """Per part (x, y, v): the RMS of the update's slices and the RMS of the global values
+        they update (float64, so that a finite but huge update reads as what it is)."""
+        y_full, v_full = self._lower_of(state, plan.client_id)
+        out = {}
+        for part, values, full, slice_plan in (("x", update.x, state.x, plan.x),
+                                               ("y", update.y, y_full, plan.y),
+                                               ("v", update.v, v_full, plan.y)):
+            out[part] = (_rms(values.values()),
+                         _rms(extract(full, slice_plan, copy=False).values()))
+        return out
+
+    def check_magnitude(self, state: GlobalState, plan: ClientPlan, update: Update) -> None:
+        """Raise :class:`UpdateRejected` when a part of ``update`` is larger than
+        ``aggregation.max_update_rms`` allows (every transport calls this before aggregating)."""
+        limit = self.cfg.aggregation.max_update_rms
+        if not limit:
+            return
+        for part, (rms, ref) in self.magnitudes(state, plan, update).items():
+            if not rms <= limit * max(1.0, ref):  # also refuses a NaN RMS
+                raise UpdateRejected(
+                    f"update {part} of client {plan.client_id}: RMS {rms:.3g} exceeds "
+                    f"aggregation.max_update_rms {limit:g} x max(1, {ref:.3g}) (the RMS of the "
+                    f"global values it updates)")
+
     def server_step(self, state: GlobalState, results: Sequence[tuple[ClientPlan, Update]]
                     ) -> tuple[GlobalState, RoundStats]:
-        """Coverage-average the updates into a new state (``state`` itself is not modified)."""
-        start = time.perf_counter()
+        """Coverage-average the updates into a new state (``state`` itself is not modified).
+
+        Should the aggregate come out non-finite (float overflow of updates that passed
+        :meth:`check_magnitude`), the largest update is dropped and the round aggregated again,
+        until the result is finite; with none left the state stays as it was. The dropped
+        clients are named in the stats."""
         ordered = sorted(results, key=lambda r: r[0].client_id)
         if not ordered:
             raise ValueError("server_step needs at least one update")
+        new_state, stats = self._aggregate(state, ordered)
+        if _finite_state(new_state):
+            return new_state, stats
+        log.warning("round %d: the aggregate is not finite; dropping the largest updates until "
+                    "it is (the global model stays finite)", ordered[0][0].round)
+        # largest first: the one whose biggest part is the most above its reference
+        ranked = sorted(ordered, key=lambda r: -max(
+            rms / max(1.0, ref) for rms, ref in self.magnitudes(state, *r).values()))
+        dropped: list[int] = []
+        for plan, _ in ranked:
+            dropped.append(plan.client_id)
+            kept = [r for r in ordered if r[0].client_id not in dropped]
+            if not kept:
+                break
+            new_state, stats = self._aggregate(state, kept)
+            if _finite_state(new_state):
+                log.warning("round %d: dropped the updates of clients %s", ordered[0][0].round,
+                            sorted(dropped))
+                return new_state, dataclasses.replace(stats, dropped=tuple(sorted(dropped)))
+        log.warning("round %d: no finite aggregate; the model is left as it was",
+                    ordered[0][0].round)
+        return self.skip_round(state, ordered[0][0].round, tuple(sorted(dropped)))
+
+    def skip_round(self, state: GlobalState, round: int, dropped: tuple[int, ...] = ()
+                   ) -> tuple[GlobalState, RoundStats]:
+        """Round ``round`` with no update aggregated: the model stays as it was."""
+        empty = CoverageAverager({}).stats()
+        return (dataclasses.replace(state, round=round),
+                RoundStats(round, empty, empty, 0.0, 0.0, 0.0, dropped=dropped))
+
+    def _aggregate(self, state: GlobalState, ordered: Sequence[tuple[ClientPlan, Update]]
+                   ) -> tuple[GlobalState, RoundStats]:
+        start = time.perf_counter()
         round_ = ordered[0][0].round
+        clipped = 0
+        if self.cfg.aggregation.clip_rms:
+            ordered, clipped = self._clipped(state, ordered)
         xa = CoverageAverager(state.x)
         ya = CoverageAverager(state.y)
         va = CoverageAverager(state.v)
@@ -296,8 +370,29 @@ class RoundEngine:
                                 v_clients=v_clients, c_x_star=c_star)
         stats = RoundStats(round_, cov_x, cov_y, norm(avg_x),
                            weighted_loss / max(total_samples, 1),
-                           time.perf_counter() - start)
+                           time.perf_counter() - start, clipped=clipped)
         return new_state, stats
+
+    def _clipped(self, state: GlobalState, ordered: Sequence[tuple[ClientPlan, Update]]
+                 ) -> tuple[list[tuple[ClientPlan, Update]], int]:
+        """Norm clipping [ext]: each part scaled to at most clip_rms x the round's median RMS
+        of that part (the updates themselves are not modified)."""
+        factor = self.cfg.aggregation.clip_rms
+        sizes = [{p: rms for p, (rms, _) in self.magnitudes(state, plan, upd).items()}
+                 for plan, upd in ordered]
+        out, clipped = [], 0
+        medians = {p: float(np.median([s[p] for s in sizes])) for p in ("x", "y", "v")}
+        for (plan, upd), size in zip(ordered, sizes, strict=True):
+            parts = {}
+            for p in ("x", "y", "v"):
+                values = getattr(upd, p)
+                bound = factor * medians[p]
+                if size[p] > bound > 0:
+                    clipped += 1
+                    values = {n: t * (bound / size[p]) for n, t in values.items()}
+                parts[p] = values
+            out.append((plan, dataclasses.replace(upd, **parts)))
+        return out, clipped
 
     # ------------------------------------------------------------------ worker side
 
@@ -375,6 +470,22 @@ def kept_fractions(layout: Mapping[str, ParamLayout], sub: Mapping[str, torch.Te
                    ) -> dict[str, float]:
     """Per tensor of a submodel: its kept entries over the full tensor's (1.0 when whole)."""
     return {n: t.numel() / math.prod(layout[n].shape) for n, t in sub.items()}
+
+
+def _rms(tensors: Iterable[torch.Tensor]) -> float:
+    total, count = 0.0, 0
+    for t in tensors:
+        total += float(torch.sum(t.detach().to(torch.float64) ** 2))
+        count += t.numel()
+    return math.sqrt(total / count) if count else 0.0
+
+
+def _finite_state(state: GlobalState) -> bool:
+    parts = [state.x, state.y, state.v, *state.opt.values(), *state.y_clients.values(),
+             *state.v_clients.values()]
+    # a float64 sum of float32 values is finite exactly when every value is (one pass)
+    return all(math.isfinite(float(t.sum(dtype=torch.float64))) for p in parts
+               for t in p.values() if t.is_floating_point())
 
 
 def _step(params: Params, grad: Mapping[str, torch.Tensor], lr: float,

@@ -21,3 +21,7 @@ class ShapeError(RaboError, ValueError):
 
 class AssignmentError(RaboError):
     """No ratio in the ladder fits a worker's resources; the message says why."""
+
+
+class UpdateRejected(RaboError, ValueError):
+    """A client's update is refused before aggregation (its magnitude); names the part."""

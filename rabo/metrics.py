@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +51,16 @@ class MetricsWriter:
         self.close()
 
 
+def temporary_beside(path: Path) -> Path:
+    """A temporary name next to ``path``, unique to this process and call (two writers of
+    one folder never share a temporary file)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
     """Write JSON atomically (temp file, fsync, rename)."""
     path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = temporary_beside(path)
     with tmp.open("w") as f:
         json.dump(_clean(data), f, indent=2)
         f.write("\n")
@@ -97,7 +104,7 @@ def truncate_metrics(run_dir: str | Path, last_round: int) -> list[dict[str, Any
     if not path.exists():
         return []
     kept = [r for r in _records(path, strict=False) if r.get("round", 0) <= last_round]
-    tmp = path.with_suffix(".tmp")
+    tmp = temporary_beside(path)
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(tmp, path)
     return kept

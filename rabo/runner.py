@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rabo.checkpoint import lock_run_dir
 from rabo.config import Config, to_dict
 from rabo.engine import ClientPlan, GlobalState, RoundStats, Update, sample_participants
+from rabo.errors import UpdateRejected
 from rabo.evaluation import EMPTY_RECORD, Evaluation, due, evaluate_round
 from rabo.job import Job, resolve_device
 from rabo.metrics import MetricsWriter, write_json
@@ -29,8 +31,8 @@ class RunResult:
 
 
 def round_record(stats: RoundStats, state: GlobalState, wall_s: float, round_s: float,
-                 clients: list[dict[str, Any]], evaluation: Evaluation | None
-                 ) -> dict[str, Any]:
+                 clients: list[dict[str, Any]], evaluation: Evaluation | None,
+                 refused: dict[int, str] | None = None) -> dict[str, Any]:
     """The per-round metrics object shared by every transport. The global model's figures
     (``upper_loss``, ``test_*``) are None in a round that does not evaluate it."""
     rec: dict[str, Any] = {
@@ -44,6 +46,10 @@ def round_record(stats: RoundStats, state: GlobalState, wall_s: float, round_s: 
         **stats.coverage_y.as_dict("coverage_y"),
         "c_x_star": state.c_x_star,
         "aggregation_s": round(stats.aggregation_s, 6),
+        # client id -> why its update was refused before aggregation (its magnitude)
+        "refused_updates": {str(k): v for k, v in sorted((refused or {}).items())},
+        "dropped_updates": list(stats.dropped),  # the aggregate was non-finite with them
+        "clipped_parts": stats.clipped,
         "participants": len(clients),
         "clients": clients,
     }
@@ -97,6 +103,8 @@ def simulate(cfg: Config, out_dir: str | Path | None = None,
     if not eligible:
         raise ValueError("no client fits the smallest ratio of the ladder in its memory budget")
     state = engine.init_state()
+    if out_dir is not None:
+        lock_run_dir(out_dir)  # one run per folder (a second gets an error naming the pid)
     writer = MetricsWriter(out_dir) if out_dir is not None else None
     records: list[dict[str, Any]] = []
     start = time.perf_counter()
@@ -106,17 +114,24 @@ def simulate(cfg: Config, out_dir: str | Path | None = None,
             participants = sample_participants(cfg.seed, q, eligible, cfg.clients.participation)
             results: list[tuple[ClientPlan, Update]] = []
             clients = []
+            refused: dict[int, str] = {}
             for cid in participants:
                 plan = engine.plan(q, cid, ratios[cid])
                 assignment = engine.assign(state, plan)
                 update = engine.client_step(assignment, job.data.clients[cid], device)
+                try:
+                    engine.check_magnitude(state, plan, update)
+                except UpdateRejected as exc:
+                    refused[cid] = str(exc)
+                    continue
                 results.append((plan, update))
                 clients.append(client_record(plan, update, assignment.payload_numel()))
-            state, stats = engine.server_step(state, results)
+            state, stats = (engine.server_step(state, results) if results
+                            else engine.skip_round(state, q))
             evaluation = evaluate_round(job, state, device) if due(cfg, q) else None
             now = time.perf_counter()
             rec = round_record(stats, state, now - start, now - round_start, clients,
-                               evaluation)
+                               evaluation, refused)
             records.append(rec)
             if writer:
                 writer.write(rec)

@@ -2,5 +2,5 @@
 
 # Bumped whenever the meaning of a field changes; Register refuses any other version.
 # 2: MaskSpec carries sweep_rounds and layer_shift, and stride 0 ties a rolling window's
-#    step to the layer.
+#    step to the layer; RegisterRequest carries the worker's instance secret.
 PROTOCOL_VERSION = 2

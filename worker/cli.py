@@ -33,6 +33,11 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
                    help="data partition to ask for (-1: any free one; env RABO_CLIENT_ID)")
     p.add_argument("--name", default=env("RABO_WORKER_NAME", socket.gethostname()),
                    help="a name for logs (env RABO_WORKER_NAME)")
+    p.add_argument("--state-file", metavar="FILE", default=env("RABO_WORKER_STATE"),
+                   help="keep this worker's instance secret here, so that after a restart of "
+                        "the worker, too, the coordinator gives it back its client slot "
+                        "(env RABO_WORKER_STATE; default: a new secret per process, which "
+                        "survives coordinator restarts)")
     p.add_argument("--poll-s", type=float, default=5.0, help="long-poll length")
     p.add_argument("--give-up-s", type=float, default=0.0,
                    help="exit after this long without reaching the coordinator (0: never)")
@@ -82,7 +87,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
                          device=args.device, threads=args.threads, client_id=args.client_id,
                          poll_s=args.poll_s, give_up_s=args.give_up_s, tls=tls,
                          token=tokens[0] if tokens else None,
-                         server_name=args.tls_server_name, step_delay_s=args.step_delay_s)
+                         server_name=args.tls_server_name, step_delay_s=args.step_delay_s,
+                         state_file=args.state_file)
     try:
         worker = Worker(opts)
     except WorkerExit as exc:

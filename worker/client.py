@@ -11,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import secrets
 import signal
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -42,10 +45,12 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
              grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.ABORTED,
              grpc.StatusCode.CANCELLED}
 FORGOTTEN = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
-# an update the coordinator does not need (late, stale round, duplicate, earlier try of a
-# retried round): dropped, and the worker fetches its next assignment
+# an update the coordinator does not take (late, stale round, duplicate, earlier try of a
+# retried round, or refused: its magnitude, a non-finite value, a damaged payload): dropped,
+# and the worker fetches its next assignment (one bad step must not end an honest worker)
 SUBMIT_REFUSED = {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.FAILED_PRECONDITION,
-                  grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.ABORTED}
+                  grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.ABORTED,
+                  grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DATA_LOSS}
 
 
 class WorkerExit(Exception):
@@ -71,6 +76,36 @@ class WorkerOptions:
     token: bytes | None = None
     server_name: str | None = None
     step_delay_s: float = 0.0  # fault injection for tests: sleep before each submission
+    # where the worker keeps its instance secret across restarts (None: new per process)
+    state_file: str | None = None
+
+
+def instance_secret(state_file: str | None) -> str:
+    """This worker's instance secret: read from ``state_file`` (created, mode 0600, on first
+    use), or a new one for this process."""
+    if state_file is None:
+        return secrets.token_hex(16)
+    path = Path(state_file)
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        text = ""
+    except OSError as exc:
+        raise WorkerExit(f"--state-file {path}: cannot read: {exc.strerror}", 2) from None
+    if len(text) == 32 and all(c in "0123456789abcdef" for c in text):
+        return text
+    if text:
+        raise WorkerExit(f"--state-file {path}: not a worker state file (expected 32 hex "
+                         f"digits)", 2)
+    secret = secrets.token_hex(16)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secret + "\n")
+    except OSError as exc:
+        raise WorkerExit(f"--state-file {path}: cannot write: {exc.strerror}", 2) from None
+    return secret
 
 
 def pick_device(name: str) -> torch.device:
@@ -106,6 +141,8 @@ class Worker:
         self.worker_id = ""
         self.credential = ""
         self._contact = 0.0  # monotonic time of the last answer from the coordinator
+        # the same secret on every registration: a restarted coordinator gives our slot back
+        self.instance = instance_secret(opts.state_file)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -227,7 +264,7 @@ class Worker:
         if not self.worker_id:
             reply = stub.Register(pb.RegisterRequest(
                 name=self.opts.name, profile=self.profile(), client_id=self.opts.client_id,
-                protocol=PROTOCOL_VERSION), timeout=30.0)
+                protocol=PROTOCOL_VERSION, instance=self.instance), timeout=30.0)
             self._contact = self.clock()
             self.worker_id, self.credential = reply.worker_id, reply.credential
             self.client_id, self.chunk_bytes = reply.client_id, reply.chunk_bytes
@@ -278,8 +315,8 @@ class Worker:
                 code = exc.code()  # type: ignore[attr-defined]
                 if code not in SUBMIT_REFUSED or run_state(exc):
                     raise
-                # late, stale, duplicate or for an earlier try of the round: this update is
-                # not needed; the session goes on with the next assignment
+                # late, stale, duplicate, for an earlier try of the round or refused: this
+                # update is not taken; the session goes on with the next assignment
                 log.warning("round %d: update not taken (%s: %s)", assignment.round,
                             code.name, exc.details())  # type: ignore[attr-defined]
                 reply = None

@@ -102,16 +102,18 @@ class ResourceProfile(_message.Message):
     def __init__(self, hostname: _Optional[str] = ..., logical_cpus: _Optional[int] = ..., usable_cpus: _Optional[float] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., device: _Optional[str] = ..., gpu_name: _Optional[str] = ..., gpu_total_bytes: _Optional[int] = ..., gpu_free_bytes: _Optional[int] = ..., flops_per_s: _Optional[float] = ..., threads: _Optional[int] = ..., budget_source: _Optional[str] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("name", "profile", "client_id", "protocol")
+    __slots__ = ("name", "profile", "client_id", "protocol", "instance")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     profile: ResourceProfile
     client_id: int
     protocol: int
-    def __init__(self, name: _Optional[str] = ..., profile: _Optional[_Union[ResourceProfile, _Mapping]] = ..., client_id: _Optional[int] = ..., protocol: _Optional[int] = ...) -> None: ...
+    instance: str
+    def __init__(self, name: _Optional[str] = ..., profile: _Optional[_Union[ResourceProfile, _Mapping]] = ..., client_id: _Optional[int] = ..., protocol: _Optional[int] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("worker_id", "credential", "client_id", "config_json", "heartbeat_s", "chunk_bytes")

@@ -1,0 +1,61 @@
+"""Client slots follow a worker's instance secret across coordinator restarts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from coordinator.registry import Registry, RegistryError, RegistryFull
+from rabo_proto.v1 import rabo_pb2 as pb
+from worker.client import WorkerExit, instance_secret
+
+P = pb.ResourceProfile()
+
+
+def test_a_restarted_registry_gives_each_instance_its_slot_back(tmp_path: Path) -> None:
+    path = tmp_path / "slots.json"
+    first = Registry(3, 60.0, slots_file=path)
+    assert [first.register("w", P, -1, instance=s).client_id for s in "abc"] == [0, 1, 2]
+    text = path.read_text()
+    assert all(s not in json.loads(text)["slots"] for s in "abc")  # hashes, not secrets
+    again = Registry(3, 60.0, slots_file=path)  # the coordinator restarted from its folder
+    assert again.register("w", P, -1, instance="c").client_id == 2  # back in any order
+    assert again.register("w", P, -1, instance="a").client_id == 0
+    # a newcomer takes a slot nobody owns; none is left but b's, and b is away: b's slot
+    # goes to the newcomer (so a worker that never comes back cannot block the job)
+    assert again.register("w", P, -1, instance="new").client_id == 1
+    with pytest.raises(RegistryFull, match="all 3 client slots are taken"):
+        again.register("w", P, -1, instance="b")
+    # the same instance registering again replaces its own earlier session
+    rec = again.register("w", P, -1, instance="a")
+    assert rec.client_id == 0 and len(again) == 3
+
+
+def test_newcomers_leave_the_slots_of_known_instances_free(tmp_path: Path) -> None:
+    path = tmp_path / "slots.json"
+    first = Registry(3, 60.0, slots_file=path)
+    first.register("w", P, -1, instance="a")  # slot 0
+    first.register("w", P, -1, instance="b")  # slot 1
+    again = Registry(3, 60.0, slots_file=path)
+    assert again.register("w", P, -1, instance="x").client_id == 2  # not a's or b's
+    assert again.register("w", P, -1, instance="b").client_id == 1
+
+
+def test_a_broken_slot_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "slots.json"
+    path.write_text("{not json")
+    with pytest.raises(RegistryError, match="slots.json: not a slot file"):
+        Registry(2, 60.0, slots_file=path)
+
+
+def test_the_worker_keeps_its_secret_in_its_state_file(tmp_path: Path) -> None:
+    state = tmp_path / "state" / "worker.id"
+    first = instance_secret(str(state))
+    assert len(first) == 32 and instance_secret(str(state)) == first
+    assert oct(state.stat().st_mode & 0o777) == "0o600"
+    assert instance_secret(None) != instance_secret(None)
+    state.write_text("garbage\n")
+    with pytest.raises(WorkerExit, match="not a worker state file"):
+        instance_secret(str(state))
