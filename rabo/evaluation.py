@@ -80,7 +80,9 @@ def evaluate_round(job: Any, state: GlobalState, device: torch.device | str = "c
         widths: dict[str, float] = {}
     else:
         acc, loss, per_class = score(task, state.x, state.y, data.test, classes, device)
-        widths = {f"{r:g}": accuracy_at_width(job, state, r, device) for r in width_ratios(cfg)}
+        # ratio 1 is the full model just scored: not evaluated a second time
+        widths = {f"{r:g}": acc if r == 1.0 else accuracy_at_width(job, state, r, device)
+                  for r in width_ratios(cfg)}
     norm = residual = None
     every = cfg.hypergradient_every
     if every and (state.round % every == 0 or state.round == cfg.rounds) and not state.y_clients:
