@@ -194,7 +194,9 @@ def echo_job_config(params: float, workers: int, rounds: int, ratios: Sequence[f
         "outer.optimizer=sgd", f"eval_every={rounds}", f"cluster.chunk_bytes={chunk_bytes}",
         f"cluster.max_message_bytes={max(4 * chunk_bytes, 4 << 20)}",
         f"cluster.round_deadline_s={deadline_s:g}", "cluster.register_timeout_s=600",
-        "mask.policy=static", f"cluster.register_rate_per_s={max(5, 10 * workers)}", *extra])
+        "mask.policy=static", f"cluster.register_rate_per_s={max(5, 10 * workers)}",
+        # dozens of processes starting on a few cores: no live one may expire meanwhile
+        "cluster.heartbeat_misses=30", *extra])
 
 
 def run_transport(params: float, workers: int, rounds: int, ratios: list[float],

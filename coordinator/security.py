@@ -31,7 +31,7 @@ def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
                                        require_client_auth=tls.ca is not None)
 
 
-def peer_identity(context: grpc.ServicerContext) -> str:
+def peer_identity(context: grpc.aio.ServicerContext) -> str:
     """SHA-256 of the client certificate of this call ('' without mutual TLS)."""
     pem = context.auth_context().get("x509_pem_cert")
     if not pem:
@@ -41,8 +41,10 @@ def peer_identity(context: grpc.ServicerContext) -> str:
 
 def _aborting(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: str
               ) -> grpc.RpcMethodHandler:
-    def refuse(_request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(code, details)
+    """A handler that ends the call at once. For a streaming request it reads nothing; for
+    a unary one gRPC has read the request (at most the receive limit) before any handler."""
+    async def refuse(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(code, details)
 
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(refuse)
@@ -53,8 +55,9 @@ def _aborting(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: st
     return grpc.unary_unary_rpc_method_handler(refuse)
 
 
-class TokenInterceptor(grpc.ServerInterceptor):
-    """Refuses every non-health call without one of the accepted bearer tokens."""
+class TokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses every non-health call without one of the accepted bearer tokens, from the
+    call's metadata alone: before its handler starts and before it reads a streamed message."""
 
     def __init__(self, tokens: list[bytes], on_refusal: Callable[[str], None] | None = None
                  ) -> None:
@@ -67,9 +70,9 @@ class TokenInterceptor(grpc.ServerInterceptor):
         # compare with every token, always, so timing says nothing about which one matched
         return sum(hmac.compare_digest(presented, t) for t in self.tokens) > 0
 
-    def intercept_service(self, continuation: Callable[[Any], Any],
-                          handler_call_details: grpc.HandlerCallDetails) -> Any:
-        handler = continuation(handler_call_details)
+    async def intercept_service(self, continuation: Callable[[Any], Any],
+                                handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(HEALTH_PREFIX):
             return handler
         value = ""

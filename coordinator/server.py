@@ -2,8 +2,9 @@
 
 Two halves share one lock and condition:
 
-* :class:`CoordinatorServicer` answers RPCs on gRPC's thread pool. It never touches the global
-  model: it hands out prepared assignments and files validated updates.
+* :class:`CoordinatorServicer` answers RPCs as coroutines on gRPC's asyncio server (one event
+  loop thread): a waiting call holds no thread. It never touches the global model: it hands
+  out prepared assignments and files validated updates.
 * :class:`RoundDriver` runs the rounds on its own thread: opens a round (participants, ratios,
   plans), waits until every assigned update arrived or the deadline passed, then calls the
   round engine's server step, evaluates, records metrics and checkpoints.
@@ -16,16 +17,16 @@ the model stays bit-identical and the coordinator keeps serving everyone else.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent import futures
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -124,6 +125,34 @@ class RoundTicket:
 # --------------------------------------------------------------------------- shared state
 
 
+class Signal(threading.Condition):
+    """A condition that also wakes coroutines: the driver thread waits on it as on any
+    condition, and the servicer's coroutines (on the gRPC event loop) wait for the same
+    ``notify_all`` through :meth:`waiter` events."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._events: dict[asyncio.Event, asyncio.AbstractEventLoop] = {}
+
+    def waiter(self) -> asyncio.Event:
+        """An event the next ``notify_all`` sets; take it with the lock held (so no change
+        between the caller's check and its wait is missed), on the event loop."""
+        event = asyncio.Event()
+        self._events[event] = asyncio.get_running_loop()
+        return event
+
+    def discard(self, event: asyncio.Event) -> None:
+        self._events.pop(event, None)
+
+    def notify_all(self) -> None:
+        super().notify_all()
+        for event, loop in list(self._events.items()):
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # that loop is closed: its waiter is gone
+                self._events.pop(event, None)
+
+
 class Coordinator:
     """State shared by the servicer and the driver."""
 
@@ -139,7 +168,7 @@ class Coordinator:
                                  out_dir / checkpoint.SLOTS if out_dir is not None else None)
         self.register_limiter = RateLimiter(c.register_rate_per_s, 4 * c.register_rate_per_s,
                                             clock)
-        self.cond = threading.Condition()
+        self.cond = Signal()
         self.state: GlobalState = state if state is not None else job.engine.init_state()
         self.monitor = monitor
         self.ticket: RoundTicket | None = None
@@ -150,6 +179,7 @@ class Coordinator:
         self.counters = TcpCounters()
         self.port = 0  # the bound port, for the wire counters
         self.rejected: dict[str, int] = {}
+        self.calls_open = 0  # coordinator calls in progress, all peers (the servicer counts)
 
     def reject(self, kind: str) -> None:
         with self.cond:
@@ -171,14 +201,31 @@ class _RoundClosed(Exception):
     """The round closed while its update was still arriving."""
 
 
+class _Silent(Exception):
+    """An update stream sent no message within ``cluster.message_timeout_s``."""
+
+
 RECEIVE_HEADROOM = 1 << 20  # bytes beyond a chunk that a received message may hold
 STATUS_MESSAGE_LIMIT = 1000  # characters of a refusal's message (it may quote the input)
 
 
-def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str,
+                 trailing: tuple[tuple[str, str], ...] = ()) -> NoReturn:
     """End the call with ``code``; the message escaped and bounded, since it may quote what
     the peer sent (a 64 KiB name, 100,000 tensor names) and a client must be able to read it."""
-    context.abort(code, printable(message, STATUS_MESSAGE_LIMIT))
+    await context.abort(code, printable(message, STATUS_MESSAGE_LIMIT), trailing)
+    raise AssertionError("unreachable: abort raises")
+
+
+async def _wait(cond: Signal, event: asyncio.Event, timeout: float) -> None:
+    """Until ``cond`` is notified or ``timeout`` passes (``event`` from ``cond.waiter()``)."""
+    try:
+        await asyncio.wait_for(event.wait(), max(timeout, 0.0))
+    except TimeoutError:
+        pass
+    finally:
+        with cond:
+            cond.discard(event)
 
 
 _WIRE_KINDS = ("checksum", "truncated", "shape", "dtype", "NaN", "chunk", "measurement",
@@ -194,59 +241,96 @@ def _wire_kind(message: str) -> str:
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+    """The coordinator's RPCs, as coroutines on gRPC's asyncio server: a call that waits (a
+    long poll, a silent stream) holds no thread, so no number of them can starve the rest.
+    Work that takes CPU time for a whole model (slicing an assignment, checking an update)
+    runs in a worker thread, so the event loop keeps answering meanwhile."""
+
     def __init__(self, coord: Coordinator) -> None:
         self.c = coord
+        self._calls: dict[str, int] = {}  # host -> calls in progress (touched on the loop only)
 
-    def _auth(self, worker_id: str, credential: str, context: grpc.ServicerContext
-              ) -> WorkerRecord:
+    # ------------------------------------------------------------------ every call
+
+    async def _enter(self, context: grpc.aio.ServicerContext) -> str:
+        """Count the call against its host's ``cluster.max_calls_per_host``, or refuse it."""
+        host = peer_host(context.peer())
+        cap = self.c.cfg.cluster.max_calls_per_host
+        n = self._calls.get(host, 0)
+        if cap and n >= cap:
+            self.c.reject("calls-per-host")
+            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"too many concurrent calls from {host}: at most {cap} "
+                         f"(cluster.max_calls_per_host)")
+        self._calls[host] = n + 1
+        self.c.calls_open += 1
+        return host
+
+    def _leave(self, host: str) -> None:
+        self.c.calls_open -= 1
+        n = self._calls.get(host, 1) - 1
+        if n > 0:
+            self._calls[host] = n
+        else:
+            self._calls.pop(host, None)
+
+    async def _auth(self, worker_id: str, credential: str,
+                    context: grpc.aio.ServicerContext) -> WorkerRecord:
         try:
             return self.c.registry.authenticate(worker_id, credential, peer_identity(context))
         except RegistryError as exc:
             self.c.reject("auth")
-            _abort(context, getattr(grpc.StatusCode, exc.code), str(exc))
-            raise  # unreachable: abort raises
+            await _abort(context, getattr(grpc.StatusCode, exc.code), str(exc))
 
-    def _refuse_finished(self, context: grpc.ServicerContext) -> None:
+    async def _refuse_finished(self, context: grpc.aio.ServicerContext) -> NoReturn:
         """Once the driver has stopped: a complete run is over for good (FAILED_PRECONDITION,
         the worker leaves); a stopped or failed one is not (UNAVAILABLE, the worker retries and
         registers with the coordinator that resumes the run). Workers read which from the
         trailing metadata (rabo_proto.status), not from the message."""
         complete = self.c.complete
-        context.set_trailing_metadata(((RUN_STATE_KEY,
-                                        RUN_COMPLETE if complete else RUN_STOPPING),))
+        trailing = ((RUN_STATE_KEY, RUN_COMPLETE if complete else RUN_STOPPING),)
         if complete:
-            _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
-                   f"the run is over: {self.c.finish_reason}")
-        _abort(context, grpc.StatusCode.UNAVAILABLE,
-               f"the coordinator is shutting down ({self.c.finish_reason}); the run is not "
-               f"complete, retry until it resumes")
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                         f"the run is over: {self.c.finish_reason}", trailing)
+        await _abort(context, grpc.StatusCode.UNAVAILABLE,
+                     f"the coordinator is shutting down ({self.c.finish_reason}); the run is "
+                     f"not complete, retry until it resumes", trailing)
 
-    def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext
-                 ) -> pb.RegisterReply:
+    # ------------------------------------------------------------------ membership
+
+    async def Register(self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext
+                       ) -> pb.RegisterReply:
+        host = await self._enter(context)
+        try:
+            return await self._register(request, context)
+        finally:
+            self._leave(host)
+
+    async def _register(self, request: pb.RegisterRequest,
+                        context: grpc.aio.ServicerContext) -> pb.RegisterReply:
         if request.protocol != PROTOCOL_VERSION:
-            _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
-                   f"wire protocol {request.protocol} is not supported; this coordinator "
-                   f"speaks {PROTOCOL_VERSION}")
+            await _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                         f"wire protocol {request.protocol} is not supported; this "
+                         f"coordinator speaks {PROTOCOL_VERSION}")
         if self.c.finished:
-            self._refuse_finished(context)
+            await self._refuse_finished(context)
         host = peer_host(context.peer())
         if not self.c.register_limiter.allow(host):
             self.c.reject("register-rate")
-            _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                   f"too many registrations from {host}; at most "
-                   f"{self.c.cfg.cluster.register_rate_per_s:g} per second")
+            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"too many registrations from {host}; at most "
+                         f"{self.c.cfg.cluster.register_rate_per_s:g} per second")
         try:
             rec = self.c.registry.register(request.name, request.profile, request.client_id,
                                            context.peer(), peer_identity(context),
                                            request.instance)
         except RegistryError as exc:
             self.c.reject("register")
-            _abort(context, getattr(grpc.StatusCode, exc.code), str(exc))
-            raise
+            await _abort(context, getattr(grpc.StatusCode, exc.code), str(exc))
         if self.c.monitor:
             self.c.monitor.registrations.inc()
         log.info("registered worker %s (%s) as client %d: budget %d MiB (%s), %.1f GFLOP/s",
-                 rec.worker_id, rec.name, rec.client_id,
+                 rec.worker_id, printable(rec.name), rec.client_id,
                  rec.profile.memory_budget_bytes >> 20, printable(rec.profile.budget_source),
                  rec.profile.flops_per_s / 1e9)
         with self.c.cond:
@@ -256,40 +340,62 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                                 heartbeat_s=self.c.cfg.cluster.heartbeat_s,
                                 chunk_bytes=self.c.cfg.cluster.chunk_bytes)
 
-    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
-                  ) -> pb.HeartbeatReply:
-        self._auth(request.worker_id, request.credential, context)
-        self.c.registry.touch(request.worker_id, request.profile, context.peer())
-        ticket = self.c.ticket
-        return pb.HeartbeatReply(round=ticket.round if ticket else 0, finished=self.c.complete)
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext
+                        ) -> pb.HeartbeatReply:
+        host = await self._enter(context)
+        try:
+            await self._auth(request.worker_id, request.credential, context)
+            self.c.registry.touch(request.worker_id, request.profile, context.peer())
+            ticket = self.c.ticket
+            return pb.HeartbeatReply(round=ticket.round if ticket else 0,
+                                     finished=self.c.complete)
+        finally:
+            self._leave(host)
 
-    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:
-        self._auth(request.worker_id, request.credential, context)
-        self.c.registry.remove(request.worker_id)
-        log.info("worker %s left: %s", request.worker_id,
-                 printable(request.reason) if request.reason else "no reason given")
-        with self.c.cond:
-            self.c.cond.notify_all()
-        return pb.LeaveReply()
+    async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext
+                    ) -> pb.LeaveReply:
+        host = await self._enter(context)
+        try:
+            await self._auth(request.worker_id, request.credential, context)
+            self.c.registry.remove(request.worker_id)
+            log.info("worker %s left: %s", request.worker_id,
+                     printable(request.reason) if request.reason else "no reason given")
+            with self.c.cond:
+                self.c.cond.notify_all()
+            return pb.LeaveReply()
+        finally:
+            self._leave(host)
 
     # ------------------------------------------------------------------ assignments
 
-    def FetchAssignment(self, request: pb.FetchRequest, context: grpc.ServicerContext
-                        ) -> Iterator[pb.AssignmentMessage]:
-        rec = self._auth(request.worker_id, request.credential, context)
+    async def FetchAssignment(self, request: pb.FetchRequest,
+                              context: grpc.aio.ServicerContext
+                              ) -> AsyncIterator[pb.AssignmentMessage]:
+        host = await self._enter(context)
+        try:
+            async for msg in self._fetch(request, context):
+                yield msg
+        finally:
+            self._leave(host)
+
+    async def _fetch(self, request: pb.FetchRequest, context: grpc.aio.ServicerContext
+                     ) -> AsyncIterator[pb.AssignmentMessage]:
+        rec = await self._auth(request.worker_id, request.credential, context)
         wid = rec.worker_id
         self.c.registry.touch(wid, peer=context.peer())
-        # a NaN would make every wait below non-blocking (a busy loop on the lock)
+        # a NaN would make every wait below non-blocking (a busy loop)
         wait_s = min(max(request.wait_s, 0.0), 60.0) if math.isfinite(request.wait_s) else 0.0
         give_up = self.c.clock() + wait_s
         c = self.c
         answer: pb.AssignmentMessage | None = None  # sent after the lock is released
         task: WorkerTask | None = None
-        with c.cond:
-            while True:
+        stopping = False
+        while True:
+            with c.cond:
                 if c.finished:
                     if not c.complete:
-                        self._refuse_finished(context)
+                        stopping = True
+                        break
                     answer = pb.AssignmentMessage(finished=pb.Finished(reason=c.finish_reason))
                     break
                 t = c.ticket
@@ -311,24 +417,25 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                             retry_after_s=0.0))
                         break
                 remaining = give_up - c.clock()
-                if remaining <= 0 or not context.is_active():
+                if remaining <= 0:
                     answer = pb.AssignmentMessage(wait=pb.Wait(reason="no round open for you",
                                                                retry_after_s=0.0))
                     break
-                c.cond.wait(min(remaining, 1.0))
+                changed = c.cond.waiter()
+            await _wait(c.cond, changed, min(remaining, 1.0))
+        if stopping:
+            await self._refuse_finished(context)
         if answer is not None:
             yield answer
             return
         assert task is not None
-        # Slicing and encoding happen outside the lock: the state of an open round is never
-        # replaced (aggregation waits for the round to close), and each worker's payload is
-        # built only when it asks, so payloads are not all held in memory at once.
+        # Slicing and encoding happen outside the lock and off the event loop: the state of
+        # an open round is never replaced (aggregation waits for the round to close), and
+        # each worker's payload is built only when it asks, so payloads are not all held in
+        # memory at once.
         task.counters_start = c.read_counters(task.peer)
-        assignment = c.job.engine.assign(state, task.plan, copy=False)
-        encoded = encode_assignment(assignment, wid, c.cfg.cluster.chunk_bytes)
+        encoded, header = await asyncio.to_thread(self._prepare, state, task, wid, ticket)
         task.payload_down = encoded.total_bytes
-        header = assignment_header(assignment, encoded, max(0.0, ticket.deadline - c.clock()),
-                                   task.reason)
         sent = message_bytes(header)
         yield header
         for chunk in encoded.chunks():
@@ -341,71 +448,102 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         task.last_progress = c.clock()
         task.message_down = sent
 
+    def _prepare(self, state: GlobalState, task: WorkerTask, wid: str, ticket: RoundTicket
+                 ) -> tuple[Any, pb.AssignmentMessage]:
+        c = self.c
+        assignment = c.job.engine.assign(state, task.plan, copy=False)
+        encoded = encode_assignment(assignment, wid, c.cfg.cluster.chunk_bytes)
+        header = assignment_header(assignment, encoded, max(0.0, ticket.deadline - c.clock()),
+                                   task.reason)
+        return encoded, header
+
     # ------------------------------------------------------------------ updates
 
-    def SubmitUpdate(self, request_iterator: Iterator[pb.UpdateMessage],
-                     context: grpc.ServicerContext) -> pb.SubmitReply:
-        c = self.c
+    async def _next(self, it: AsyncIterator[pb.UpdateMessage]) -> pb.UpdateMessage | None:
+        """The stream's next message, None at its end; ``_Silent`` past the message timeout."""
         try:
-            first = next(request_iterator)
-        except StopIteration:
+            return await asyncio.wait_for(anext(it), self.c.cfg.cluster.message_timeout_s)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise _Silent from None
+
+    async def SubmitUpdate(self, request_iterator: AsyncIterator[pb.UpdateMessage],
+                           context: grpc.aio.ServicerContext) -> pb.SubmitReply:
+        host = await self._enter(context)
+        try:
+            return await self._submit(request_iterator, context)
+        except _Silent:
+            self.c.reject("silent")
+            await _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
+                         f"no message within {self.c.cfg.cluster.message_timeout_s:g} s "
+                         f"(cluster.message_timeout_s): stream ended")
+        finally:
+            self._leave(host)
+
+    async def _submit(self, request_iterator: AsyncIterator[pb.UpdateMessage],
+                      context: grpc.aio.ServicerContext) -> pb.SubmitReply:
+        c = self.c
+        first = await self._next(request_iterator)
+        if first is None:
             c.reject("empty")
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "empty update stream")
-            raise
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "empty update stream")
         if first.WhichOneof("body") != "header":
             c.reject("no-header")
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                   "an update stream must start with an UpdateHeader")
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         "an update stream must start with an UpdateHeader")
         h = first.header
-        rec = self._auth(h.worker_id, h.credential, context)
+        rec = await self._auth(h.worker_id, h.credential, context)
         start = c.clock()
+        refusal: tuple[str, grpc.StatusCode, str] | None = None
         with c.cond:
             t = c.ticket
+            task = t.tasks.get(rec.worker_id) if t is not None else None
             if t is None or t.closed or h.round != t.round:
                 open_round = t.round if t is not None and not t.closed else None
-                c.reject("stale-round")
-                _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
-                       f"stale round: update for round {h.round}, but "
-                       + (f"round {open_round} is open" if open_round else "no round is open"))
-            task = t.tasks.get(rec.worker_id)
-            if task is None:
-                c.reject("not-assigned")
-                _abort(context, grpc.StatusCode.FAILED_PRECONDITION,
-                       f"worker {rec.worker_id} has no assignment in round {h.round}")
-            if task.answered() or task.receiving:
-                c.reject("duplicate")
-                _abort(context, grpc.StatusCode.ALREADY_EXISTS,
-                       f"duplicate update: worker {rec.worker_id} already submitted round "
-                       f"{h.round}")
-            if task.sent_at is None:
+                refusal = ("stale-round", grpc.StatusCode.FAILED_PRECONDITION,
+                           f"stale round: update for round {h.round}, but "
+                           + (f"round {open_round} is open" if open_round
+                              else "no round is open"))
+            elif task is None:
+                refusal = ("not-assigned", grpc.StatusCode.FAILED_PRECONDITION,
+                           f"worker {rec.worker_id} has no assignment in round {h.round}")
+            elif task.answered() or task.receiving:
+                refusal = ("duplicate", grpc.StatusCode.ALREADY_EXISTS,
+                           f"duplicate update: worker {rec.worker_id} already submitted round "
+                           f"{h.round}")
+            elif task.sent_at is None:
                 # computed for an earlier try of this round (a retry reuses the number): its
                 # plan may differ from this try's; the worker fetches the new assignment
-                c.reject("earlier-try")
-                _abort(context, grpc.StatusCode.ABORTED,
-                       f"update for an earlier try of round {h.round}: fetch this try's "
-                       f"assignment")
-            task.receiving = True
+                refusal = ("earlier-try", grpc.StatusCode.ABORTED,
+                           f"update for an earlier try of round {h.round}: fetch this try's "
+                           f"assignment")
+            else:
+                task.receiving = True
+        if refusal is not None:
+            c.reject(refusal[0])
+            await _abort(context, refusal[1], refusal[2])
+        assert t is not None and task is not None
         try:
-            update, assembler = self._receive(h, task, request_iterator, context, t)
+            update, assembler = await self._receive(h, task, request_iterator, t)
             with c.cond:
                 state = c.state
-            c.job.engine.check_magnitude(state, task.plan, update)
+            await asyncio.to_thread(c.job.engine.check_magnitude, state, task.plan, update)
         except _RoundClosed:
             with c.cond:
                 task.receiving = False
             c.reject("late")
-            _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
-                   f"late update: round {h.round} closed before it arrived")
-            raise
+            await _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
+                         f"late update: round {h.round} closed before it arrived")
         except UpdateRejected as exc:
             with c.cond:
                 task.receiving = False
                 task.refused = str(exc)
                 c.cond.notify_all()
             c.reject("magnitude")
-            log.warning("round %d: update of worker %s refused: %s", h.round, rec.worker_id, exc)
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"update rejected: {exc}")
-            raise
+            log.warning("round %d: update of worker %s refused: %s", h.round, rec.worker_id,
+                        exc)
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"update rejected: {exc}")
         except WireError as exc:
             with c.cond:
                 task.receiving = False
@@ -413,35 +551,38 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             c.reject(kind)
             code = (grpc.StatusCode.DATA_LOSS if kind in ("checksum", "truncated")
                     else grpc.StatusCode.INVALID_ARGUMENT)
-            _abort(context, code, f"update rejected: {exc}")
-            raise
+            await _abort(context, code, f"update rejected: {exc}")
         except BaseException:
             with c.cond:
                 task.receiving = False
             raise
         end = c.clock()
         counters = c.read_counters(context.peer())
+        late = False
         with c.cond:
             task.receiving = False
             if t.closed:
-                c.reject("late")
-                _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
-                       f"late update: round {h.round} closed before it arrived")
-            task.update = update
-            task.received_at = end
-            task.upload_s = end - start
-            task.receive_s = float(h.measurements.receive_s)
-            task.payload_up = int(h.payload.total_bytes)
-            if counters is not None and task.counters_start is not None:
-                task.wire = counters.minus(task.counters_start)
-            c.cond.notify_all()
+                late = True
+            else:
+                task.update = update
+                task.received_at = end
+                task.upload_s = end - start
+                task.receive_s = float(h.measurements.receive_s)
+                task.payload_up = int(h.payload.total_bytes)
+                if counters is not None and task.counters_start is not None:
+                    task.wire = counters.minus(task.counters_start)
+                c.cond.notify_all()
+        if late:
+            c.reject("late")
+            await _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
+                         f"late update: round {h.round} closed before it arrived")
         c.registry.touch(rec.worker_id)
         return pb.SubmitReply(accepted=True, message=f"round {h.round} accepted "
                                                      f"({assembler.received} bytes)")
 
-    def _receive(self, h: pb.UpdateHeader, task: WorkerTask,
-                 it: Iterator[pb.UpdateMessage], context: grpc.ServicerContext,
-                 ticket: RoundTicket) -> tuple[Update, Assembler]:
+    async def _receive(self, h: pb.UpdateHeader, task: WorkerTask,
+                       it: AsyncIterator[pb.UpdateMessage], ticket: RoundTicket
+                       ) -> tuple[Update, Assembler]:
         cfg = self.c.cfg.cluster
         if h.client_id != task.plan.client_id:
             raise WireError(f"client id {h.client_id} does not match the assignment's "
@@ -451,17 +592,17 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         check_header(h.payload, expected_update(task.plan), max_total_bytes=1 << 40)
         assembler = Assembler(h.payload, max_chunk_bytes=cfg.chunk_bytes)
         received = message_bytes(pb.UpdateMessage(header=h))
-        for msg in it:
+        while (msg := await self._next(it)) is not None:
             if msg.WhichOneof("body") != "chunk":
                 raise WireError("only chunks may follow the update header")
-            if ticket.closed:  # stop reading (and holding this thread) at once
+            if ticket.closed:  # stop reading at once
                 raise _RoundClosed
             assembler.add(msg.chunk)
             size = message_bytes(msg)
             received += size
             task.moved += size
             task.last_progress = self.c.clock()
-        tensors = assembler.finish(check_finite=True)
+        tensors = await asyncio.to_thread(assembler.finish, check_finite=True)
         task.message_up = received
         return update_from_wire(h, tensors), assembler
 
@@ -752,16 +893,45 @@ class Security:
     tokens: list[bytes] = field(default_factory=list)
 
 
+class EventLoop:
+    """An asyncio loop on a thread of its own, for the gRPC server; the rest of the
+    coordinator (the driver, the CLI, tests) is plain threads and calls in through
+    :meth:`run`."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._main, name="rabo-grpc", daemon=True)
+        self.thread.start()
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.run_until_complete(self.loop.shutdown_default_executor())
+            self.loop.close()
+
+    def run(self, coro: Any, timeout: float | None = None) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+
+
 @dataclass
 class Server:
-    grpc_server: grpc.Server
+    grpc_server: grpc.aio.Server
     coord: Coordinator
     driver: RoundDriver
     thread: threading.Thread
     port: int
-    health: health.HealthServicer
-    health_server: grpc.Server | None = None
+    health: health.aio.HealthServicer
+    loop: EventLoop
+    health_server: grpc.aio.Server | None = None
     health_port: int = 0
+    _stopped: bool = False
 
     def wait(self, timeout: float | None = None) -> bool:
         self.thread.join(timeout)
@@ -770,7 +940,10 @@ class Server:
     def stop(self, grace: float = 2.0, checkpoint_now: bool = False) -> None:
         """Stop serving; ``checkpoint_now`` first saves the last completed round (SIGTERM).
         The driver is let finish the round it is recording (bounded), so that the checkpoint
-        and metrics.jsonl end at the same round."""
+        and metrics.jsonl end at the same round. A second call does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
         early = not self.coord.finished
         if early:
             self.driver.finish("coordinator stopped")
@@ -780,30 +953,14 @@ class Server:
             log.warning("the round driver did not stop within %.0fs", STOP_DRAIN_S)
         if early and checkpoint_now:
             self.driver.save_checkpoint()
-        self.health.enter_graceful_shutdown()
-        self.grpc_server.stop(grace).wait()
+        self.loop.run(self._stop(grace))
+        self.loop.close()
+
+    async def _stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.grpc_server.stop(grace)
         if self.health_server is not None:
-            self.health_server.stop(0).wait()
-
-
-def own_pool_health() -> health.HealthServicer:
-    """The standard health service, answered from thread pools of its own: gRPC Python runs
-    a behaviour in its ``experimental_thread_pool`` when it has one, so calls that hold every
-    RPC thread of the workers' pool (silent streams) cannot make the health check time out.
-    Check and Watch get separate pools (a Watch holds its thread for as long as it lasts)."""
-    check_pool = futures.ThreadPoolExecutor(4, thread_name_prefix="rabo-health")
-    watch_pool = futures.ThreadPoolExecutor(4, thread_name_prefix="rabo-health-watch")
-
-    class Health(health.HealthServicer):
-        def Check(self, request, context):  # noqa: N802 - the gRPC method name
-            return super().Check(request, context)
-
-        def Watch(self, request, context, send_response_callback=None):  # noqa: N802
-            return super().Watch(request, context, send_response_callback)
-
-    Health.Check.experimental_thread_pool = check_pool  # type: ignore[attr-defined]
-    Health.Watch.experimental_thread_pool = watch_pool  # type: ignore[attr-defined]
-    return Health()
+            await self.health_server.stop(0)
 
 
 def _close_metrics(monitor: Monitor | None) -> None:
@@ -821,6 +978,8 @@ def grpc_options(cfg: Config) -> list[tuple[str, int]]:
             # workers ping every 20 s while idle (see worker/client.py); allow it
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
+            # bounds the calls that never send a request (no handler counts those)
+            ("grpc.max_concurrent_streams", cfg.cluster.max_streams_per_connection),
             # gRPC sets SO_REUSEPORT by default: a second coordinator on a busy port would
             # start without error and the kernel would split the workers between the two
             ("grpc.so_reuseport", 0)]
@@ -850,52 +1009,16 @@ def serve(cfg: Config, out_dir: str | Path | None = None, bind: str | None = Non
             raise CoordinatorError(f"--metrics-port {mport}: cannot listen: {exc.strerror} "
                                    f"(is another coordinator running?)") from None
     coord = Coordinator(cfg, job, out, state=resume, monitor=monitor)
-    n = cfg.cluster.workers or cfg.clients.count
-    interceptors = [TokenInterceptor(security.tokens, lambda kind: coord.reject(f"auth-{kind}"))
-                    ] if security.tokens else []
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max(16, 3 * n + 8),
-                                                    thread_name_prefix="rabo-rpc"),
-                         options=grpc_options(cfg), interceptors=interceptors)
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coord), server)
-    health_servicer = own_pool_health()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    address = bind or cfg.cluster.bind
+    loop = EventLoop()
     try:
-        if security.tls.cert is not None:
-            port = server.add_secure_port(address, server_credentials(security.tls))
-        else:
-            port = server.add_insecure_port(address)
-    except RuntimeError as exc:
+        server, health_servicer, port, health_server, hport = loop.run(
+            _start_grpc(cfg, coord, security, bind or cfg.cluster.bind,
+                        cfg.cluster.health_port if health_port is None else health_port))
+    except BaseException:
+        loop.close()
         _close_metrics(monitor)
-        raise CoordinatorError(f"--bind {address}: cannot listen ({exc}; is another "
-                               f"coordinator running?)") from None
-    if port == 0:
-        _close_metrics(monitor)
-        raise CoordinatorError(f"--bind {address}: cannot listen (the port is in use or the "
-                               f"address is not this machine's; is another coordinator "
-                               f"running?)")
-    coord.port = port
-    hport = cfg.cluster.health_port if health_port is None else health_port
-    health_server = None
-    if hport:
-        # kubelet's gRPC probes cannot speak TLS: health alone on a plaintext port
-        health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2),
-                                    options=[("grpc.so_reuseport", 0)])
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
-        host = address.rsplit(":", 1)[0]
-        try:
-            bound = health_server.add_insecure_port(f"{host}:{hport}")
-        except RuntimeError:
-            bound = 0
-        if bound == 0:
-            _close_metrics(monitor)
-            raise CoordinatorError(f"--health-port {hport}: cannot listen on {host}:{hport} "
-                                   f"(the port is in use; is another coordinator running?)")
-        hport = bound
-        health_server.start()
-    server.start()
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        raise
+    address = bind or cfg.cluster.bind
     driver = RoundDriver(coord, progress)
 
     def run() -> None:
@@ -908,4 +1031,50 @@ def serve(cfg: Config, out_dir: str | Path | None = None, bind: str | None = Non
     log.info("coordinator listening on %s (port %d%s%s)", address, port,
              ", TLS" + (" with client certificates" if security.tls.ca else "")
              if security.tls.cert else "", ", token required" if security.tokens else "")
-    return Server(server, coord, driver, thread, port, health_servicer, health_server, hport)
+    return Server(server, coord, driver, thread, port, health_servicer, loop, health_server,
+                  hport)
+
+
+async def _start_grpc(cfg: Config, coord: Coordinator, security: Security, address: str,
+                      hport: int) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int,
+                                           grpc.aio.Server | None, int]:
+    """On the event loop: the main server (coordinator and health services) and the
+    optional plaintext health server, bound and started."""
+    interceptors = [TokenInterceptor(security.tokens, lambda kind: coord.reject(f"auth-{kind}"))
+                    ] if security.tokens else []
+    server = grpc.aio.server(options=grpc_options(cfg), interceptors=interceptors)
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coord), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        if security.tls.cert is not None:
+            port = server.add_secure_port(address, server_credentials(security.tls))
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise CoordinatorError(f"--bind {address}: cannot listen ({exc}; is another "
+                               f"coordinator running?)") from None
+    if port == 0:
+        raise CoordinatorError(f"--bind {address}: cannot listen (the port is in use or the "
+                               f"address is not this machine's; is another coordinator "
+                               f"running?)")
+    coord.port = port
+    health_server = None
+    if hport:
+        # kubelet's gRPC probes cannot speak TLS: health alone on a plaintext port
+        health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        host = address.rsplit(":", 1)[0]
+        try:
+            bound = health_server.add_insecure_port(f"{host}:{hport}")
+        except RuntimeError:
+            bound = 0
+        if bound == 0:
+            raise CoordinatorError(f"--health-port {hport}: cannot listen on {host}:{hport} "
+                                   f"(the port is in use; is another coordinator running?)")
+        hport = bound
+        await health_server.start()
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, health_servicer, port, health_server, hport

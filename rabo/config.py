@@ -249,6 +249,17 @@ class ClusterConfig:
                                 "SIGTERM)", ge=0)
     keep_checkpoints: int = opt(3, "checkpoints kept in the run folder (older ones deleted)",
                                 ge=1)
+    message_timeout_s: float = opt(
+        30.0, "an update stream that goes this long without a message (its first included) "
+        "is ended (DEADLINE_EXCEEDED): a peer that opens streams and sends nothing holds "
+        "nothing for long", gt=0)
+    max_calls_per_host: int = opt(
+        256, "concurrent calls the coordinator serves from one host address; more are "
+        "refused at once (RESOURCE_EXHAUSTED). A worker holds about 3; 0: no limit", ge=0)
+    max_streams_per_connection: int = opt(
+        1000, "HTTP/2 concurrent streams the coordinator allows on one connection (bounds "
+        "what calls that never send their request cost it; in-process clients share one "
+        "connection per target)", ge=1)
     register_rate_per_s: float = opt(5.0, "registrations allowed per second from one peer "
                                      "address (bursts of 4x)", gt=0)
     health_port: int = opt(0, "plaintext port serving only grpc.health.v1 (for kubelet probes, "

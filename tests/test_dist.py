@@ -112,9 +112,10 @@ def test_killed_rank_ends_the_job_with_an_error(tmp_path: Path) -> None:
     assert pid is not None
     started = time.monotonic()
     os.kill(pid, signal.SIGKILL)
-    output = proc.communicate(timeout=90)[0]
+    output = proc.communicate(timeout=150)[0]
     assert proc.returncode != 0
-    assert time.monotonic() - started < 60, "the job did not stop in bounded time"
+    # bounded by --timeout-s (20) plus torchrun's SIGTERM grace (30), with room for load
+    assert time.monotonic() - started < 100, "the job did not stop in bounded time"
     assert "rabo dist: rank 0 (coordinator): error:" in output or "ChildFailedError" in output \
         or "failed" in output.lower(), output[-3000:]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rabo.experiments import claims, common, communication, coverage, estimators
+from rabo.experiments import claims, common, communication, coverage, estimators, robust
 from rabo.experiments.cli import run_group
 from rabo.experiments.report import build_report, pct, write_report
 
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("results")
-    for name in ("claims", "estimators", "coverage", "communication"):
+    for name in ("claims", "estimators", "coverage", "communication", "robust"):
         run_group(name, "tiny", out, jobs=1)
     return out
 
@@ -31,7 +31,7 @@ def _load(out: Path, name: str) -> dict:
 
 
 def test_every_group_writes_its_json_and_plots(results: Path) -> None:
-    for name in ("claims", "estimators", "coverage", "communication"):
+    for name in ("claims", "estimators", "coverage", "communication", "robust"):
         data = _load(results, name)
         assert data["experiment"] == name and data["preset"] == "tiny"
         assert data["runs"], name
@@ -105,8 +105,18 @@ def test_report_tables_carry_the_json_numbers(results: Path, tmp_path: Path) -> 
     for e in communication.rows(_load(results, "communication"))[0]["entries"]:
         assert f"{e['bytes_per_outer_step'] / 2**20:.3f}" in text
         assert f"{e['vs_fednest']:.3f}" in text
+    # robust: each method's accuracy, and a verdict per clipping method against RABO's
+    data = _load(results, "robust")
+    for row in robust.rows(data):
+        assert pct(row["test_acc"]) in text
+    vs = robust.verdicts(data)
+    assert {v["method"] for v in vs} == {m for m in robust.METHODS if m != "RABO"}
+    for v in vs:
+        by = {r["method"]: r["test_acc"]["mean"] for r in robust.rows(data)}
+        assert v["cost"] == pytest.approx(by["RABO"] - by[v["method"]])
+        assert f"{100 * v['cost']:+.1f}" in text
     # every table names the command that produced it; images are embedded
-    for name in ("claims", "estimators", "coverage", "communication"):
+    for name in ("claims", "estimators", "coverage", "communication", "robust"):
         assert f"`rabo experiment {name} --quick`" in text
     for img in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
         assert (target.parent / img).resolve().exists(), img

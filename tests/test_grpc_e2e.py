@@ -38,7 +38,8 @@ def test_local_cluster_with_memory_budgets(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [*RABO, "local", "--config", str(ROOT / "configs" / "default.yaml"), "--workers", "3",
          "--worker-memory-limits", "64MiB,24MiB,16MiB", "--rounds", "3", "--set",
-         "clients.count=3", "--set", "data.dataset=digits", "--out", str(out)],
+         "clients.count=3", "--set", "data.dataset=digits",
+         "--set", "cluster.heartbeat_misses=30", "--out", str(out)],  # no expiry under load
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
         start_new_session=True)
     stdout, _ = proc.communicate(timeout=300)

@@ -128,4 +128,9 @@ def test_accounting_matches_veth_counters_on_rate_limited_links(netns_ok: None,
         assert w.connection_agreement is not None
         assert abs(w.connection_agreement - 1) <= 0.005, report
     assert fast.payload_bytes == slow.payload_bytes  # same ratio, same bytes
-    assert slow.transfer_s_mean >= 3 * fast.transfer_s_mean, report
+    # the 10 Mbit/s link is a physical floor on the slow worker's transfer time; CPU time
+    # (which load stretches) adds to both workers' times, so only the floor and the order
+    # are asserted, not a ratio
+    floor_s = slow.payload_bytes / rounds * 8 / 10e6
+    assert slow.transfer_s_mean >= 0.8 * floor_s, report
+    assert slow.transfer_s_mean > fast.transfer_s_mean, report

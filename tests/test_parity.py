@@ -23,7 +23,8 @@ from rabo.runner import simulate
 OVERRIDES = ["data.dataset=digits", "model.hidden=[48, 32]", "clients.count=3", "rounds=3",
              "clients.ratios=[1, 0.5, 0.25]", "mask.policy=rolling", "inner.steps=2",
              "data.batch_size=32", "outer.optimizer=adam", "outer.lr=0.01",
-             "estimator.name=fd-central"]
+             "estimator.name=fd-central",
+             "cluster.heartbeat_misses=30"]  # every worker in every round, even under load
 ENV = dict(os.environ, GRPC_VERBOSITY="ERROR")
 
 

@@ -118,6 +118,10 @@ def test_a_poisoning_worker_is_refused_while_the_honest_ones_finish_the_run(
                 cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env), log))
         refusals = []
         for q in range(1, rounds + 1):
+            end = time.monotonic() + 180  # the workers start (torch) before round 1 opens
+            while server.coord.ticket is None or server.coord.ticket.round < q:
+                assert time.monotonic() < end, f"round {q} did not open"
+                time.sleep(0.1)
             assignment, tensors = fetch(attacker, after_round=q - 1, wait_s=60)
             assert assignment.round == q
             poison = [WireTensor(t.part, t.name, torch.full_like(t.tensor, 3e38))
@@ -175,6 +179,11 @@ def test_a_worker_whose_update_is_refused_goes_on_with_the_next_try(tmp_path: Pa
             time.sleep(0.1)
         assert server.driver.error is not None  # fewer than min_workers updates, 3 tries
         assert server.coord.rejected.get("magnitude") == 3
+        # the driver may stop before the worker has logged the third refusal: wait for it
+        end = time.monotonic() + 30
+        while log.read_text().count("update not taken (INVALID_ARGUMENT") < 3 and \
+                time.monotonic() < end:
+            time.sleep(0.1)
         assert log.read_text().count("update not taken (INVALID_ARGUMENT") == 3, w.tail()
     finally:
         stop_workers([w])

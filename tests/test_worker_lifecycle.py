@@ -49,7 +49,10 @@ def test_sigterm_worker_says_goodbye_and_exits_zero() -> None:
         assert proc.returncode == 0, out
         assert "signal 15" in out
         assert "most recent call first" in out and "worker/client.py" in out
-        # Leave removed it at once: no waiting for heartbeats to expire (30 s x 5 here)
+        # Leave removed it: no waiting for heartbeats to expire (30 s x 5 here)
+        end = time.monotonic() + 20
+        while len(server.coord.registry) and time.monotonic() < end:
+            time.sleep(0.05)
         assert len(server.coord.registry) == 0
         text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read()
         assert b"rabo_registrations_total 1.0" in text

@@ -11,7 +11,7 @@ from typing import Any
 
 from rabo.experiments import common
 
-GROUPS = ("claims", "estimators", "coverage", "communication")
+GROUPS = ("claims", "estimators", "coverage", "communication", "robust")
 
 
 def _module(name: str) -> Any:

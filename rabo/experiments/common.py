@@ -227,6 +227,8 @@ def run_spec(s: RunSpec) -> dict[str, Any]:
             "payload_up_bytes_per_round": statistics.median(
                 sum(c["payload_up_bytes"] for c in r["clients"]) for r in result.records),
             "compute_s_total": sum(curve["compute_s_sum"]),
+            "clipped_parts_per_round": statistics.fmean(r.get("clipped_parts", 0)
+                                                        for r in result.records),
             "compute_s_per_client_round_by_ratio": {k: statistics.median(v)
                                                     for k, v in sorted(by_ratio.items())},
             "x_rel_change": (norm(sub(result.state.x, x0)) / x_init_norm
