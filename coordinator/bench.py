@@ -219,14 +219,14 @@ def run_transport(params: float, workers: int, rounds: int, ratios: list[float],
     full_payload = 4 * (num_params + y_numel)  # x + y + v: the backbone, the head twice
     # the first round includes the workers' connection set-up; leave it out when we can
     steady = records[1:] if len(records) > 1 else records
-    per_round = []
+    per_round: list[dict[str, Any]] = []
     for r in steady:
         clients = r["clients"]
-        wire = [c["wire_down_bytes"] for c in clients] + [c["wire_up_bytes"] for c in clients]
+        wire_each = [c["wire_down_bytes"] for c in clients] + [c["wire_up_bytes"] for c in clients]
         per_round.append({
             "payload": sum(c["payload_down_bytes"] + c["payload_up_bytes"] for c in clients),
             "message": sum(c["message_down_bytes"] + c["message_up_bytes"] for c in clients),
-            "wire": sum(wire) if all(w is not None for w in wire) else None,
+            "wire": sum(wire_each) if all(w is not None for w in wire_each) else None,
             "overhead": r["round_s"] - max((c["compute_s"] for c in clients), default=0.0),
         })
     payload = statistics.median(p["payload"] for p in per_round)
@@ -308,7 +308,7 @@ def cmd_bench_transport(args: argparse.Namespace) -> int:
 
 
 def add_compare_args(p: argparse.ArgumentParser) -> None:
-    from rabo.cli import add_config_args
+    from rabo.cliargs import add_config_args
 
     add_config_args(p)
     p.add_argument("--workers", type=int, default=3)
@@ -337,7 +337,7 @@ def cmd_compare_transports(args: argparse.Namespace) -> int:
     """The same job over gRPC and over torch.distributed (gloo), side by side."""
     from coordinator.local import run_local
     from rabo import checkpoint
-    from rabo.cli import load_config
+    from rabo.cliargs import load_config
     from rabo.params import max_abs_diff
 
     workers = args.workers

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from rabo.cli import (
+from rabo.cliargs import (
     PORT,
     add_config_args,
     add_overwrite_arg,
@@ -19,7 +19,7 @@ from rabo.cli import (
     int_arg,
     load_config,
 )
-from rabo.runner import format_progress
+from rabo.errors import ExitCode
 
 log = logging.getLogger("rabo.coordinator")
 
@@ -36,6 +36,8 @@ def _print_summary(summary: dict[str, Any], out: Path | None) -> None:
 
 
 def grpc_progress(total: int):
+    from rabo.runner import format_progress
+
     def show(rec: dict[str, Any]) -> None:
         line = format_progress(rec, total)
         mib = (rec.get("wire_bytes") or rec.get("payload_bytes") or 0) / 2**20
@@ -78,7 +80,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         elif not args.config:
             print(f"rabo coordinator: error: --resume {run_dir}: no checkpoint there, and no "
                   "--config to start from", file=sys.stderr)
-            return 2
+            return ExitCode.USAGE
         else:  # a first start under a supervisor that always passes --resume
             print(f"rabo coordinator: nothing to resume in {run_dir}; starting", flush=True)
         out = out or run_dir
@@ -157,11 +159,11 @@ def cmd_local(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     if args.workers < 1:
         print("rabo local: error: --workers must be at least 1", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     if args.workers > cfg.clients.count:
         print(f"rabo local: error: --workers {args.workers} exceeds clients.count "
               f"{cfg.clients.count} (one data partition per worker)", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     limits = [s.strip() for s in args.worker_memory_limits.split(",") if s.strip()] \
         if args.worker_memory_limits else cfg.clients.memory_budgets
     if args.worker_memory_limits:
@@ -171,7 +173,7 @@ def cmd_local(args: argparse.Namespace) -> int:
             parse_byte_list(args.worker_memory_limits)
         except ValueError as exc:
             print(f"rabo local: error: --worker-memory-limits: {exc}", file=sys.stderr)
-            return 2
+            return ExitCode.USAGE
     from rabo.checkpoint import claim_run_dir
 
     out = claim_run_dir(args.out, args.overwrite)

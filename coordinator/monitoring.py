@@ -34,7 +34,7 @@ class Monitor:
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         """Listen on ``port``; OSError when it is taken."""
-        self._http = start_http_server(port, addr=addr, registry=self.registry)
+        self._http: Any = start_http_server(port, addr=addr, registry=self.registry)
 
     def close(self) -> None:
         http = getattr(self, "_http", None)

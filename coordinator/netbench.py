@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from rabo import netstat
+from rabo.errors import ExitCode, RaboError
 
 ROOT = Path(__file__).resolve().parents[1]
 PORT = 50051  # inside the coordinator's own namespace: never collides with anything
@@ -70,7 +71,7 @@ DEFAULT_BURST = 2048
 DEFAULT_LATENCY_MS = 500.0
 
 
-class NetbenchError(RuntimeError):
+class NetbenchError(RaboError, RuntimeError):
     """The topology or the job failed; the message says what and where."""
 
 
@@ -703,10 +704,10 @@ def cmd_bench_network(args: argparse.Namespace) -> int:
         print(f"rabo bench network: cannot build the namespaces here: {why}. It needs root "
               "(CAP_NET_ADMIN and CAP_SYS_ADMIN), iproute2 (`ip`, `tc`) and the tbf qdisc.",
               file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     if args.rounds < 1 or args.hidden < 1:
         print("rabo bench network: --rounds and --hidden must be >= 1", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     tmp = None if args.out else tempfile.TemporaryDirectory(prefix="rabo-netbench-")
     out = Path(args.out) if args.out else Path(tmp.name)  # type: ignore[union-attr]
     if not args.json:

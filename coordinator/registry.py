@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.untrusted import printable
+from rabo.errors import RaboError
 from rabo.metrics import write_json
 from rabo_proto.v1 import rabo_pb2 as pb
 
 
-class RegistryError(Exception):
+class RegistryError(RaboError):
     """Base of registry refusals; ``code`` names the gRPC status the servicer answers with."""
 
     code = "INVALID_ARGUMENT"

@@ -228,18 +228,6 @@ async def _wait(cond: Signal, event: asyncio.Event, timeout: float) -> None:
             cond.discard(event)
 
 
-_WIRE_KINDS = ("checksum", "truncated", "shape", "dtype", "NaN", "chunk", "measurement",
-               "client id", "tensors do not match")
-
-
-def _wire_kind(message: str) -> str:
-    """A short, bounded label for a refused payload (metrics must not grow per tensor name)."""
-    for kind in _WIRE_KINDS:
-        if kind in message:
-            return kind.replace(" ", "-")
-    return "invalid-payload"
-
-
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     """The coordinator's RPCs, as coroutines on gRPC's asyncio server: a call that waits (a
     long poll, a silent stream) holds no thread, so no number of them can starve the rest.
@@ -414,12 +402,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                         t.told.add(wid)
                         answer = pb.AssignmentMessage(wait=pb.Wait(
                             reason=f"round {t.round}: {t.not_assigned[wid]}",
-                            retry_after_s=0.0))
+                            retry_after_s=0.0, kind=pb.Wait.NOT_ASSIGNED))
                         break
                 remaining = give_up - c.clock()
                 if remaining <= 0:
                     answer = pb.AssignmentMessage(wait=pb.Wait(reason="no round open for you",
-                                                               retry_after_s=0.0))
+                                                               retry_after_s=0.0,
+                                                               kind=pb.Wait.NO_ROUND))
                     break
                 changed = c.cond.waiter()
             await _wait(c.cond, changed, min(remaining, 1.0))
@@ -547,9 +536,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         except WireError as exc:
             with c.cond:
                 task.receiving = False
-            kind = _wire_kind(str(exc))
-            c.reject(kind)
-            code = (grpc.StatusCode.DATA_LOSS if kind in ("checksum", "truncated")
+            c.reject(exc.kind)
+            code = (grpc.StatusCode.DATA_LOSS if exc.kind in ("checksum", "truncated")
                     else grpc.StatusCode.INVALID_ARGUMENT)
             await _abort(context, code, f"update rejected: {exc}")
         except BaseException:
@@ -586,7 +574,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         cfg = self.c.cfg.cluster
         if h.client_id != task.plan.client_id:
             raise WireError(f"client id {h.client_id} does not match the assignment's "
-                            f"{task.plan.client_id}")
+                            f"{task.plan.client_id}", "client-id")
         if h.payload.round != h.round or h.payload.worker_id != h.worker_id:
             raise WireError("payload header round/worker id do not match the update header")
         check_header(h.payload, expected_update(task.plan), max_total_bytes=1 << 40)
@@ -594,7 +582,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         received = message_bytes(pb.UpdateMessage(header=h))
         while (msg := await self._next(it)) is not None:
             if msg.WhichOneof("body") != "chunk":
-                raise WireError("only chunks may follow the update header")
+                raise WireError("only chunks may follow the update header", "chunk")
             if ticket.closed:  # stop reading at once
                 raise _RoundClosed
             assembler.add(msg.chunk)

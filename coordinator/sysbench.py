@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rabo.errors import ExitCode
 from rabo.runtime import peak_memory_bytes, reset_peak_memory, rss_bytes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +56,7 @@ GRIDS = {
     "full": Grid([8, 32, 128], [1e6, 10e6, 50e6], 5),
     "tiny": Grid([2], [2e4], 2),
 }
-COMPARE = {
+COMPARE: dict[str, list[tuple[str, str, int, int, list[str]]]] = {
     "reduced": [("A, MLP 784-256-256-10", "configs/experiments/task-a.yaml", 3, 6, [])],
     "full": [("A, MLP 784-256-256-10", "configs/experiments/task-a.yaml", 3, 10, []),
              ("B, MLP 784-256-256-10", "configs/experiments/task-b.yaml", 3, 10, []),
@@ -148,15 +149,15 @@ def run_point(params: float, workers: int, rounds: int, chunk_bytes: int = 1 << 
     num_params = server.coord.job.model.num_params()
     steady = list(range(1, len(records))) if len(records) > 1 else [0]
     cpu_per_round = [samples[i][1] - samples[i - 1][1] for i in steady if i >= 1]
-    per = []
+    per: list[dict[str, Any]] = []
     for i in steady:
         r = records[i]
         cl = r["clients"]
-        wire = [c["wire_down_bytes"] for c in cl] + [c["wire_up_bytes"] for c in cl]
+        wire_each = [c["wire_down_bytes"] for c in cl] + [c["wire_up_bytes"] for c in cl]
         per.append({
             "payload": sum(c["payload_down_bytes"] + c["payload_up_bytes"] for c in cl),
             "message": sum(c["message_down_bytes"] + c["message_up_bytes"] for c in cl),
-            "wire": sum(wire) if all(w is not None for w in wire) else None,
+            "wire": sum(wire_each) if all(w is not None for w in wire_each) else None,
             "round_s": r["round_s"],
             "overhead": r["round_s"] - max((c["compute_s"] for c in cl), default=0.0),
             "aggregation_s": r.get("aggregation_s"),
@@ -219,7 +220,7 @@ def run_grid(grid: Grid) -> dict[str, Any]:
 
 
 def run_compare(preset: str) -> list[dict[str, Any]]:
-    out = []
+    out: list[dict[str, Any]] = []
     for name, cfg_path, workers, rounds, extra in COMPARE[preset]:
         tmp = Path(tempfile.mkdtemp(prefix="rabo-sysbench-compare-"))
         ratios = list(RATIOS[:workers]) if workers <= len(RATIOS) else list(RATIOS)
@@ -395,7 +396,7 @@ def cmd_bench_system(args: argparse.Namespace) -> int:
     unknown = set(parts) - {"grid", "compare", "ratio"}
     if unknown:
         print(f"rabo bench system: unknown parts {sorted(unknown)}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "system" if args.device == "cpu" else f"system_{args.device}"

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from rabo.engine import Assignment, ClientHyper, ClientPlan, Update
+from rabo.engine import Assignment, ClientPlan, Update
 from rabo.masks import MaskSpec
 from rabo.policy import Resources
 from rabo_proto.codec import Encoded, WireError, WireTensor, tensor_meta
@@ -18,14 +18,6 @@ def mask_to_pb(mask: MaskSpec) -> pb.MaskSpec:
     return pb.MaskSpec(policy=mask.policy, ratio=mask.ratio, round=mask.round, seed=mask.seed,
                        stride=mask.stride, sweep_rounds=mask.sweep_rounds,
                        layer_shift=mask.layer_shift)
-
-
-def hyper_to_pb(h: ClientHyper) -> pb.ClientHyper:
-    return pb.ClientHyper(
-        algorithm=h.algorithm, inner_steps=h.inner_steps, inner_lr=h.inner_lr,
-        local_steps=h.local_steps, local_lr=h.local_lr, batch_size=h.batch_size,
-        estimator=h.estimator, delta=h.delta, eta_v=h.eta_v, radius=h.radius,
-        neumann_terms=h.neumann_terms, neumann_eta=h.neumann_eta, seed=h.seed)
 
 
 def encode_assignment(a: Assignment, worker_id: str, chunk_bytes: int) -> Encoded:
@@ -39,8 +31,7 @@ def assignment_header(a: Assignment, encoded: Encoded, deadline_s: float, reason
                       ) -> pb.AssignmentMessage:
     return pb.AssignmentMessage(assignment=pb.Assignment(
         round=a.round, client_id=a.client_id, mask=mask_to_pb(a.mask),
-        hyper=hyper_to_pb(a.hyper), payload=encoded.header, deadline_s=deadline_s,
-        reason=reason))
+        payload=encoded.header, deadline_s=deadline_s, reason=reason))
 
 
 def expected_update(plan: ClientPlan, dtype: torch.dtype = torch.float32) -> list[pb.TensorMeta]:
@@ -56,9 +47,10 @@ def update_from_wire(header: pb.UpdateHeader, tensors: Sequence[WireTensor]) -> 
     for name, value in (("compute_s", m.compute_s), ("upper_loss", m.upper_loss),
                         ("receive_s", m.receive_s)):
         if not math.isfinite(value) or (name != "upper_loss" and value < 0):
-            raise WireError(f"measurement {name} = {value} is not a finite, non-negative number")
+            raise WireError(f"measurement {name} = {value} is not a finite, non-negative "
+                            f"number", "measurement")
     if m.samples < 0:
-        raise WireError(f"measurement samples = {m.samples} is negative")
+        raise WireError(f"measurement samples = {m.samples} is negative", "measurement")
     parts: dict[str, dict[str, torch.Tensor]] = {"x": {}, "y": {}, "v": {}}
     for t in tensors:
         parts[t.part][t.name] = t.tensor

@@ -2,7 +2,10 @@
 
 Core commands live here; the coordinator and worker packages add theirs (``coordinator``,
 ``worker``, ``local``, ...) through the ``rabo.commands`` entry-point group, so that ``rabo``
-itself never imports gRPC code (see docs/architecture.md, layering).
+itself never imports gRPC code (see docs/architecture.md, layering). Building the parser
+imports neither torch nor gRPC: each command's implementation is imported when it runs
+(``rabo.cliargs.lazy``), so ``rabo --help`` is quick. The argparse helpers every command
+shares live in ``rabo.cliargs``.
 """
 
 from __future__ import annotations
@@ -10,83 +13,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
-from typing import Any
 
-from rabo.errors import RaboError
+from rabo.cliargs import (  # noqa: F401 - re-exported: the helpers' old home
+    PORT,
+    add_config_args,
+    add_overwrite_arg,
+    check_address,
+    int_arg,
+    lazy,
+    load_config,
+    seconds_arg,
+)
+from rabo.errors import ExitCode, RaboError, exit_codes_help
 
 log = logging.getLogger("rabo")
-
-
-def int_arg(lo: int | None = None, hi: int | None = None, env: str | None = None
-            ) -> Any:
-    """An argparse ``type`` for integers in [lo, hi]. With ``env``, the flag's default comes
-    from that environment variable as text, so a bad value is reported by argparse only for
-    the command that uses it, naming the flag and the variable (not a traceback at start-up
-    of every command)."""
-    def convert(text: str) -> int:
-        where = f" (flag or env {env})" if env else ""
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer{where}") from None
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            bounds = (f"{lo}..{hi}" if lo is not None and hi is not None
-                      else f">= {lo}" if lo is not None else f"<= {hi}")
-            raise argparse.ArgumentTypeError(f"{value} is out of range: {bounds}{where}")
-        return value
-    convert.__name__ = "integer"
-    return convert
-
-
-def seconds_arg(text: str) -> float:
-    """An argparse ``type`` for a duration: a finite number of seconds >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number >= 0")
-    return value
-
-
-PORT = {"lo": 0, "hi": 65535}
-
-
-def check_address(text: str, what: str, listen: bool = False) -> str:
-    """HOST:PORT with a port in 1..65535 (0 too when ``listen``: any free port; IPv6 hosts in
-    brackets); the error names ``what``."""
-    lo = 0 if listen else 1
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not lo <= int(port) <= 65535:
-        raise RaboError(f"{what} {text!r}: expected HOST:PORT with a port in {lo}..65535")
-    return text
-
-
-def add_overwrite_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the results of an earlier run in --out (refused otherwise)")
-
-
-def add_config_args(p: argparse.ArgumentParser, rounds: bool = True) -> None:
-    """--config FILE, --set KEY=VALUE (repeatable) and --rounds R."""
-    p.add_argument("--config", metavar="FILE", help="YAML config (default: built-in defaults)")
-    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
-                   help="override a config key, e.g. --set estimator.name=exact (repeatable)")
-    if rounds:
-        p.add_argument("--rounds", type=int, metavar="R", help="override config 'rounds'")
-
-
-def load_config(args: argparse.Namespace) -> Any:
-    from rabo import config
-
-    overrides = list(args.overrides)
-    if getattr(args, "rounds", None) is not None:
-        overrides.append(f"rounds={args.rounds}")
-    return config.load(args.config, overrides)
 
 
 # --------------------------------------------------------------------------- simulate
@@ -133,7 +76,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(report(args.dir))
     except FileNotFoundError:
         print(f"rabo report: error: {args.dir} has no metrics.jsonl", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     return 0
 
 
@@ -161,7 +104,8 @@ def cmd_bench_estimator(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="rabo", description="Resource-adaptive distributed bilevel optimization (RABO)")
+        prog="rabo", description="Resource-adaptive distributed bilevel optimization (RABO)",
+        epilog=exit_codes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -195,11 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_experiment_args(p)
     p.set_defaults(func=cmd_experiment)
 
-    from rabo.dist import add_dist_args, cmd_dist
+    from rabo.distcli import add_dist_args
 
     p = sub.add_parser("dist", help="run over torch.distributed (launch with torchrun)")
     add_dist_args(p)
-    p.set_defaults(func=cmd_dist)
+    p.set_defaults(func=lazy("rabo.dist", "cmd_dist"))
 
     bench = sub.add_parser("bench", help="benchmarks that print measured ratios")
     bsub = bench.add_subparsers(dest="bench", metavar="BENCH")
@@ -232,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except RaboError as exc:
         print(f"rabo: error: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     except KeyboardInterrupt:
         print("rabo: interrupted", file=sys.stderr)
         return 130

@@ -41,8 +41,9 @@ import torch.distributed as dist
 
 from rabo import checkpoint
 from rabo.config import Config, to_dict
+from rabo.distcli import add_dist_args
 from rabo.engine import Assignment, ClientPlan, Update, client_step, sample_participants
-from rabo.errors import RaboError, UpdateRejected
+from rabo.errors import ExitCode, RaboError, UpdateRejected
 from rabo.evaluation import due, evaluate_round
 from rabo.job import Job
 from rabo.metrics import MetricsWriter, wire_total, write_json
@@ -355,39 +356,14 @@ def run_worker(ctx: Context, memory_limit: int | None) -> None:
 # --------------------------------------------------------------------------- entry
 
 
-def add_dist_args(p: argparse.ArgumentParser) -> None:
-    from rabo.cli import add_config_args, int_arg, seconds_arg
-
-    add_config_args(p)
-    p.add_argument("--out", metavar="DIR", help="run folder (written by rank 0)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the results of an earlier run in --out (refused otherwise)")
-    p.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto",
-                   help="auto: nccl where this node has a GPU for each of its ranks, else gloo")
-    p.add_argument("--memory-limit", default=os.environ.get("RABO_MEMORY_LIMIT"),
-                   metavar="SIZE", help="this rank's training-memory budget (env "
-                                        "RABO_MEMORY_LIMIT; default: cgroup / available)")
-    p.add_argument("--worker-memory-limits", default=os.environ.get("RABO_WORKER_MEMORY_LIMITS"),
-                   metavar="SIZES",
-                   help="comma-separated budgets cycled over the worker ranks by client id "
-                        "(rank 1 is client 0), e.g. 96MiB,40MiB: heterogeneous workers on one "
-                        "machine, as `rabo local --worker-memory-limits`; overrides "
-                        "--memory-limit (env RABO_WORKER_MEMORY_LIMITS)")
-    p.add_argument("--threads", type=int_arg(0, env="RABO_THREADS"),
-                   default=os.environ.get("RABO_THREADS", "0"),
-                   help="torch CPU threads per rank (0: torch's default; env RABO_THREADS)")
-    p.add_argument("--timeout-s", type=seconds_arg, default=0.0,
-                   help="collective / send / recv timeout (0: cluster.dist_timeout_s)")
-
-
 def cmd_dist(args: argparse.Namespace) -> int:
-    from rabo.cli import load_config
+    from rabo.cliargs import load_config
 
     for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         if key not in os.environ:
             print(f"rabo dist: error: {key} is not set; launch with torchrun, e.g. "
                   "torchrun --nproc-per-node 3 -m rabo.dist --config FILE", file=sys.stderr)
-            return 2
+            return ExitCode.USAGE
     try:
         rank, world, local_rank = (int(os.environ[k]) if k in os.environ else 0
                                    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
@@ -395,11 +371,11 @@ def cmd_dist(args: argparse.Namespace) -> int:
         bad = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         print(f"rabo dist: error: RANK, WORLD_SIZE and LOCAL_RANK must be integers, got {bad}",
               file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     if world < 2:
         print("rabo dist: error: needs at least 2 processes (rank 0 coordinates)",
               file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     overrides = list(args.overrides)
     args.overrides = [*overrides, f"clients.count={world - 1}"]
     cfg = load_config(args)
@@ -408,25 +384,25 @@ def cmd_dist(args: argparse.Namespace) -> int:
     backend = pick_backend(backend, gpus, os.environ.get("LOCAL_WORLD_SIZE"))
     if backend == "nccl" and not torch.cuda.is_available():
         print("rabo dist: error: --backend nccl needs CUDA; use gloo on CPU", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     if backend == "nccl" and local_rank >= gpus:
         # NCCL refuses two ranks on one GPU ("Duplicate GPU detected"): say so up front
         print(f"rabo dist: error: --backend nccl needs one GPU per rank on a node; "
               f"LOCAL_RANK {local_rank} but this node has {gpus} GPU(s). Start at most "
               f"{gpus} ranks here, or use --backend gloo (CUDA still computes)",
               file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     try:
         limit = parse_bytes(args.memory_limit) if args.memory_limit else None
     except ValueError as exc:
         print(f"rabo dist: error: --memory-limit: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     if args.worker_memory_limits:
         try:
             limits = parse_byte_list(args.worker_memory_limits)
         except ValueError as exc:
             print(f"rabo dist: error: --worker-memory-limits: {exc}", file=sys.stderr)
-            return 2
+            return ExitCode.USAGE
         if rank > 0:
             limit = limits[(rank - 1) % len(limits)]
     if args.threads:
@@ -446,7 +422,7 @@ def cmd_dist(args: argparse.Namespace) -> int:
             out = checkpoint.claim_run_dir(args.out, args.overwrite)
         except RaboError as exc:  # the other ranks stop at the rendezvous timeout
             print(f"rabo dist: rank 0: error: {exc}", file=sys.stderr)
-            return 2
+            return ExitCode.USAGE
     timeout = timedelta(seconds=args.timeout_s or cfg.cluster.dist_timeout_s)
     where = "coordinator" if rank == 0 else f"worker for client {rank - 1}"
     try:
@@ -521,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_dist(args)
     except RaboError as exc:
         print(f"rabo dist: error: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
 
 
 if __name__ == "__main__":

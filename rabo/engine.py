@@ -43,7 +43,7 @@ from rabo.estimators import Problem, grads, make_estimator
 from rabo.masks import MaskSpec, client_mask_seed
 from rabo.params import Params, norm, numel
 from rabo.runtime import peak_memory_bytes, reset_peak_memory
-from rabo.submodel import ParamLayout, SlicePlan, check_slices, extract, scatter
+from rabo.submodel import ParamLayout, SlicePlan, extract, scatter
 from rabo.tasks import Batch, BilevelTask
 
 log = logging.getLogger("rabo")
@@ -253,12 +253,6 @@ class RoundEngine:
         if self.cfg.lower_level == "personalized" and client_id in state.y_clients:
             return state.y_clients[client_id], state.v_clients[client_id]
         return state.y, state.v
-
-    def check_update(self, plan: ClientPlan, update: Update) -> None:
-        """Raise ShapeError unless the update holds exactly the plan's slices."""
-        check_slices(update.x, plan.x, "update x")
-        check_slices(update.y, plan.y, "update y")
-        check_slices(update.v, plan.y, "update v")
 
     def magnitudes(self, state: GlobalState, plan: ClientPlan, update: Update
                    ) -> dict[str, tuple[float, float]]:

@@ -2,6 +2,34 @@
 
 from __future__ import annotations
 
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Process exit statuses of every ``rabo`` command and ``python -m worker``."""
+
+    OK = 0  # done (a worker: the run is complete)
+    USAGE = 2  # bad flags, config, input file or state: the message names it
+    REFUSED = 3  # a worker: the coordinator refused it for good (token, certificate, slot)
+    GAVE_UP = 4  # a worker: no coordinator (or no admission) within --give-up-s
+    PROTOCOL = 5  # a worker: the coordinator sent something that breaks the wire contract
+
+
+EXIT_HELP = {
+    ExitCode.OK: "done (a worker: the run is complete)",
+    ExitCode.USAGE: "bad flags, config, input file or state (the message names it); also any "
+                    "error that stops a run, e.g. too few workers",
+    ExitCode.REFUSED: "a worker was refused for good (token, certificate, client slot)",
+    ExitCode.GAVE_UP: "a worker found no coordinator (or no admission) within --give-up-s",
+    ExitCode.PROTOCOL: "a worker got a message that breaks the wire contract",
+}
+
+
+def exit_codes_help() -> str:
+    """The exit statuses, one line each, for a command's --help."""
+    return "exit status:\n" + "\n".join(f"  {int(c)}  {EXIT_HELP[c]}" for c in ExitCode) + \
+        "\n  130  interrupted (Ctrl-C)"
+
 
 class RaboError(Exception):
     """Base class of every error RABO raises on purpose."""

@@ -7,7 +7,7 @@ shapes live in the tensors.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -80,10 +80,6 @@ def allclose(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], atol:
 
 def max_abs_diff(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
     return max((float((a[k] - b[k]).abs().max()) for k in a if a[k].numel()), default=0.0)
-
-
-def select(p: Mapping[str, torch.Tensor], names: Iterable[str]) -> Params:
-    return {k: p[k] for k in names}
 
 
 def _dtype(p: Mapping[str, torch.Tensor]) -> torch.dtype:

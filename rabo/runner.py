@@ -15,10 +15,12 @@ from typing import Any
 from rabo.checkpoint import lock_run_dir
 from rabo.config import Config, to_dict
 from rabo.engine import ClientPlan, GlobalState, RoundStats, Update, sample_participants
-from rabo.errors import UpdateRejected
+from rabo.errors import AssignmentError, UpdateRejected
 from rabo.evaluation import EMPTY_RECORD, Evaluation, due, evaluate_round
 from rabo.job import Job, resolve_device
 from rabo.metrics import MetricsWriter, write_json
+from rabo.policy import Resources
+from rabo.units import parse_bytes
 
 BYTES_PER_ELEMENT = 4
 
@@ -101,7 +103,12 @@ def simulate(cfg: Config, out_dir: str | Path | None = None,
     ratios = job.simulated_ratios()
     eligible = [c for c, r in enumerate(ratios) if r > 0]
     if not eligible:
-        raise ValueError("no client fits the smallest ratio of the ladder in its memory budget")
+        budgets = cfg.clients.memory_budgets
+        why = job.ratio_for(0, Resources(parse_bytes(budgets[0])))[1] if budgets else ""
+        raise AssignmentError(f"no client fits the smallest ratio of the ladder "
+                              f"{sorted(cfg.policy.ladder)} in its memory budget "
+                              f"(clients.memory_budgets = {list(budgets or [])})"
+                              + (f"; client 0: {why}" if why else ""))
     state = engine.init_state()
     if out_dir is not None:
         lock_run_dir(out_dir)  # one run per folder (a second gets an error naming the pid)

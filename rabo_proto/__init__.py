@@ -3,4 +3,6 @@
 # Bumped whenever the meaning of a field changes; Register refuses any other version.
 # 2: MaskSpec carries sweep_rounds and layer_shift, and stride 0 ties a rolling window's
 #    step to the layer; RegisterRequest carries the worker's instance secret.
-PROTOCOL_VERSION = 2
+# 3: Assignment no longer carries the client hyperparameters (field 4, reserved: the worker
+#    takes them from the config it received at registration); Wait carries a kind.
+PROTOCOL_VERSION = 3

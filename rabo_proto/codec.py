@@ -35,8 +35,22 @@ if sys.byteorder != "little":  # pragma: no cover - all supported platforms are 
     raise ImportError("rabo_proto.codec supports little-endian hosts only")
 
 
-class WireError(ValueError):
-    """A payload does not match what was announced or expected; the message says how."""
+from rabo.errors import RaboError  # noqa: E402 - after the byte-order guard
+
+# What a refusal is about (metric labels, the status code chosen): set where it is raised
+WIRE_KINDS = ("checksum", "truncated", "shape", "dtype", "NaN", "chunk", "measurement",
+              "client-id", "tensors-do-not-match", "mask", "invalid-payload")
+
+
+class WireError(RaboError, ValueError):
+    """A payload does not match what was announced or expected; the message says how and
+    ``kind`` (one of :data:`WIRE_KINDS`) says what, for code that acts on it."""
+
+    def __init__(self, message: str, kind: str = "invalid-payload") -> None:
+        super().__init__(message)
+        if kind not in WIRE_KINDS:
+            raise ValueError(f"unknown wire error kind {kind!r}")
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -51,16 +65,18 @@ def _raw(t: torch.Tensor) -> memoryview:
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
     if t.dtype not in WIRE_DTYPES and t.dtype != torch.int16:
-        raise WireError(f"dtype {t.dtype} cannot cross the wire")
+        raise WireError(f"dtype {t.dtype} cannot cross the wire", "dtype")
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.reshape(-1).numpy()).cast("B")
+    return memoryview(t.reshape(-1).numpy()).cast("B")  # type: ignore[arg-type]
 
 
 def tensor_meta(part: str, name: str, dtype: torch.dtype, shape: Sequence[int]) -> pb.TensorMeta:
     if dtype not in WIRE_DTYPES:
-        raise WireError(f"tensor {part}.{name}: dtype {dtype} cannot cross the wire")
-    return pb.TensorMeta(part=PARTS[part], name=name, dtype=WIRE_DTYPES[dtype], shape=list(shape))
+        raise WireError(f"tensor {part}.{name}: dtype {dtype} cannot cross the wire", "dtype")
+    return pb.TensorMeta(part=PARTS[part], name=name,  # type: ignore[arg-type]
+                         dtype=WIRE_DTYPES[dtype],  # type: ignore[arg-type]
+                         shape=list(shape))
 
 
 def meta_nbytes(meta: pb.TensorMeta) -> int:
@@ -125,9 +141,10 @@ def check_header(header: pb.PayloadHeader, expected: Sequence[pb.TensorMeta] | N
             raise WireError(f"tensor {label} appears twice")
         seen.add(key)
         if meta.dtype not in TORCH_DTYPES:
-            raise WireError(f"tensor {label}: unknown dtype {meta.dtype}")
+            raise WireError(f"tensor {label}: unknown dtype {meta.dtype}", "dtype")
         if any(s < 0 for s in meta.shape):
-            raise WireError(f"tensor {label}: negative dimension in shape {list(meta.shape)}")
+            raise WireError(f"tensor {label}: negative dimension in shape {list(meta.shape)}",
+                            "shape")
         total += meta_nbytes(meta)
     if total != header.total_bytes:
         raise WireError(f"header announces {header.total_bytes} bytes but its tensors hold "
@@ -142,16 +159,16 @@ def check_header(header: pb.PayloadHeader, expected: Sequence[pb.TensorMeta] | N
     extra = sorted(f"{PART_NAMES.get(p, '?')}.{n}" for p, n in got.keys() - want.keys())
     if missing or extra:
         raise WireError(f"tensors do not match the assignment: missing {missing}, "
-                        f"unexpected {extra}")
+                        f"unexpected {extra}", "tensors-do-not-match")
     for key, meta in got.items():
         w = want[key]
         label = f"{PART_NAMES[key[0]]}.{key[1]}"
         if list(meta.shape) != list(w.shape):
             raise WireError(f"tensor {label}: shape {list(meta.shape)}, expected "
-                            f"{list(w.shape)}")
+                            f"{list(w.shape)}", "shape")
         if meta.dtype != w.dtype:
             raise WireError(f"tensor {label}: dtype {pb.DType.Name(meta.dtype)}, expected "
-                            f"{pb.DType.Name(w.dtype)}")
+                            f"{pb.DType.Name(w.dtype)}", "dtype")
 
 
 class Assembler:
@@ -172,12 +189,13 @@ class Assembler:
         size = len(chunk.data)
         if size > self.max_chunk_bytes:
             raise WireError(f"chunk of {size} bytes exceeds the limit of "
-                            f"{self.max_chunk_bytes}")
+                            f"{self.max_chunk_bytes}", "chunk")
         if chunk.offset != self._received:
             raise WireError(f"chunk at offset {chunk.offset}, expected {self._received} "
-                            "(chunks must arrive in order, without gaps or repeats)")
+                            "(chunks must arrive in order, without gaps or repeats)", "chunk")
         if self._received + size > len(self._buf):
-            raise WireError(f"chunks carry more than the {len(self._buf)} bytes announced")
+            raise WireError(f"chunks carry more than the {len(self._buf)} bytes announced",
+                            "chunk")
         self._buf[self._received:self._received + size] = chunk.data
         self._received += size
         self.chunks += 1
@@ -185,11 +203,11 @@ class Assembler:
     def finish(self, check_finite: bool = True) -> list[WireTensor]:
         if self._received != len(self._buf):
             raise WireError(f"truncated payload: {self._received} of {len(self._buf)} bytes "
-                            "arrived")
+                            "arrived", "truncated")
         crc = zlib.crc32(self._buf)
         if crc != self.header.crc32:
             raise WireError(f"checksum mismatch: CRC-32 {crc:#010x}, header says "
-                            f"{self.header.crc32:#010x}")
+                            f"{self.header.crc32:#010x}", "checksum")
         out: list[WireTensor] = []
         offset = 0
         for meta in self.header.tensors:
@@ -208,7 +226,7 @@ class Assembler:
             if (check_finite and t.is_floating_point() and t.numel()
                     and not bool(torch.isfinite(t.sum(dtype=torch.float64)))
                     and not bool(torch.isfinite(t).all())):
-                raise WireError(f"tensor {label} holds NaN or infinite values")
+                raise WireError(f"tensor {label} holds NaN or infinite values", "NaN")
             out.append(WireTensor(PART_NAMES[meta.part], meta.name, t))
         return out
 

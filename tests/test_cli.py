@@ -64,3 +64,42 @@ def test_a_bad_variable_only_troubles_the_commands_that_read_it(monkeypatch, cap
 def test_worker_refuses_bad_flags_and_env_by_name(monkeypatch, capsys, env, argv,
                                                   message) -> None:
     _refused(worker_main, monkeypatch, capsys, env, argv, message)
+
+
+def test_help_imports_neither_torch_nor_grpc_and_lists_the_exit_statuses() -> None:
+    """Every command's parser is built without torch or gRPC (they load when a command runs),
+    so ``rabo --help`` is quick; the help ends with the exit statuses."""
+    import subprocess
+    import sys
+
+    code = ("import sys, io, contextlib\n"
+            "from rabo.cli import build_parser\n"
+            "p = build_parser()\n"
+            "out = io.StringIO()\n"
+            "with contextlib.redirect_stdout(out):\n"
+            "    try:\n"
+            "        p.parse_args(['--help'])\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'grpc'))\n"
+            "print(heavy)\n"
+            "print(out.getvalue())\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True)
+    first, _, help_text = proc.stdout.partition("\n")
+    assert first == "[]", first
+    from rabo.errors import ExitCode
+
+    assert "exit status:" in help_text
+    for status in ExitCode:
+        assert f"  {int(status)}  " in help_text
+    for command in ("simulate", "dist", "coordinator", "worker", "local", "bench", "experiment"):
+        assert command in help_text
+
+
+def test_a_budget_too_small_for_every_client_is_an_error_not_a_traceback(capsys) -> None:
+    rc, err = _run(rabo_main, ["simulate", "--set", "data.dataset=digits", "--set", "rounds=1",
+                               "--set", "clients.memory_budgets=['1KiB']"], capsys)
+    assert rc == 2
+    assert "no client fits the smallest ratio" in err and "clients.memory_budgets" in err
+    assert "needs ~" in err  # the policy's reason for client 0

@@ -45,23 +45,27 @@ def _assembled(mutate) -> None:
 
 
 def test_truncated_payload() -> None:
-    with pytest.raises(WireError, match=r"truncated payload: \d+ of 124 bytes"):
+    with pytest.raises(WireError, match=r"truncated payload: \d+ of 124 bytes") as err:
         _assembled(lambda h, c: c[:-1])
+    assert err.value.kind == "truncated"  # what code acts on, not the wording
 
 
 def test_bad_checksum() -> None:
     def flip(h, chunks):
         chunks[2] = pb.Chunk(offset=chunks[2].offset, data=bytes([chunks[2].data[0] ^ 1])
                              + chunks[2].data[1:])
-    with pytest.raises(WireError, match="checksum mismatch"):
+    with pytest.raises(WireError, match="checksum mismatch") as err:
         _assembled(flip)
+    assert err.value.kind == "checksum"  # what code acts on, not the wording
 
 
 def test_out_of_order_and_oversize_chunks() -> None:
-    with pytest.raises(WireError, match="expected 8"):
+    with pytest.raises(WireError, match="expected 8") as err:
         _assembled(lambda h, c: [c[0], c[2], c[1], *c[3:]])
-    with pytest.raises(WireError, match="exceeds the limit of 8"):
+    assert err.value.kind == "chunk"  # what code acts on, not the wording
+    with pytest.raises(WireError, match="exceeds the limit of 8") as err:
         _assembled(lambda h, c: [pb.Chunk(offset=0, data=c[0].data + c[1].data), *c[2:]])
+    assert err.value.kind == "chunk"  # what code acts on, not the wording
 
 
 def test_nan_is_refused() -> None:
@@ -69,8 +73,9 @@ def test_nan_is_refused() -> None:
     asm = Assembler(enc.header, 64)
     for c in enc.chunks():
         asm.add(c)
-    with pytest.raises(WireError, match="x.a holds NaN or infinite values"):
+    with pytest.raises(WireError, match="x.a holds NaN or infinite values") as err:
         asm.finish()
+    assert err.value.kind == "NaN"  # what code acts on, not the wording
 
 
 def test_header_checks() -> None:
@@ -79,21 +84,26 @@ def test_header_checks() -> None:
     h = pb.PayloadHeader()
     h.CopyFrom(enc.header)
     h.total_bytes += 4
-    with pytest.raises(WireError, match="announces 128 bytes but its tensors hold 124"):
+    with pytest.raises(WireError, match="announces 128 bytes but its tensors hold 124") as err:
         check_header(h, None, 1 << 20)
+    assert err.value.kind == "invalid-payload"  # what code acts on, not the wording
     with pytest.raises(WireError, match="exceeds the limit"):
         check_header(enc.header, None, 100)
     expected = list(enc.header.tensors)
     expected[0] = tensor_meta("x", "a", torch.float32, [5, 3])
-    with pytest.raises(WireError, match=r"x.a: shape \[3, 5\], expected \[5, 3\]"):
+    with pytest.raises(WireError, match=r"x.a: shape \[3, 5\], expected \[5, 3\]") as err:
         check_header(enc.header, expected, 1 << 20)
+    assert err.value.kind == "shape"  # what code acts on, not the wording
     expected[0] = tensor_meta("x", "a", torch.float64, [3, 5])
-    with pytest.raises(WireError, match="x.a: dtype FLOAT32, expected FLOAT64"):
+    with pytest.raises(WireError, match="x.a: dtype FLOAT32, expected FLOAT64") as err:
         check_header(enc.header, expected, 1 << 20)
-    with pytest.raises(WireError, match=r"missing \['x.zz'\]"):
+    assert err.value.kind == "dtype"  # what code acts on, not the wording
+    with pytest.raises(WireError, match=r"missing \['x.zz'\]") as err:
         check_header(enc.header, [*enc.header.tensors, tensor_meta("x", "zz", torch.float32, [1])],
                      1 << 20)
+    assert err.value.kind == "tensors-do-not-match"  # what code acts on, not the wording
     bad = pb.PayloadHeader(tensors=[pb.TensorMeta(part=pb.X, name="n", dtype=pb.FLOAT32,
                                                    shape=[-1])])
-    with pytest.raises(WireError, match="negative dimension"):
+    with pytest.raises(WireError, match="negative dimension") as err:
         check_header(bad, None, 1 << 20)
+    assert err.value.kind == "shape"  # what code acts on, not the wording

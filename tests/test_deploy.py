@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import free_port
 
 from rabo import config
 from rabo.cli import build_parser
@@ -768,10 +768,6 @@ def test_the_build_context_installs_as_a_working_package(tmp_path: Path) -> None
 # --------------------------------------------------------------------------- as pods would run
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _bundled_mnist() -> Path | None:
@@ -810,7 +806,7 @@ def test_pods_args_env_and_secrets_run_a_job(tmp_path: Path,
     files = tuple(sorted((p.name, p.read_bytes()) for p in certs.iterdir()))
     secrets = {s["metadata"]["name"]: s for s in _secrets_with(files)}
     root = tmp_path / "root"
-    grpc_port, health_port = _free_port(), _free_port()
+    grpc_port, health_port = free_port(), free_port()
 
     def pod_env(deploy: dict[str, Any], index: int) -> dict[str, str]:
         pod = deploy["spec"]["template"]["spec"]

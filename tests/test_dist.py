@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import free_port
 
 ENV = dict(os.environ, GRPC_VERBOSITY="ERROR")
 JOB = ["--set", "data.dataset=digits", "--set", "model.hidden=[48, 32]",
@@ -20,10 +20,6 @@ JOB = ["--set", "data.dataset=digits", "--set", "model.hidden=[48, 32]",
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import free_port
 from grpc_util import connect
 
 from coordinator.local import WorkerProcess, stop_workers
@@ -279,7 +280,7 @@ def test_coordinator_restart_resumes_to_the_same_model(tmp_path: Path) -> None:
             "cluster.checkpoint_every=1", "cluster.keep_checkpoints=3",
             "cluster.heartbeat_misses=20", "cluster.register_timeout_s=180"]
     args = sum((["--set", s] for s in sets), [])
-    port = _free_port()
+    port = free_port()
     out = tmp_path / "run"
     coord = _coordinator(out, ["--bind", f"127.0.0.1:{port}", "--out", str(out), *args])
 
@@ -354,9 +355,3 @@ def test_coordinator_restart_resumes_to_the_same_model(tmp_path: Path) -> None:
         assert max_abs_diff(getattr(resumed, part), getattr(reference, part)) == 0.0
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

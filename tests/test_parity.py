@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
 from rabo import checkpoint, config
 from rabo.engine import GlobalState
@@ -49,12 +50,6 @@ def run_dist(tmp: Path) -> GlobalState:
     return state
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 TRANSPORTS = {"grpc": run_grpc, "dist-gloo": run_dist}

@@ -4,11 +4,11 @@ default SO_REUSEPORT would otherwise let both listen and split the workers)."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+from conftest import free_port
 
 from coordinator.server import CoordinatorError, serve
 from rabo import config
@@ -17,16 +17,12 @@ CFG = ["data.dataset=digits", "model.hidden=[8]", "clients.count=1", "rounds=1",
        "cluster.register_timeout_s=60"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture()
 def first():
     srv = serve(config.load(None, CFG), None, bind="127.0.0.1:0", linger_s=0.0,
-                health_port=_free_port(), metrics_port=_free_port())
+                health_port=free_port(), metrics_port=free_port())
     yield srv
     srv.stop(grace=0)
 

@@ -10,6 +10,7 @@ import time
 import urllib.request
 
 import pytest
+from conftest import free_port
 
 from coordinator.server import serve
 from rabo import config
@@ -17,12 +18,6 @@ from rabo import config
 ENV = dict(os.environ, GRPC_VERBOSITY="ERROR")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -30,7 +25,7 @@ def test_sigterm_worker_says_goodbye_and_exits_zero() -> None:
     cfg = config.load(None, ["data.dataset=digits", "model.hidden=[16]", "clients.count=2",
                              "cluster.workers=2", "rounds=1", "cluster.heartbeat_s=30",
                              "cluster.register_timeout_s=60"])
-    mport = _free_port()
+    mport = free_port()
     server = serve(cfg, None, bind="127.0.0.1:0", linger_s=0, metrics_port=mport)
     proc = subprocess.Popen([sys.executable, "-m", "worker", "--coordinator",
                              f"127.0.0.1:{server.port}", "--threads", "1"],

@@ -12,7 +12,8 @@ import os
 import socket
 import sys
 
-from rabo.cli import check_address, int_arg
+from rabo.cliargs import check_address, int_arg
+from rabo.errors import ExitCode, exit_codes_help
 from rabo.units import parse_bytes
 
 
@@ -63,7 +64,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if not args.coordinator:
         print("rabo worker: error: --coordinator HOST:PORT (or RABO_COORDINATOR) is required",
               file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     from rabo.auth import load_tls, load_tokens
     from rabo.errors import ConfigError, RaboError
 
@@ -72,17 +73,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
         limit = parse_bytes(args.memory_limit) if args.memory_limit else None
     except ValueError as exc:
         print(f"rabo worker: error: --memory-limit: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     except RaboError as exc:
         print(f"rabo worker: error: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
 
     try:
         tls = load_tls(args.tls_cert, args.tls_key, args.tls_ca)
         tokens = load_tokens(args.token_file)
     except ConfigError as exc:
         print(f"rabo worker: error: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     opts = WorkerOptions(target=args.coordinator, name=args.name, memory_limit=limit,
                          device=args.device, threads=args.threads, client_id=args.client_id,
                          poll_s=args.poll_s, give_up_s=args.give_up_s, tls=tls,
@@ -104,7 +105,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("worker", help="join a coordinator as a worker")
+    p = sub.add_parser("worker", help="join a coordinator as a worker",
+                       epilog=exit_codes_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_worker_args(p)
     p.set_defaults(func=cmd_worker)
 
@@ -114,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
     die_with_parent()
     enable_stack_dumps()
-    parser = argparse.ArgumentParser(prog="rabo worker")
+    parser = argparse.ArgumentParser(prog="rabo worker", epilog=exit_codes_help(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_worker_args(parser)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)

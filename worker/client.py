@@ -28,6 +28,7 @@ import torch
 from rabo import config
 from rabo.auth import TlsFiles
 from rabo.engine import client_step
+from rabo.errors import ExitCode, RaboError
 from rabo.job import Job
 from rabo.runtime import prefer_low_memory
 from rabo_proto import PROTOCOL_VERSION
@@ -53,8 +54,8 @@ SUBMIT_REFUSED = {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.FAILED_PREC
                   grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DATA_LOSS}
 
 
-class WorkerExit(Exception):
-    """The worker must stop; ``code`` is the process exit status."""
+class WorkerExit(RaboError):
+    """The worker must stop; ``code`` is the process exit status (an :class:`ExitCode`)."""
 
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
@@ -91,12 +92,13 @@ def instance_secret(state_file: str | None) -> str:
     except FileNotFoundError:
         text = ""
     except OSError as exc:
-        raise WorkerExit(f"--state-file {path}: cannot read: {exc.strerror}", 2) from None
+        raise WorkerExit(f"--state-file {path}: cannot read: {exc.strerror}",
+                         ExitCode.USAGE) from None
     if len(text) == 32 and all(c in "0123456789abcdef" for c in text):
         return text
     if text:
         raise WorkerExit(f"--state-file {path}: not a worker state file (expected 32 hex "
-                         f"digits)", 2)
+                         f"digits)", ExitCode.USAGE)
     secret = secrets.token_hex(16)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,7 +106,8 @@ def instance_secret(state_file: str | None) -> str:
         with os.fdopen(fd, "w") as f:
             f.write(secret + "\n")
     except OSError as exc:
-        raise WorkerExit(f"--state-file {path}: cannot write: {exc.strerror}", 2) from None
+        raise WorkerExit(f"--state-file {path}: cannot write: {exc.strerror}",
+                         ExitCode.USAGE) from None
     return secret
 
 
@@ -112,7 +115,8 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise WorkerExit("--device cuda was asked for but torch sees no CUDA device", 2)
+        raise WorkerExit("--device cuda was asked for but torch sees no CUDA device",
+                         ExitCode.USAGE)
     return torch.device(name)
 
 
@@ -213,7 +217,7 @@ class Worker:
                         # the coordinator forgot; retrying would only repeat the refusal
                         log.error("coordinator refused the registration: %s: %s", code.name,
                                   details)
-                        return 3
+                        return ExitCode.REFUSED
                     log.warning("coordinator does not know this worker (%s): registering "
                                 "again", details)
                     self.worker_id = ""
@@ -225,14 +229,14 @@ class Worker:
                 admission = code == grpc.StatusCode.RESOURCE_EXHAUSTED and not self.worker_id
                 if code not in RETRYABLE and not admission:
                     log.error("coordinator refused: %s: %s", code.name, details)
-                    return 3
+                    return ExitCode.REFUSED
                 if lost_since is None:
                     lost_since = now
                 if opts.give_up_s and now - lost_since > opts.give_up_s:
                     log.error("no %s at %s for %.0fs: giving up",
                               "admission" if admission else "coordinator", opts.target,
                               now - lost_since)
-                    return 4
+                    return ExitCode.GAVE_UP
                 delay = backoff.next_delay()
                 if admission:
                     # our slot is still held by our previous (expiring) self, or
@@ -290,12 +294,12 @@ class Worker:
                     log.info("run finished: %s", first.finished.reason)
                     return True
                 if kind == "wait":
-                    if first.wait.reason != last_wait and "no round open" not in first.wait.reason:
+                    if first.wait.reason != last_wait and first.wait.kind != pb.Wait.NO_ROUND:
                         log.warning("%s", first.wait.reason)
                     last_wait = first.wait.reason
                     continue
                 if kind != "assignment":
-                    raise WorkerExit(f"unexpected first message {kind!r}", 5)
+                    raise WorkerExit(f"unexpected first message {kind!r}", ExitCode.PROTOCOL)
                 start = time.perf_counter()
                 assignment = self._receive(first.assignment, call)
                 receive_s = time.perf_counter() - start
@@ -347,12 +351,13 @@ class Worker:
             assembler = Assembler(msg.payload, max_chunk_bytes=max(self.chunk_bytes, 1))
             for m in call:
                 if m.WhichOneof("body") != "chunk":
-                    raise WireError("only chunks may follow an assignment")
+                    raise WireError("only chunks may follow an assignment", "chunk")
                 assembler.add(m.chunk)
             tensors = assembler.finish(check_finite=True)
-            return assignment_from_wire(msg, tensors)
+            return assignment_from_wire(msg, tensors, self.job.hyper)
         except WireError as exc:
-            raise WorkerExit(f"bad assignment from the coordinator: {exc}", 5) from None
+            raise WorkerExit(f"bad assignment from the coordinator: {exc}",
+                             ExitCode.PROTOCOL) from None
 
     def _job(self, config_json: str) -> Job:
         job = self._jobs.get(config_json)

@@ -19,6 +19,7 @@ import zlib
 
 import grpc
 
+from rabo.errors import ExitCode
 from rabo_proto import PROTOCOL_VERSION
 from rabo_proto.v1 import rabo_pb2 as pb
 from rabo_proto.v1 import rabo_pb2_grpc as pb_grpc
@@ -99,7 +100,7 @@ def run(target: str, client_id: int, name: str, max_message_bytes: int, poll_s: 
                     got += len(m.chunk.data)
                 if got != a.payload.total_bytes or crc != a.payload.crc32:
                     log.error("round %d: bad assignment payload", a.round)
-                    return 5
+                    return ExitCode.PROTOCOL
                 receive_s = time.perf_counter() - start
                 # the update holds the same tensors as the assignment: x, y and v slices
                 payload = pb.PayloadHeader(round=a.round, worker_id=wid,

@@ -10,19 +10,17 @@ from rabo_proto.codec import Encoded, WireError, WireTensor
 from rabo_proto.v1 import rabo_pb2 as pb
 
 
-def assignment_from_wire(msg: pb.Assignment, tensors: Sequence[WireTensor]) -> Assignment:
-    m, h = msg.mask, msg.hyper
+def assignment_from_wire(msg: pb.Assignment, tensors: Sequence[WireTensor],
+                         hyper: ClientHyper) -> Assignment:
+    """``hyper``: the client settings of the job (from the config received at registration;
+    the assignment does not repeat them)."""
+    m = msg.mask
     try:
         mask = MaskSpec(policy=m.policy, ratio=m.ratio, round=m.round, seed=m.seed,
                         stride=m.stride, sweep_rounds=m.sweep_rounds,
                         layer_shift=m.layer_shift)
     except ValueError as exc:
-        raise WireError(f"assignment mask: {exc}") from None
-    hyper = ClientHyper(
-        algorithm=h.algorithm, inner_steps=h.inner_steps, inner_lr=h.inner_lr,
-        local_steps=h.local_steps, local_lr=h.local_lr, batch_size=h.batch_size,
-        estimator=h.estimator, delta=h.delta, eta_v=h.eta_v, radius=h.radius,
-        neumann_terms=h.neumann_terms, neumann_eta=h.neumann_eta, seed=h.seed)
+        raise WireError(f"assignment mask: {exc}", "mask") from None
     parts: dict[str, dict] = {"x": {}, "y": {}, "v": {}}
     for t in tensors:
         parts[t.part][t.name] = t.tensor

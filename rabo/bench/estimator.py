@@ -24,10 +24,12 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
+from rabo.errors import ExitCode
 from rabo.runtime import peak_memory_bytes, reset_peak_memory, rss_bytes
 
 ESTIMATORS = ("fd-central", "fd-forward", "exact", "neumann")
@@ -53,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def quadratic_errors() -> dict[str, dict[str, float]]:
+    import torch
+
     from rabo.bench.quadratic import Quadratic
     from rabo.estimators import ESTIMATORS as REGISTRY
 
@@ -73,6 +77,8 @@ def quadratic_errors() -> dict[str, dict[str, float]]:
 
 
 def _setup(workload: str, device: torch.device, batch_override: int) -> tuple[Any, ...]:
+    import torch
+
     from rabo.estimators import Problem
     from rabo.models import build_model
     from rabo.tasks import Batch, HyperparameterLearning, HyperRepresentation
@@ -107,6 +113,8 @@ def run_child(workload: str, estimator_name: str, repeats: int, device_name: str
     mode 'time': median of ``repeats`` calls after one warm-up call.
     mode 'memory': the peak of one call above the baseline taken just before it.
     """
+    import torch
+
     from rabo.estimators import ESTIMATORS as REGISTRY
     from rabo.estimators import grads
 
@@ -217,6 +225,8 @@ TARGETS = [
 
 
 def main(args: argparse.Namespace) -> int:
+    import torch
+
     if args.child:
         workload, name = args.child
         print(json.dumps(run_child(workload, name, args.repeats, args.device, args.batch,
@@ -227,7 +237,7 @@ def main(args: argparse.Namespace) -> int:
     if unknown:
         print(f"rabo bench estimator: unknown workloads {unknown}; choose from "
               f"{', '.join(WORKLOADS)}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     result: dict[str, Any] = {
         "quadratic": quadratic_errors(),
         "workloads": {w: measure_workload(w, args.repeats, args.device, args.batch)

@@ -179,61 +179,39 @@ class MaskSpec(_message.Message):
     layer_shift: bool
     def __init__(self, policy: _Optional[str] = ..., ratio: _Optional[float] = ..., round: _Optional[int] = ..., seed: _Optional[int] = ..., stride: _Optional[int] = ..., sweep_rounds: _Optional[int] = ..., layer_shift: _Optional[bool] = ...) -> None: ...
 
-class ClientHyper(_message.Message):
-    __slots__ = ("algorithm", "inner_steps", "inner_lr", "local_steps", "local_lr", "batch_size", "estimator", "delta", "eta_v", "radius", "neumann_terms", "neumann_eta", "seed")
-    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
-    INNER_STEPS_FIELD_NUMBER: _ClassVar[int]
-    INNER_LR_FIELD_NUMBER: _ClassVar[int]
-    LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
-    LOCAL_LR_FIELD_NUMBER: _ClassVar[int]
-    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
-    ESTIMATOR_FIELD_NUMBER: _ClassVar[int]
-    DELTA_FIELD_NUMBER: _ClassVar[int]
-    ETA_V_FIELD_NUMBER: _ClassVar[int]
-    RADIUS_FIELD_NUMBER: _ClassVar[int]
-    NEUMANN_TERMS_FIELD_NUMBER: _ClassVar[int]
-    NEUMANN_ETA_FIELD_NUMBER: _ClassVar[int]
-    SEED_FIELD_NUMBER: _ClassVar[int]
-    algorithm: str
-    inner_steps: int
-    inner_lr: float
-    local_steps: int
-    local_lr: float
-    batch_size: int
-    estimator: str
-    delta: float
-    eta_v: float
-    radius: float
-    neumann_terms: int
-    neumann_eta: float
-    seed: int
-    def __init__(self, algorithm: _Optional[str] = ..., inner_steps: _Optional[int] = ..., inner_lr: _Optional[float] = ..., local_steps: _Optional[int] = ..., local_lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., estimator: _Optional[str] = ..., delta: _Optional[float] = ..., eta_v: _Optional[float] = ..., radius: _Optional[float] = ..., neumann_terms: _Optional[int] = ..., neumann_eta: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
-
 class Assignment(_message.Message):
-    __slots__ = ("round", "client_id", "mask", "hyper", "payload", "deadline_s", "reason")
+    __slots__ = ("round", "client_id", "mask", "payload", "deadline_s", "reason")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     MASK_FIELD_NUMBER: _ClassVar[int]
-    HYPER_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     round: int
     client_id: int
     mask: MaskSpec
-    hyper: ClientHyper
     payload: PayloadHeader
     deadline_s: float
     reason: str
-    def __init__(self, round: _Optional[int] = ..., client_id: _Optional[int] = ..., mask: _Optional[_Union[MaskSpec, _Mapping]] = ..., hyper: _Optional[_Union[ClientHyper, _Mapping]] = ..., payload: _Optional[_Union[PayloadHeader, _Mapping]] = ..., deadline_s: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+    def __init__(self, round: _Optional[int] = ..., client_id: _Optional[int] = ..., mask: _Optional[_Union[MaskSpec, _Mapping]] = ..., payload: _Optional[_Union[PayloadHeader, _Mapping]] = ..., deadline_s: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Wait(_message.Message):
-    __slots__ = ("reason", "retry_after_s")
+    __slots__ = ("reason", "retry_after_s", "kind")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[Wait.Kind]
+        NO_ROUND: _ClassVar[Wait.Kind]
+        NOT_ASSIGNED: _ClassVar[Wait.Kind]
+    KIND_UNSPECIFIED: Wait.Kind
+    NO_ROUND: Wait.Kind
+    NOT_ASSIGNED: Wait.Kind
     REASON_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_S_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     reason: str
     retry_after_s: float
-    def __init__(self, reason: _Optional[str] = ..., retry_after_s: _Optional[float] = ...) -> None: ...
+    kind: Wait.Kind
+    def __init__(self, reason: _Optional[str] = ..., retry_after_s: _Optional[float] = ..., kind: _Optional[_Union[Wait.Kind, str]] = ...) -> None: ...
 
 class Finished(_message.Message):
     __slots__ = ("reason",)
