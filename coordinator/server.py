@@ -57,7 +57,7 @@ from rabo.evaluation import due, evaluate_round
 from rabo.job import Job
 from rabo.metrics import MetricsWriter, truncate_metrics, wire_total, write_json
 from rabo.netstat import SocketCounters, TcpCounters, parse_peer
-from rabo.runner import round_record, summarize
+from rabo.records import WorkerRound, round_record, summarize
 from rabo.runtime import tune_allocator
 from rabo_proto import PROTOCOL_VERSION
 from rabo_proto.codec import Assembler, WireError, check_header, message_bytes
@@ -822,54 +822,26 @@ class RoundDriver:
         done_at = c.clock()
         evaluation = evaluate_round(c.job, c.state) if due(c.cfg, ticket.round) else None
         now = c.clock()
-        workers = []
-        for t in sorted(ticket.tasks.values(), key=lambda t: t.plan.client_id):
-            workers.append(self._worker_record(t))
+        workers = [_worker_record(t) for t in sorted(ticket.tasks.values(),
+                                                     key=lambda t: t.plan.client_id)]
         # round_s: open to aggregated (transfers, compute, aggregation); eval_s is apart
         refused = {t.plan.client_id: t.refused for t in ticket.tasks.values() if t.refused}
-        rec = round_record(stats, c.state, now - start, done_at - ticket.opened_at,
-                           [w for w in workers if w["arrived"]], evaluation, refused)
-        rec["eval_s"] = round(now - done_at, 6)
-        rec["left_out"] = [w for w in workers if not w["arrived"]]
-        rec["not_assigned"] = dict(ticket.not_assigned)
-        rec["compute_s"] = max((w["compute_s"] for w in rec["clients"]), default=0.0)
-        rec["transfer_s"] = max((w["transfer_s"] for w in rec["clients"]), default=0.0)
-        wire = [w["wire_down_bytes"] for w in rec["clients"]] + \
-            [w["wire_up_bytes"] for w in rec["clients"]]
-        rec["wire_bytes"] = sum(wire) if all(v is not None for v in wire) else None
-        rec["payload_bytes"] = sum(w["payload_down_bytes"] + w["payload_up_bytes"]
-                                   for w in rec["clients"])
-        return rec
+        return round_record(stats, c.state, now - start, done_at - ticket.opened_at, workers,
+                            evaluation, refused, eval_s=now - done_at,
+                            not_assigned=ticket.not_assigned)
 
-    def _worker_record(self, t: WorkerTask) -> dict[str, Any]:
-        upd = t.update
-        down_payload = t.payload_down
-        elapsed = ((t.received_at or 0.0) - (t.sent_at or 0.0)) if upd else 0.0
-        compute = upd.compute_s if upd else 0.0
-        return {
-            "worker_id": t.worker_id,
-            "client_id": t.plan.client_id,
-            "ratio": t.plan.ratio,
-            "arrived": upd is not None,
-            "reason": t.reason,
-            "payload_down_elems": down_payload // 4,
-            "payload_up_elems": t.payload_up // 4,
-            "payload_down_bytes": down_payload,
-            "payload_up_bytes": t.payload_up,
-            "message_down_bytes": t.message_down,
-            "message_up_bytes": t.message_up,
-            "wire_down_bytes": t.wire.bytes_sent if t.wire else None,
-            "wire_up_bytes": t.wire.bytes_received if t.wire else None,
-            "wire_down_l2_bytes": t.wire.l2_sent() if t.wire else None,
-            "wire_up_l2_bytes": t.wire.l2_received() if t.wire else None,
-            "compute_s": round(compute, 6),
-            "receive_s": round(t.receive_s, 6),
-            "upload_s": round(t.upload_s, 6),
-            "transfer_s": round(max(0.0, elapsed - compute), 6),
-            "peak_mem_bytes": upd.peak_mem_bytes if upd else 0,
-            "samples": upd.samples if upd else 0,
-            "upper_loss": upd.upper_loss if upd else None,
-        }
+
+def _worker_record(t: WorkerTask) -> WorkerRound:
+    upd = t.update
+    elapsed = ((t.received_at or 0.0) - (t.sent_at or 0.0)) if upd else 0.0
+    compute = upd.compute_s if upd else 0.0
+    return WorkerRound(
+        t.worker_id, t.plan.client_id, t.plan.ratio, arrived=upd is not None, reason=t.reason,
+        payload_down_bytes=t.payload_down, payload_up_bytes=t.payload_up,
+        message_down_bytes=t.message_down, message_up_bytes=t.message_up, wire=t.wire,
+        compute_s=compute, receive_s=t.receive_s, upload_s=t.upload_s,
+        transfer_s=elapsed - compute, peak_mem_bytes=upd.peak_mem_bytes if upd else 0,
+        samples=upd.samples if upd else 0, upper_loss=upd.upper_loss if upd else None)
 
 
 # --------------------------------------------------------------------------- serving

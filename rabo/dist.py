@@ -50,8 +50,9 @@ from rabo.metrics import MetricsWriter, wire_total, write_json
 from rabo.netstat import SocketCounters, TcpCounters
 from rabo.params import Params
 from rabo.policy import Resources
+from rabo.records import WorkerRound, round_record, summarize
 from rabo.resources import measure
-from rabo.runner import format_progress, round_record, summarize
+from rabo.runner import format_progress
 from rabo.runtime import rss_bytes, tune_allocator
 from rabo.units import parse_byte_list, parse_bytes
 
@@ -233,7 +234,7 @@ def run_coordinator(ctx: Context, out: Path | None, progress: bool = True) -> di
                 arrived[rank] = time.perf_counter()
             after = counters.read() if counters else None
             results = []
-            clients = []
+            workers: list[WorkerRound] = []
             refused: dict[int, str] = {}
             for rank, plan in sorted(plans.items()):
                 x, y, v = unpack(bufs[rank], plan_shapes(plan))
@@ -249,22 +250,13 @@ def run_coordinator(ctx: Context, out: Path | None, progress: bool = True) -> di
                 wire = (after[rank].minus(before[rank])
                         if after and before and rank in after and rank in before else None)
                 payload = 4 * plan_numel(plan)
-                elapsed = arrived[rank] - sent_at
-                clients.append({
-                    "worker_id": f"rank{rank}", "client_id": plan.client_id,
-                    "ratio": plan.ratio, "reason": reasons[rank],
-                    "payload_down_elems": plan_numel(plan), "payload_up_elems": plan_numel(plan),
-                    "payload_down_bytes": payload, "payload_up_bytes": payload,
-                    "message_down_bytes": payload, "message_up_bytes": payload + 8 * META_FIELDS,
-                    "wire_down_bytes": wire.bytes_sent if wire else None,
-                    "wire_up_bytes": wire.bytes_received if wire else None,
-                    "wire_down_l2_bytes": wire.l2_sent() if wire else None,
-                    "wire_up_l2_bytes": wire.l2_received() if wire else None,
-                    "compute_s": round(m[0], 6), "receive_s": round(m[4], 6),
-                    "upload_s": round(m[5], 6),
-                    "transfer_s": round(max(0.0, elapsed - m[0]), 6),
-                    "peak_mem_bytes": int(m[1]), "samples": int(m[2]), "upper_loss": m[3],
-                })
+                workers.append(WorkerRound(
+                    f"rank{rank}", plan.client_id, plan.ratio, reason=reasons[rank],
+                    payload_down_bytes=payload, payload_up_bytes=payload,
+                    message_down_bytes=payload, message_up_bytes=payload + 8 * META_FIELDS,
+                    wire=wire, compute_s=m[0], receive_s=m[4], upload_s=m[5],
+                    transfer_s=arrived[rank] - sent_at - m[0], peak_mem_bytes=int(m[1]),
+                    samples=int(m[2]), upper_loss=m[3]))
             if not plans:
                 raise DistError(f"round {q}: no worker could take part: {not_assigned}")
             state, stats = (engine.server_step(state, results) if results
@@ -272,18 +264,8 @@ def run_coordinator(ctx: Context, out: Path | None, progress: bool = True) -> di
             done_at = time.perf_counter()
             evaluation = evaluate_round(job, state) if due(cfg, q) else None
             now = time.perf_counter()
-            rec = round_record(stats, state, now - start, done_at - opened, clients, evaluation,
-                               refused)
-            rec["eval_s"] = round(now - done_at, 6)
-            rec["not_assigned"] = not_assigned
-            rec["left_out"] = []
-            rec["compute_s"] = max(c["compute_s"] for c in clients)
-            rec["transfer_s"] = max(c["transfer_s"] for c in clients)
-            wires = [c["wire_down_bytes"] for c in clients] + [c["wire_up_bytes"]
-                                                               for c in clients]
-            rec["wire_bytes"] = sum(wires) if all(w is not None for w in wires) else None
-            rec["payload_bytes"] = sum(c["payload_down_bytes"] + c["payload_up_bytes"]
-                                       for c in clients)
+            rec = round_record(stats, state, now - start, done_at - opened, workers, evaluation,
+                               refused, eval_s=now - done_at, not_assigned=not_assigned)
             records.append(rec)
             if writer:
                 writer.write(rec)

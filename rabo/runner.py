@@ -1,4 +1,5 @@
 """The in-process runner: the round engine driven directly, clients simulated one by one.
+Its records are built by ``rabo.records``, as every transport's are.
 
 It is the reference the gRPC and torch.distributed transports are tested against, and the
 quick way to study the method (``rabo simulate``).
@@ -13,16 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from rabo.checkpoint import lock_run_dir
-from rabo.config import Config, to_dict
-from rabo.engine import ClientPlan, GlobalState, RoundStats, Update, sample_participants
+from rabo.config import Config
+from rabo.engine import ClientPlan, GlobalState, Update, sample_participants
 from rabo.errors import AssignmentError, UpdateRejected
-from rabo.evaluation import EMPTY_RECORD, Evaluation, due, evaluate_round
+from rabo.evaluation import due, evaluate_round
 from rabo.job import Job, resolve_device
 from rabo.metrics import MetricsWriter, write_json
 from rabo.policy import Resources
+from rabo.records import BYTES_PER_ELEMENT, WorkerRound, round_record, summarize
 from rabo.units import parse_bytes
-
-BYTES_PER_ELEMENT = 4
 
 
 @dataclass
@@ -30,67 +30,6 @@ class RunResult:
     state: GlobalState
     records: list[dict[str, Any]]
     summary: dict[str, Any]
-
-
-def round_record(stats: RoundStats, state: GlobalState, wall_s: float, round_s: float,
-                 clients: list[dict[str, Any]], evaluation: Evaluation | None,
-                 refused: dict[int, str] | None = None) -> dict[str, Any]:
-    """The per-round metrics object shared by every transport. The global model's figures
-    (``upper_loss``, ``test_*``) are None in a round that does not evaluate it."""
-    rec: dict[str, Any] = {
-        "round": stats.round,
-        "wall_s": round(wall_s, 4),
-        "round_s": round(round_s, 4),
-        **(evaluation.as_record() if evaluation else EMPTY_RECORD),
-        "client_upper_loss": stats.upper_loss,
-        "hypergradient_norm": stats.step_norm,
-        **stats.coverage_x.as_dict("coverage_x"),
-        **stats.coverage_y.as_dict("coverage_y"),
-        "c_x_star": state.c_x_star,
-        "aggregation_s": round(stats.aggregation_s, 6),
-        # client id -> why its update was refused before aggregation (its magnitude)
-        "refused_updates": {str(k): v for k, v in sorted((refused or {}).items())},
-        "dropped_updates": list(stats.dropped),  # the aggregate was non-finite with them
-        "clipped_parts": stats.clipped,
-        "participants": len(clients),
-        "clients": clients,
-    }
-    return rec
-
-
-def client_record(plan: ClientPlan, update: Update, down_elems: int) -> dict[str, Any]:
-    up_elems = update.payload_numel()
-    return {
-        "client_id": plan.client_id,
-        "ratio": plan.ratio,
-        "payload_down_elems": down_elems,
-        "payload_up_elems": up_elems,
-        "payload_down_bytes": down_elems * BYTES_PER_ELEMENT,
-        "payload_up_bytes": up_elems * BYTES_PER_ELEMENT,
-        "compute_s": round(update.compute_s, 6),
-        "peak_mem_bytes": update.peak_mem_bytes,
-        "upper_loss": update.upper_loss,
-    }
-
-
-def summarize(cfg: Config, state: GlobalState, records: list[dict[str, Any]], wall_s: float,
-              extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    evaluated = [r for r in records if r.get("test_acc") is not None]
-    last = evaluated[-1] if evaluated else {}
-    return {
-        "rounds": state.round,
-        "test_acc": last.get("test_acc"),
-        "test_loss": last.get("test_loss"),
-        "best_test_acc": max((r["test_acc"] for r in evaluated), default=None),
-        "upper_loss": last.get("upper_loss"),
-        "test_acc_per_class": last.get("test_acc_per_class"),
-        "test_acc_per_width": last.get("test_acc_per_width"),
-        "client_upper_loss": records[-1]["client_upper_loss"] if records else None,
-        "C_x_star": state.c_x_star,
-        "wall_s": round(wall_s, 3),
-        **(extra or {}),
-        "config": to_dict(cfg),
-    }
 
 
 def simulate(cfg: Config, out_dir: str | Path | None = None,
@@ -120,7 +59,7 @@ def simulate(cfg: Config, out_dir: str | Path | None = None,
             round_start = time.perf_counter()
             participants = sample_participants(cfg.seed, q, eligible, cfg.clients.participation)
             results: list[tuple[ClientPlan, Update]] = []
-            clients = []
+            workers: list[WorkerRound] = []
             refused: dict[int, str] = {}
             for cid in participants:
                 plan = engine.plan(q, cid, ratios[cid])
@@ -132,13 +71,19 @@ def simulate(cfg: Config, out_dir: str | Path | None = None,
                     refused[cid] = str(exc)
                     continue
                 results.append((plan, update))
-                clients.append(client_record(plan, update, assignment.payload_numel()))
+                workers.append(WorkerRound(
+                    f"client-{cid}", cid, plan.ratio,
+                    payload_down_bytes=assignment.payload_numel() * BYTES_PER_ELEMENT,
+                    payload_up_bytes=update.payload_numel() * BYTES_PER_ELEMENT,
+                    compute_s=update.compute_s, peak_mem_bytes=update.peak_mem_bytes,
+                    samples=update.samples, upper_loss=update.upper_loss))
             state, stats = (engine.server_step(state, results) if results
                             else engine.skip_round(state, q))
+            done_at = time.perf_counter()
             evaluation = evaluate_round(job, state, device) if due(cfg, q) else None
             now = time.perf_counter()
-            rec = round_record(stats, state, now - start, now - round_start, clients,
-                               evaluation, refused)
+            rec = round_record(stats, state, now - start, done_at - round_start, workers,
+                               evaluation, refused, eval_s=now - done_at)
             records.append(rec)
             if writer:
                 writer.write(rec)
