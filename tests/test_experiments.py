@@ -13,7 +13,8 @@ import pytest
 
 from rabo.experiments import claims, common, communication, coverage, estimators, robust
 from rabo.experiments.cli import run_group
-from rabo.experiments.report import build_report, pct, write_report
+from rabo.experiments.markdown import pct
+from rabo.experiments.report import build_report, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 

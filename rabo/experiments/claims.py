@@ -24,6 +24,17 @@ from rabo.experiments.common import (
     mean_curve,
     stats,
 )
+from rabo.experiments.markdown import (
+    image,
+    mean_of,
+    pct,
+    pct1,
+    produced_by,
+    ratios_str,
+    settings_line,
+    table,
+    verdict_word,
+)
 
 NAME = "claims"
 METHODS: dict[str, tuple[str, ...]] = {
@@ -357,3 +368,198 @@ def plot(data: dict[str, Any], out: Path) -> list[Path]:
             ax.legend(fontsize=7)
         paths.append(save(fig, out / "claims_masks.png"))
     return paths
+
+
+# --------------------------------------------------------------------------- report section
+
+
+def _class_and_width_tables(rows: list[dict[str, Any]], task: str) -> list[str]:
+    """Per-class accuracy of the core methods in the non-iid settings (where a gap comes
+    from), and RABO's global model at each width (HeteroFL's per-width accuracy)."""
+    out: list[str] = []
+    skewed = [r for r in rows if r["task"] == task and r["split"] != "iid"
+              and r["method"] in BASELINES and r.get("test_acc_per_class")]
+    if skewed:
+        classes = len(skewed[0]["test_acc_per_class"])
+        out.append(f"Task {task}, non-iid settings: final test accuracy per class (%, mean over "
+                   "seeds), which shows where the gap to the full model comes from:")
+        out.append("")
+        out.append(table(["data", "split", "method", *[str(c) for c in range(classes)]],
+                         [[r["dataset"], r["split"], r["method"],
+                           *["-" if a is None else f"{100 * a:.0f}"
+                             for a in r["test_acc_per_class"]]] for r in skewed]))
+        out.append("")
+    widths = [r for r in rows if r["task"] == task and r["method"] == "RABO"
+              and r.get("test_acc_per_width")]
+    if widths:
+        keys = sorted(widths[0]["test_acc_per_width"], key=float, reverse=True)
+        out.append(f"Task {task}, RABO: test accuracy of the global model's submodel at each "
+                   "width (%, mean over seeds; the mask of the last round):")
+        out.append("")
+        out.append(table(["data", "split", *[f"r = {k}" for k in keys]],
+                         [[r["dataset"], r["split"],
+                           *[f"{100 * r['test_acc_per_width'][k]:.1f}" for k in keys]]
+                          for r in widths]))
+        out.append("")
+    return out
+
+
+def section(data: dict[str, Any], rel: str) -> tuple[str, list[dict[str, str]]]:
+    s = data["settings"]
+    lines = ["## 1. RABO and RAFBO against the full model, exclusion and the mask policies", ""]
+    lines.append(produced_by(data))
+    lines.append("")
+    lines.append("Settings: " + "; ".join(settings_line(c) for c in data["base_configs"].values())
+                 + ".")
+    if s.get("extra_overrides"):
+        lines.append(f"Overrides on every run of this preset: "
+                     f"`{' '.join(s['extra_overrides'])}`.")
+    lines.append(f"Seeds {s['seeds']}, {s['rounds']} rounds. Per method overrides: "
+                 + "; ".join(f"{m}: `{' '.join(v) or '(none)'}`" for m, v in s["methods"].items())
+                 + ". Per data set: " + "; ".join(f"{k}: `{' '.join(v) or '(none)'}`"
+                                                 for k, v in s["dataset_overrides"].items())
+                 + ". Splits: " + "; ".join(f"{k}: `{' '.join(v)}`"
+                                            for k, v in s["split_overrides"].items()) + ".")
+    lines.append(f"Clients' memory budgets (`clients.memory_budgets`) are derived per run from "
+                 f"`rabo.policy.estimate_memory` so that the ratio policy picks "
+                 f"{', '.join(f'{r:g}' for r in s['tier_ratios'])} (cycled over the clients); "
+                 "the chosen ratios are checked and listed. `full` puts every client at ratio 1; "
+                 "`exclusion` keeps only the clients that fit ratio 1.")
+    lines.append("")
+    rs = rows(data)
+    for task in sorted({r["task"] for r in rs}):
+        lines.append(f"**Task {task}** (final test accuracy of the full-width global model "
+                     f"in %, mean ± std (min–max) over seeds, at round {s['rounds']}; early = "
+                     f"at round {common.EARLY_ROUND}, still warming up; upper loss = the global "
+                     "model's validation loss over every client's split; clients' f = the "
+                     "clients' own submodel losses at the start of the last round (a "
+                     "different quantity); payload = tensor bytes of all clients per round, "
+                     "both ways; worker compute = sum over clients of `compute_s` per round; "
+                     "x change = ||x_Q - x_0|| / ||x_0||):")
+        lines.append("")
+        lines.append(table(
+            ["data", "split", "method", "ratios", "test acc %", "best acc %", "early acc %",
+             "upper loss", "clients' f", "C_x*", "payload MiB/round",
+             "worker compute s/round", "x change"],
+            [[r["dataset"], r["split"], r["method"], ratios_str(r["ratios"]),
+              pct(r["test_acc"]), pct1(r["best_test_acc"]), pct1(r["early_test_acc"]),
+              mean_of(r["upper_loss"], 3), mean_of(r["client_upper_loss"], 3),
+              mean_of(r["C_x_star"], 1),
+              mean_of(r["payload_mib_per_round"], 2), mean_of(r["compute_s_per_round"], 3),
+              mean_of(r["x_rel_change"], 3)] for r in rs if r["task"] == task]))
+        lines.append("")
+        lines.extend(_class_and_width_tables(rs, task))
+        for name in (f"claims_curves_{task}.png", f"claims_final_{task}.png"):
+            lines.append(image(name, rel, name))
+        lines.append("")
+    if any(r["method"] in MASKS + MASKS_SCALER for r in rs):
+        lines.append(image("claims_masks.png", rel, "mask policies"))
+        lines.append("")
+    v = verdicts(data)
+    heads: list[dict[str, str]] = []
+
+    def summarize(items: list[dict[str, Any]], key: str) -> str:
+        by_split: dict[str, list[dict[str, Any]]] = {}
+        for it in items:
+            by_split.setdefault("iid" if it["setting"].endswith("/iid") else "non-iid",
+                                []).append(it)
+        return "; ".join(f"{k}: {sum(1 for i in its if i['ok'])} of {len(its)}"
+                         for k, its in sorted(by_split.items()))
+
+    close = v["close_to_full"]
+    if close:
+        worst = max(close, key=lambda c: c["gap"])
+        ok = sum(1 for c in close if c["ok"])
+        rule = ", ".join(f"{k} {100 * t:g}" for k, t in GAP_TARGET.items())
+        each = "; ".join(f"{c['setting']} {100 * c['gap']:+.1f} (target <= "
+                         f"{100 * c['target']:g}{'' if c['ok'] else ': MISSED'})"
+                         for c in close)
+        text = (f"RABO within its target of the full model in {ok} of {len(close)} settings "
+                f"({summarize(close, 'gap')}); largest gap {100 * worst['gap']:.1f} points "
+                f"({worst['setting']}). Gap full - RABO in points: {each}")
+        lines.append(f"- **Mixed ratios close to the full model** (rule: mean gap at most, in "
+                     f"points, {rule}): {verdict_word(ok, len(close))}. {text}.")
+        heads.append({"claim": "Resource-adaptive RABO (ratios 1..1/8) is close to the full "
+                               "model (all at ratio 1)",
+                      "verdict": verdict_word(ok, len(close)), "evidence": text})
+    beats = v["beats_exclusion"]
+    if beats:
+        ok = sum(1 for b in beats if b["ok"])
+        best = max(beats, key=lambda b: b["diff"])
+        worst = min(beats, key=lambda b: b["diff"])
+        text = (f"RABO above exclusion by more than the seeds' std in {ok} of {len(beats)} "
+                f"settings ({summarize(beats, 'diff')}); differences from "
+                f"{100 * worst['diff']:+.1f} ({worst['setting']}) to {100 * best['diff']:+.1f} "
+                f"points ({best['setting']})")
+        lines.append(f"- **Training the small clients' submodels beats excluding them** (rule: "
+                     f"mean difference > the larger std): {verdict_word(ok, len(beats))}. "
+                     f"{text}.")
+        heads.append({"claim": "Including resource-limited clients (dual pruning) beats "
+                               "excluding them", "verdict": verdict_word(ok, len(beats)),
+                      "evidence": text})
+    rf = v["rafbo_vs_rabo"]
+    if rf:
+        ok = sum(1 for b in rf if b["ok"])
+        text = "; ".join(f"{b['setting']}: {100 * b['diff']:+.1f}" for b in rf)
+        lines.append(f"- **RAFBO matches RABO** (rule: |mean difference| <= 2 points): "
+                     f"{verdict_word(ok, len(rf))}. RAFBO - RABO in points: {text}.")
+        heads.append({"claim": "RAFBO reaches what RABO reaches",
+                      "verdict": verdict_word(ok, len(rf)),
+                      "evidence": f"RAFBO - RABO (points): {text}"})
+        t_steps = [o.split("=", 1)[1] for o in s["methods"].get("RAFBO", [])
+                   if o.startswith("outer.local_steps=")]
+        if t_steps:
+            lines.append(f"  (RAFBO runs `outer.local_steps={t_steps[0]}` local iterations per "
+                         f"round, each with the K inner steps, so its clients do "
+                         f"{t_steps[0]}x RABO's lower-level work per round: see the worker "
+                         f"compute column. Equal rounds are not equal work.)")
+    mask_names = MASKS + MASKS_SCALER + SKEW
+    masks = [r for r in rs if r["method"] in ("RABO", *mask_names)
+             and any(x["method"] in mask_names and x["task"] == r["task"]
+                     and x["dataset"] == r["dataset"] and x["split"] == r["split"]
+                     for x in rs)]
+    if masks:
+        text = "; ".join(f"{r['task']}/{r['dataset']}/{r['split']} "
+                         + (f"RABO ({_mask_label(data, r['task'])})"
+                            if r["method"] == "RABO" else r["method"])
+                         + f": {pct(r['test_acc'])}" for r in masks)
+        lines.append(f"- **Masks, scalers and weighting against RABO's own setting** (final "
+                     f"test accuracy %; the table above has the spread): {text}.")
+    up = v["upper_level_helps"]
+    if up:
+        ok = sum(1 for b in up if b["ok"])
+        text = "; ".join(f"{b['setting']}: {100 * b['diff']:+.1f} points (std "
+                         f"{100 * b['spread']:.1f})" for b in up)
+        lines.append(f"- **The upper level contributes** (control: the same run with x frozen "
+                     f"at its initialisation, `outer.lr=1.0e-9`; rule: RABO - frozen > the "
+                     f"larger std): {verdict_word(ok, len(up))}. {text}.")
+        heads.append({"claim": "Optimizing x (the upper level) improves on leaving it at its "
+                               "initialisation (control)",
+                      "verdict": verdict_word(ok, len(up)), "evidence": text})
+    still = [r for r in rs if r["method"] not in CONTROLS
+             and r["x_rel_change"]["mean"] is not None and r["x_rel_change"]["mean"] < 1e-4]
+    if still:
+        lines.append("- **x did not move** (||x_Q - x_0|| / ||x_0|| < 1e-4) in: "
+                     + ", ".join(f"{r['task']}/{r['dataset']}/{r['split']} {r['method']} "
+                                 f"({r['x_rel_change']['mean']:.1e})" for r in still)
+                     + ": there the upper level had no effect on the result.")
+    blown = [r for r in rs if (r["x_rel_change"]["max"] or 0) > 2.0]
+    if blown:
+        lines.append("- **x grew to more than twice its initial norm** (a sign of "
+                     "instability) in: " + ", ".join(
+                         f"{r['task']}/{r['dataset']}/{r['split']} {r['method']} (largest "
+                         f"{r['x_rel_change']['max']:.3g}, test acc {pct(r['test_acc'])})"
+                         for r in blown) + ".")
+    lines.append("")
+    lines.append("*What this shows*: final (at convergence), best and early test accuracy "
+                 "of the full-width global model, its validation loss, accuracy per class and "
+                 "per width, coverage, payload bytes and worker compute of each method over "
+                 "seeds, with the ratio policy really choosing the ratios from memory budgets. "
+                 "*What it does not show*: wall-clock speed of a real deployment (simulated "
+                 "clients run one after the other in one process); memory per ratio (a simulated "
+                 "client's step peak is the simulator process's RSS high-water mark, which "
+                 "holds every client's data and the runtime, so the ratio barely shows in it; "
+                 "section 5 measures it per ratio in a process of its own); FedNest's "
+                 "reference numbers (500 epochs, 100 clients) are another protocol.")
+    lines.append("")
+    return "\n".join(lines), heads

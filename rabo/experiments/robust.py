@@ -106,7 +106,7 @@ def plot(data: dict[str, Any], out: Path) -> list[Path]:
 
 def section(data: dict[str, Any], rel: str) -> tuple[str, list[dict[str, str]]]:
     """The docs/RESULTS.md section and its headline rows."""
-    from rabo.experiments.report import pct, produced_by, table
+    from rabo.experiments.markdown import pct, produced_by, table
 
     lines = [
         "## 6. Robust aggregation: the cost of norm clipping on honest clients",
