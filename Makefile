@@ -51,7 +51,6 @@ bench: install
 	$(BIN)/rabo experiment estimators $(BENCH_FLAG)
 	$(BIN)/rabo experiment coverage $(BENCH_FLAG)
 	$(BIN)/rabo experiment communication $(BENCH_FLAG)
-	$(BIN)/rabo experiment robust $(BENCH_FLAG)
 	$(BIN)/rabo bench system $(BENCH_FLAG)
 	$(BIN)/rabo experiment report
 

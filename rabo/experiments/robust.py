@@ -111,7 +111,8 @@ def section(data: dict[str, Any], rel: str) -> tuple[str, list[dict[str, str]]]:
     lines = [
         "## 6. Robust aggregation: the cost of norm clipping on honest clients",
         "",
-        produced_by(data),
+        produced_by(data) + " Not part of `make bench` (which already runs past its "
+        "40-minute budget): run `rabo experiment robust` and then `rabo experiment report`.",
         "",
         "RABO (task A, ratios 1, 1/2, 1/4, 1/8, the claims setting) with and without "
         "`aggregation.clip_rms` (each update part scaled down to at most c times the round's "
