@@ -18,6 +18,7 @@ the model stays bit-identical and the coordinator keeps serving everyone else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -240,8 +241,18 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     # ------------------------------------------------------------------ every call
 
+    @contextlib.asynccontextmanager
+    async def _counted(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Every call runs inside this: counted against its host's
+        ``cluster.max_calls_per_host`` (or refused at once), and counted down however it
+        ends."""
+        host = await self._enter(context)
+        try:
+            yield
+        finally:
+            self._leave(host)
+
     async def _enter(self, context: grpc.aio.ServicerContext) -> str:
-        """Count the call against its host's ``cluster.max_calls_per_host``, or refuse it."""
         host = peer_host(context.peer())
         cap = self.c.cfg.cluster.max_calls_per_host
         n = self._calls.get(host, 0)
@@ -288,11 +299,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     async def Register(self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext
                        ) -> pb.RegisterReply:
-        host = await self._enter(context)
-        try:
+        async with self._counted(context):
             return await self._register(request, context)
-        finally:
-            self._leave(host)
 
     async def _register(self, request: pb.RegisterRequest,
                         context: grpc.aio.ServicerContext) -> pb.RegisterReply:
@@ -330,20 +338,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext
                         ) -> pb.HeartbeatReply:
-        host = await self._enter(context)
-        try:
+        async with self._counted(context):
             await self._auth(request.worker_id, request.credential, context)
             self.c.registry.touch(request.worker_id, request.profile, context.peer())
             ticket = self.c.ticket
             return pb.HeartbeatReply(round=ticket.round if ticket else 0,
                                      finished=self.c.complete)
-        finally:
-            self._leave(host)
 
     async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext
                     ) -> pb.LeaveReply:
-        host = await self._enter(context)
-        try:
+        async with self._counted(context):
             await self._auth(request.worker_id, request.credential, context)
             self.c.registry.remove(request.worker_id)
             log.info("worker %s left: %s", request.worker_id,
@@ -351,20 +355,15 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             with self.c.cond:
                 self.c.cond.notify_all()
             return pb.LeaveReply()
-        finally:
-            self._leave(host)
 
     # ------------------------------------------------------------------ assignments
 
     async def FetchAssignment(self, request: pb.FetchRequest,
                               context: grpc.aio.ServicerContext
                               ) -> AsyncIterator[pb.AssignmentMessage]:
-        host = await self._enter(context)
-        try:
+        async with self._counted(context):
             async for msg in self._fetch(request, context):
                 yield msg
-        finally:
-            self._leave(host)
 
     async def _fetch(self, request: pb.FetchRequest, context: grpc.aio.ServicerContext
                      ) -> AsyncIterator[pb.AssignmentMessage]:
@@ -459,16 +458,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     async def SubmitUpdate(self, request_iterator: AsyncIterator[pb.UpdateMessage],
                            context: grpc.aio.ServicerContext) -> pb.SubmitReply:
-        host = await self._enter(context)
-        try:
-            return await self._submit(request_iterator, context)
-        except _Silent:
-            self.c.reject("silent")
-            await _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
-                         f"no message within {self.c.cfg.cluster.message_timeout_s:g} s "
-                         f"(cluster.message_timeout_s): stream ended")
-        finally:
-            self._leave(host)
+        async with self._counted(context):
+            try:
+                return await self._submit(request_iterator, context)
+            except _Silent:
+                self.c.reject("silent")
+                await _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
+                             f"no message within {self.c.cfg.cluster.message_timeout_s:g} s "
+                             f"(cluster.message_timeout_s): stream ended")
 
     async def _submit(self, request_iterator: AsyncIterator[pb.UpdateMessage],
                       context: grpc.aio.ServicerContext) -> pb.SubmitReply:
@@ -518,6 +515,20 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             with c.cond:
                 state = c.state
             await asyncio.to_thread(c.job.engine.check_magnitude, state, task.plan, update)
+            end = c.clock()
+            counters = c.read_counters(context.peer())
+            with c.cond:
+                if t.closed:
+                    raise _RoundClosed
+                task.receiving = False
+                task.update = update
+                task.received_at = end
+                task.upload_s = end - start
+                task.receive_s = float(h.measurements.receive_s)
+                task.payload_up = int(h.payload.total_bytes)
+                if counters is not None and task.counters_start is not None:
+                    task.wire = counters.minus(task.counters_start)
+                c.cond.notify_all()
         except _RoundClosed:
             with c.cond:
                 task.receiving = False
@@ -544,26 +555,6 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             with c.cond:
                 task.receiving = False
             raise
-        end = c.clock()
-        counters = c.read_counters(context.peer())
-        late = False
-        with c.cond:
-            task.receiving = False
-            if t.closed:
-                late = True
-            else:
-                task.update = update
-                task.received_at = end
-                task.upload_s = end - start
-                task.receive_s = float(h.measurements.receive_s)
-                task.payload_up = int(h.payload.total_bytes)
-                if counters is not None and task.counters_start is not None:
-                    task.wire = counters.minus(task.counters_start)
-                c.cond.notify_all()
-        if late:
-            c.reject("late")
-            await _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
-                         f"late update: round {h.round} closed before it arrived")
         c.registry.touch(rec.worker_id)
         return pb.SubmitReply(accepted=True, message=f"round {h.round} accepted "
                                                      f"({assembler.received} bytes)")

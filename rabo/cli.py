@@ -17,16 +17,7 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 
-from rabo.cliargs import (  # noqa: F401 - re-exported: the helpers' old home
-    PORT,
-    add_config_args,
-    add_overwrite_arg,
-    check_address,
-    int_arg,
-    lazy,
-    load_config,
-    seconds_arg,
-)
+from rabo.cliargs import add_config_args, add_overwrite_arg, lazy, load_config
 from rabo.errors import ExitCode, RaboError, exit_codes_help
 
 log = logging.getLogger("rabo")

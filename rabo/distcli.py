@@ -6,14 +6,13 @@ from __future__ import annotations
 import argparse
 import os
 
-from rabo.cliargs import add_config_args, int_arg, seconds_arg
+from rabo.cliargs import add_config_args, add_overwrite_arg, int_arg, seconds_arg
 
 
 def add_dist_args(p: argparse.ArgumentParser) -> None:
     add_config_args(p)
     p.add_argument("--out", metavar="DIR", help="run folder (written by rank 0)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the results of an earlier run in --out (refused otherwise)")
+    add_overwrite_arg(p)
     p.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto",
                    help="auto: nccl where this node has a GPU for each of its ranks, else gloo")
     p.add_argument("--memory-limit", default=os.environ.get("RABO_MEMORY_LIMIT"),

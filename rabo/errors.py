@@ -6,16 +6,17 @@ import enum
 
 
 class ExitCode(enum.IntEnum):
-    """Process exit statuses of every ``rabo`` command and ``python -m worker``."""
+    """Process exit statuses of every ``rabo`` command and ``python -m worker`` (their
+    meanings: :data:`EXIT_HELP`)."""
 
-    OK = 0  # done (a worker: the run is complete)
-    USAGE = 2  # bad flags, config, input file or state: the message names it
-    REFUSED = 3  # a worker: the coordinator refused it for good (token, certificate, slot)
-    GAVE_UP = 4  # a worker: no coordinator (or no admission) within --give-up-s
-    PROTOCOL = 5  # a worker: the coordinator sent something that breaks the wire contract
+    OK = 0
+    USAGE = 2
+    REFUSED = 3
+    GAVE_UP = 4
+    PROTOCOL = 5
 
 
-EXIT_HELP = {
+EXIT_HELP = {  # what each status means: the one description (--help prints it)
     ExitCode.OK: "done (a worker: the run is complete)",
     ExitCode.USAGE: "bad flags, config, input file or state (the message names it); also any "
                     "error that stops a run, e.g. too few workers",
