@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from rabo.experiments import claims, common, communication, coverage, estimators, robust
+from rabo.experiments import (
+    ablations,
+    claims,
+    common,
+    communication,
+    coverage,
+    estimators,
+    robust,
+)
 from rabo.experiments.cli import run_group
 from rabo.experiments.markdown import pct
 from rabo.experiments.report import build_report, write_report
@@ -22,9 +30,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("results")
-    for name in ("claims", "estimators", "coverage", "communication", "robust"):
-        run_group(name, "tiny", out, jobs=1)
+    store = common.RunStore(tmp_path_factory.mktemp("store"))
+    for name in GROUPS:
+        run_group(name, "tiny", out, jobs=1, store=store)
     return out
+
+
+GROUPS = ("claims", "ablations", "estimators", "coverage", "communication", "robust")
 
 
 def _load(out: Path, name: str) -> dict:
@@ -32,7 +44,7 @@ def _load(out: Path, name: str) -> dict:
 
 
 def test_every_group_writes_its_json_and_plots(results: Path) -> None:
-    for name in ("claims", "estimators", "coverage", "communication", "robust"):
+    for name in GROUPS:
         data = _load(results, name)
         assert data["experiment"] == name and data["preset"] == "tiny"
         assert data["runs"], name
@@ -42,7 +54,61 @@ def test_every_group_writes_its_json_and_plots(results: Path) -> None:
             assert run["final"]["test_acc"] is not None
     assert {p.name for p in results.glob("*.png")} >= {
         "claims_curves_A.png", "claims_final_A.png", "estimators.png",
-        "coverage_A_digits_iid.png", "communication.png"}
+        "coverage_A_digits_iid.png", "communication.png", "ablations_final_A.png"}
+
+
+def test_experiments_share_identical_runs_through_the_store(results: Path) -> None:
+    """The ablation grid's RABO runs are the claims grid's (same config, same code): served
+    by the store, with the claims runs' numbers, under the ablation grid's own labels."""
+    abl, cl = _load(results, "ablations"), _load(results, "claims")
+    def at(r: dict) -> tuple:
+        return r["labels"]["task"], r["labels"]["seed"]
+
+    rabo = {at(r): r for r in cl["runs"] if r["labels"]["method"] == "RABO"}
+    served = [r for r in abl["runs"] if r.get("stored")]
+    assert abl["stored_runs"] == len(served) == len(rabo) == 4  # tasks A and B, 2 seeds
+    for r in served:
+        assert r["labels"]["method"] == "RABO"
+        assert r["final"] == rabo[at(r)]["final"]
+        assert r["curve"] == rabo[at(r)]["curve"]
+    assert not any(r.get("stored") for r in cl["runs"])  # claims ran first: nothing to serve
+    others = [r for r in abl["runs"] if not r.get("stored")]
+    assert {r["labels"]["method"] for r in others} == {"RABO, x frozen", "RABO static"}
+
+
+def test_a_stopped_grid_resumes_without_redoing_finished_runs(tmp_path: Path) -> None:
+    specs = claims.build_specs("tiny")[:3]
+    store = common.RunStore(tmp_path)
+    seen: list[str] = []
+
+    def stop_after_two(done: int, total: int, r: dict) -> None:
+        seen.append(r["key"])
+        if done == 2:
+            raise KeyboardInterrupt  # Ctrl-C after the second run finished
+
+    with pytest.raises(KeyboardInterrupt):
+        common.run_all(specs, 1, stop_after_two, store)
+    assert len(list(tmp_path.glob("*.json"))) == 2
+    again = common.run_all(specs, 1, None, store)
+    assert [r["key"] for r in again] == [s.key for s in specs]
+    assert [bool(r.get("stored")) for r in again] == [True, True, False]
+    assert [r["final"]["test_acc"] for r in again[:2]] == [
+        json.loads(p.read_text())["final"]["test_acc"] for p in
+        (store.root / f"{common.spec_digest(s, store.fingerprint)}.json" for s in specs[:2])]
+    # another code fingerprint (an edited library) serves nothing; a torn file is run again
+    edited = common.RunStore(tmp_path)
+    edited.fingerprint = "0" * 64
+    assert edited.get(specs[0]) is None
+    (store.root / f"{common.spec_digest(specs[1], store.fingerprint)}.json").write_text("{")
+    assert store.get(specs[1]) is None and store.get(specs[0]) is not None
+
+
+def test_the_code_fingerprint_follows_the_library_source() -> None:
+    fp = common.code_fingerprint()
+    assert fp == common.code_fingerprint() and len(fp) == 64
+    names = {p.relative_to(common.REPO).as_posix() for g in common._CODE_GLOBS
+             for p in common.REPO.glob(g)}
+    assert "rabo/engine.py" in names and "configs/experiments/task-a.yaml" in names
 
 
 def test_memory_budgets_make_the_policy_pick_the_tier_ratios(results: Path) -> None:
@@ -117,8 +183,12 @@ def test_report_tables_carry_the_json_numbers(results: Path, tmp_path: Path) -> 
         assert v["cost"] == pytest.approx(by["RABO"] - by[v["method"]])
         assert f"{100 * v['cost']:+.1f}" in text
     # every table names the command that produced it; images are embedded
-    for name in ("claims", "estimators", "coverage", "communication", "robust"):
+    for name in GROUPS:
         assert f"`rabo experiment {name} --quick`" in text
+    assert "## 1b. Ablations" in text
+    for row in claims.rows(_load(results, "ablations")):
+        assert any(ln.startswith(f"| {row['dataset']} | {row['split']} | {row['method']} |")
+                   and pct(row["test_acc"]) in ln for ln in text.splitlines())
     for img in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
         assert (target.parent / img).resolve().exists(), img
     assert "## Headline" in text and re.search(r"\| (supported|\*\*)", text)
@@ -161,7 +231,8 @@ def test_cli_parses_experiment_commands() -> None:
 
 
 def test_full_presets_cover_the_whole_grid() -> None:
-    specs = claims.build_specs("full")
+    """claims and ablations together cover every method in every setting."""
+    specs = claims.build_specs("full") + ablations.build_specs("full")
     labels = {(s.label["dataset"], s.label["split"], s.label["method"]) for s in specs}
     for ds in ("mnist", "digits", "mnist1d"):
         for split in ("iid", "shards", "dirichlet"):

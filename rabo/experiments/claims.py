@@ -84,25 +84,19 @@ class Preset:
 
 PRESETS = {
     # At convergence: 300 rounds (full's validation accuracy is flat from about round 200 on
-    # MNIST; see the curves), 3 seeds.
+    # MNIST; see the curves), 3 seeds. The mask, scaler and weighting ablations and the
+    # x-frozen control are ``rabo experiment ablations`` (rabo/experiments/ablations.py).
     "reduced": Preset(
         blocks=(Block(("mnist", "digits", "mnist1d"), ("iid",), BASELINES),
                 Block(("mnist",), ("dirichlet",), BASELINES, ("A",)),
                 Block(("digits",), ("shards",), BASELINES, ("A",)),
-                Block(("mnist",), ("iid",), ("RAFBO", *CONTROLS), ("A",)),
-                Block(("mnist",), ("iid",), ("RABO static", "RABO rolling, stride 1",
-                                              "RABO no scaler", "RABO static, no scaler",
-                                              "RABO + forward scaler"), ("A",)),
-                Block(("digits",), ("shards",), ("RABO static", "RABO rolling, stride 1",
-                                                 "RABO no scaler", *SKEW), ("A",)),
-                Block(("mnist",), ("dirichlet",), SKEW, ("A",))),
+                Block(("mnist",), ("iid",), ("RAFBO",), ("A",))),
         seeds=(0, 1, 2), rounds=300, extra=EVAL_EVERY),
     "full": Preset(
-        blocks=(Block(("mnist", "digits", "mnist1d"), ("iid", "shards", "dirichlet"),
-                      CORE + CONTROLS + MASKS + MASKS_SCALER + SKEW),),
+        blocks=(Block(("mnist", "digits", "mnist1d"), ("iid", "shards", "dirichlet"), CORE),),
         seeds=(0, 1, 2, 3, 4), rounds=500, extra=EVAL_EVERY),
     "tiny": Preset(
-        blocks=(Block(("digits",), ("iid",), CORE + CONTROLS + ("RABO static",)),),
+        blocks=(Block(("digits",), ("iid",), CORE),),
         seeds=(0, 1), rounds=3,
         extra=("model.hidden=[16]", "clients.count=4", "data.batch_size=32")),
 }
@@ -117,10 +111,10 @@ def _resolved(task: str, overrides: tuple[str, ...]) -> str:
     return json.dumps(cfg, sort_keys=True)
 
 
-def build_specs(preset: str) -> list[RunSpec]:
+def build_specs(preset: str, presets: dict[str, Preset] | None = None) -> list[RunSpec]:
     """Every run of the preset. A method whose resolved config equals one already listed for
     the same setting and seed is left out, so nothing runs twice."""
-    p = PRESETS[preset]
+    p = (presets or PRESETS)[preset]
     specs: dict[str, RunSpec] = {}
     seen: set[str] = set()
     for block in p.blocks:
@@ -143,15 +137,17 @@ def build_specs(preset: str) -> list[RunSpec]:
     return list(specs.values())
 
 
-def run(preset: str, out: Path, jobs: int) -> dict[str, Any]:
-    p = PRESETS[preset]
+def run(preset: str, out: Path, jobs: int, store: common.RunStore | None = None,
+        name: str = NAME, presets: dict[str, Preset] | None = None) -> dict[str, Any]:
+    p = (presets or PRESETS)[preset]
     return common.run_experiment(
-        NAME, preset, build_specs(preset), jobs, ("A", "B"),
+        name, preset, build_specs(preset, presets), jobs, ("A", "B"),
         {"seeds": list(p.seeds), "rounds": p.rounds,
          "methods": {m: list(METHODS[m]) for m in METHODS},
          "dataset_overrides": {k: list(v) for k, v in DATASET_OVERRIDES.items()},
          "split_overrides": {k: list(v) for k, v in SPLIT_OVERRIDES.items()},
-         "tier_ratios": list(TIERS), "extra_overrides": list(p.extra), "jobs": jobs})
+         "tier_ratios": list(TIERS), "extra_overrides": list(p.extra), "jobs": jobs},
+        store=store)
 
 
 # --------------------------------------------------------------------------- analysis
@@ -275,10 +271,13 @@ def plot(data: dict[str, Any], out: Path) -> list[Path]:
     plt = pyplot()
     paths = []
     runs = data["runs"]
+    prefix = data["experiment"]  # claims, or ablations (which reuses this module)
     by = group(runs, "task", "dataset", "split", "method")
     tasks = sorted({r["labels"]["task"] for r in runs})
     # (1) curves of the core methods, one figure per task, one row per (dataset, split)
     for task in tasks:
+        if not any(k[0] == task and k[3] in CORE and k[3] != "RABO" for k in by):
+            continue  # RABO alone: the final-accuracy and mask figures show it
         combos = sorted({(k[1], k[2]) for k in by if k[0] == task and k[3] == "RABO"},
                         key=_setting_order)
         combos = [c for c in combos if c[0] == combos[0][0]][:3] if combos else []
@@ -314,7 +313,7 @@ def plot(data: dict[str, Any], out: Path) -> list[Path]:
             axes[row][1].set_yscale("log")
             axes[row][2].set_xscale("log")
             axes[row][0].legend(fontsize=7)
-        paths.append(save(fig, out / f"claims_curves_{task}.png"))
+        paths.append(save(fig, out / f"{prefix}_curves_{task}.png"))
     # (2) final accuracy per setting and method, one figure per task
     for task in tasks:
         settings = sorted({(k[1], k[2]) for k in by if k[0] == task}, key=_setting_order)
@@ -345,7 +344,7 @@ def plot(data: dict[str, Any], out: Path) -> list[Path]:
         ax.set_ylim(0, 1)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, ncol=4)
-        paths.append(save(fig, out / f"claims_final_{task}.png"))
+        paths.append(save(fig, out / f"{prefix}_final_{task}.png"))
     # (3) mask policies
     mask_methods = ["RABO", *MASKS, *MASKS_SCALER, *SKEW]
     mask_sets = sorted({(k[0], k[1], k[2]) for k in by if k[3] in MASKS + MASKS_SCALER + SKEW})
@@ -366,7 +365,7 @@ def plot(data: dict[str, Any], out: Path) -> list[Path]:
             ax.set_ylabel("test accuracy")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-        paths.append(save(fig, out / "claims_masks.png"))
+        paths.append(save(fig, out / f"{prefix}_masks.png"))
     return paths
 
 
@@ -404,9 +403,12 @@ def _class_and_width_tables(rows: list[dict[str, Any]], task: str) -> list[str]:
     return out
 
 
-def section(data: dict[str, Any], rel: str) -> tuple[str, list[dict[str, str]]]:
+def section(data: dict[str, Any], rel: str,
+            title: str = "## 1. RABO and RAFBO against the full model and exclusion"
+            ) -> tuple[str, list[dict[str, str]]]:
     s = data["settings"]
-    lines = ["## 1. RABO and RAFBO against the full model, exclusion and the mask policies", ""]
+    prefix = data["experiment"]
+    lines = [title, ""]
     lines.append(produced_by(data))
     lines.append("")
     lines.append("Settings: " + "; ".join(settings_line(c) for c in data["base_configs"].values())
@@ -448,12 +450,15 @@ def section(data: dict[str, Any], rel: str) -> tuple[str, list[dict[str, str]]]:
               mean_of(r["payload_mib_per_round"], 2), mean_of(r["compute_s_per_round"], 3),
               mean_of(r["x_rel_change"], 3)] for r in rs if r["task"] == task]))
         lines.append("")
-        lines.extend(_class_and_width_tables(rs, task))
-        for name in (f"claims_curves_{task}.png", f"claims_final_{task}.png"):
-            lines.append(image(name, rel, name))
+        if any(r["task"] == task and r["method"] in ("full", "exclusion") for r in rs):
+            lines.extend(_class_and_width_tables(rs, task))
+        for name in (f"{prefix}_curves_{task}.png", f"{prefix}_final_{task}.png"):
+            if any(r["task"] == task and r["method"] in CORE and r["method"] != "RABO"
+                   for r in rs) or "curves" not in name:
+                lines.append(image(name, rel, name))
         lines.append("")
-    if any(r["method"] in MASKS + MASKS_SCALER for r in rs):
-        lines.append(image("claims_masks.png", rel, "mask policies"))
+    if any(r["method"] in MASKS + MASKS_SCALER + SKEW for r in rs):
+        lines.append(image(f"{prefix}_masks.png", rel, "mask policies"))
         lines.append("")
     v = verdicts(data)
     heads: list[dict[str, str]] = []

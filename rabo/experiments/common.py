@@ -246,40 +246,139 @@ def _init_worker() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+# --------------------------------------------------------------------------- the run store
+
+# What a simulation's result depends on besides its config: the library (rabo/, whose
+# experiments package only labels and reports, apart from common.py, which runs the
+# simulation and shapes its result) and the experiment configs. Their bytes are hashed.
+_CODE_GLOBS = ("rabo/**/*.py", "configs/experiments/*.yaml")
+_CODE_EXCLUDED = ("rabo/experiments/",)
+_CODE_INCLUDED = ("rabo/experiments/common.py",)
+STORE_VERSION = 1
+
+
+def code_fingerprint() -> str:
+    """sha256 over the source files a simulation's result depends on (path and bytes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    files = sorted({p for g in _CODE_GLOBS for p in REPO.glob(g)})
+    for p in files:
+        r = p.relative_to(REPO).as_posix()
+        if r.startswith(_CODE_EXCLUDED) and r not in _CODE_INCLUDED:
+            continue
+        h.update(r.encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def spec_digest(s: RunSpec, fingerprint: str) -> str:
+    """The store key of one run: its resolved config (every key, after the overrides), the
+    ratios its budgets must produce and what they are sized for, and the code fingerprint.
+    Two experiments that run the same configuration share one stored result; labels and
+    keys are not part of it."""
+    import hashlib
+
+    from rabo import config
+
+    cfg = config.to_dict(config.load(REPO / s.config, s.overrides))
+    blob = json.dumps({"v": STORE_VERSION, "config": cfg, "tiers": s.tier_ratios,
+                       "budget_overrides": list(s.budget_overrides), "code": fingerprint},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+class RunStore:
+    """Finished simulations, one JSON file each, written as each run completes: a grid stopped
+    by Ctrl-C or a crash resumes without redoing them, and experiments that share a
+    configuration run it once. Keyed by ``spec_digest`` (config and code), so an edit to the
+    library or the configs never serves an old result."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.fingerprint = code_fingerprint()
+
+    def _path(self, s: RunSpec) -> Path:
+        return self.root / f"{spec_digest(s, self.fingerprint)}.json"
+
+    def get(self, s: RunSpec) -> dict[str, Any] | None:
+        p = self._path(s)
+        try:
+            data = json.loads(p.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:  # a torn or foreign file: run it again
+            print(f"rabo experiment: ignoring unreadable stored run {p}: {exc}",
+                  file=sys.stderr)
+            return None
+        if not isinstance(data, dict) or not isinstance(data.get("final"), dict):
+            return None
+        return {**data, "key": s.key, "labels": s.label, "stored": True}
+
+    def put(self, s: RunSpec, result: dict[str, Any]) -> None:
+        from rabo.metrics import write_json
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_json(self._path(s), {k: v for k, v in result.items() if k != "stored"})
+
+
+DEFAULT_STORE = REPO / "runs" / "experiment-store"
+
+
 def run_all(specs: Sequence[RunSpec], jobs: int = 1,
-            progress: Callable[[int, int, dict[str, Any]], None] | None = None
-            ) -> list[dict[str, Any]]:
-    """Run every spec (``jobs`` processes; 1: in this process); results in spec order."""
+            progress: Callable[[int, int, dict[str, Any]], None] | None = None,
+            store: RunStore | None = None) -> list[dict[str, Any]]:
+    """Run every spec (``jobs`` processes; 1: in this process); results in spec order.
+    With a ``store``, runs found there are not run again and each finished run is stored
+    as soon as it completes."""
     results: list[dict[str, Any] | None] = [None] * len(specs)
-    if jobs <= 1 or len(specs) <= 1:
-        for i, s in enumerate(specs):
-            results[i] = run_spec(s)
-            if progress:
-                progress(i + 1, len(specs), results[i])  # type: ignore[arg-type]
+    todo: list[int] = []
+    done = 0
+    for i, s in enumerate(specs):
+        hit = store.get(s) if store is not None else None
+        if hit is None:
+            todo.append(i)
+            continue
+        results[i] = hit
+        done += 1
+        if progress:
+            progress(done, len(specs), hit)
+
+    def finished(i: int, r: dict[str, Any]) -> None:
+        nonlocal done
+        results[i] = r
+        if store is not None:
+            store.put(specs[i], r)
+        done += 1
+        if progress:
+            progress(done, len(specs), r)
+
+    if jobs <= 1 or len(todo) <= 1:
+        for i in todo:
+            finished(i, run_spec(specs[i]))
         return [r for r in results if r is not None]
     ctx = get_context("spawn")
     with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker) as pool:
-        futures = {pool.submit(run_spec, s): i for i, s in enumerate(specs)}
+        futures = {pool.submit(run_spec, specs[i]): i for i in todo}
         from concurrent.futures import as_completed
 
-        for done, fut in enumerate(as_completed(futures), 1):
+        for fut in as_completed(futures):
             i = futures[fut]
             try:
-                results[i] = fut.result()
+                r = fut.result()
             except Exception as exc:
                 # stop at the first failure: the queued runs (hours under --full) would be
-                # thrown away with this one's error anyway
+                # thrown away with this one's error anyway (the finished ones are stored)
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise RuntimeError(f"run {specs[i].key} failed: {exc}") from exc
-            if progress:
-                progress(done, len(specs), results[i])  # type: ignore[arg-type]
+            finished(i, r)
     return [r for r in results if r is not None]
 
 
 def print_progress(done: int, total: int, r: dict[str, Any]) -> None:
     lab = " ".join(f"{v}" for v in r["labels"].values())
     acc = r["final"]["test_acc"]
-    print(f"  [{done:>3}/{total}] {lab:52} acc {acc:.4f}  ({r['wall_s']:.1f}s)", flush=True)
+    when = "stored" if r.get("stored") else f"{r['wall_s']:.1f}s"
+    print(f"  [{done:>3}/{total}] {lab:52} acc {acc:.4f}  ({when})", flush=True)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -385,15 +484,18 @@ class Results:
 
 def run_experiment(name: str, preset: str, specs: Sequence[RunSpec], jobs: int,
                    tasks: Iterable[str], settings: dict[str, Any],
-                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                   extra: dict[str, Any] | None = None,
+                   store: RunStore | None = None) -> dict[str, Any]:
     """Run an experiment's simulations with progress, and return its results file's content
-    (``Results.to_dict``) with the wall time it took."""
+    (``Results.to_dict``) with the wall time it took (runs served by ``store`` take none)."""
     print(f"rabo experiment {name} ({preset}): {len(specs)} simulations on {jobs} "
-          f"process(es)", flush=True)
+          f"process(es)" + (f", finished runs kept in {store.root}" if store else ""),
+          flush=True)
     t0 = time.perf_counter()
-    runs = run_all(specs, jobs, print_progress)
+    runs = run_all(specs, jobs, print_progress, store)
     res = Results(name, preset, command_line(name, preset),
-                  [rel(config_path(t)) for t in tasks], settings, runs, extra or {})
+                  [rel(config_path(t)) for t in tasks], settings, runs,
+                  {**(extra or {}), "stored_runs": sum(1 for r in runs if r.get("stored"))})
     res.wall_s = round(time.perf_counter() - t0, 1)
     return res.to_dict()
 

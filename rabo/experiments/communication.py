@@ -108,7 +108,8 @@ def shapes(spec: RunSpec) -> dict[str, Any]:
             "clients": cfg.clients.count}
 
 
-def run(preset: str, out: Path, jobs: int) -> dict[str, Any]:
+def run(preset: str, out: Path, jobs: int,
+        store: common.RunStore | None = None) -> dict[str, Any]:
     specs = build_specs(preset)
     counted = {}  # FedNest's scheme, counted from each setting's shapes (nothing to run)
     for s in specs:
@@ -126,7 +127,8 @@ def run(preset: str, out: Path, jobs: int) -> dict[str, Any]:
         {"rounds": p.rounds, "tier_ratios": list(TIERS),
          "settings": {s.name: list(s.overrides) for s in p.settings},
          "methods": {m: list(v) for m, v in METHODS.items()}, "jobs": jobs},
-        {"counted": counted})
+        {"counted": counted},
+        store=store)
 
 
 # --------------------------------------------------------------------------- analysis

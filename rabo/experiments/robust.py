@@ -58,14 +58,16 @@ def build_specs(preset: str) -> list[common.RunSpec]:
     return specs
 
 
-def run(preset: str, out: Path, jobs: int) -> dict[str, Any]:
+def run(preset: str, out: Path, jobs: int,
+        store: common.RunStore | None = None) -> dict[str, Any]:
     p = PRESETS[preset]
     return common.run_experiment(
         NAME, preset, build_specs(preset), jobs, ("A",),
         {"seeds": list(p["seeds"]), "rounds": p["rounds"],
          "methods": {m: list(v) for m, v in METHODS.items()},
          "settings": [list(s) for s in p["settings"]], "tier_ratios": list(TIERS),
-         "extra_overrides": list(p["extra"]), "jobs": jobs})
+         "extra_overrides": list(p["extra"]), "jobs": jobs},
+        store=store)
 
 
 def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
