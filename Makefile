@@ -37,7 +37,7 @@ demo: install
 	$(BIN)/rabo local --config configs/default.yaml --workers 4 --out $(OUT) --overwrite
 
 lint: install
-	$(BIN)/ruff check rabo coordinator worker tests
+	$(BIN)/ruff check rabo coordinator worker bench tests
 	$(BIN)/mypy
 
 # The reduced suite (at most 40 minutes on 2 cores: the experiments compare methods at

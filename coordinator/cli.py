@@ -247,41 +247,6 @@ def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAct
     add_overwrite_arg(p)
     p.set_defaults(func=cmd_local)
 
-    from coordinator.bench import (
-        add_compare_args,
-        add_load_args,
-        add_transport_args,
-        cmd_bench_load,
-        cmd_bench_transport,
-        cmd_compare_transports,
-    )
-
-    p = bench_sub.add_parser("transport", help="round trip of a P-parameter model, no compute")
-    add_transport_args(p)
-    p.set_defaults(func=cmd_bench_transport)
-
-    p = bench_sub.add_parser("compare-transports", help="the same job over gRPC and gloo")
-    add_compare_args(p)
-    p.set_defaults(func=cmd_compare_transports)
-
-    from coordinator.netbench import add_network_args, cmd_bench_network
-
-    p = bench_sub.add_parser("network",
-                             help="a real job across network namespaces with tbf-limited links")
-    add_network_args(p)
-    p.set_defaults(func=cmd_bench_network)
-
-    p = bench_sub.add_parser("load", help="N simulated workers register and heartbeat at once")
-    add_load_args(p)
-    p.set_defaults(func=cmd_bench_load)
-
-    from coordinator.sysbench import add_system_args, cmd_bench_system
-
-    p = bench_sub.add_parser("system", help="round overhead, coordinator CPU and wire bytes vs "
-                                            "workers and model size; gRPC vs gloo; per-ratio cost")
-    add_system_args(p)
-    p.set_defaults(func=cmd_bench_system)
-
 
 def add_security_args(p: argparse.ArgumentParser, server: bool) -> None:
     """TLS files and the token file; each also from its RABO_* environment variable. There is

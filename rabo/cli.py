@@ -84,12 +84,6 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench_estimator(args: argparse.Namespace) -> int:
-    from rabo.bench.estimator import main as bench_main
-
-    return bench_main(args)
-
-
 # --------------------------------------------------------------------------- parser
 
 
@@ -136,15 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_dist_args(p)
     p.set_defaults(func=lazy("rabo.dist", "cmd_dist"))
 
+    # the benches (bench/) and the gRPC commands (coordinator/, worker/) register themselves
+    # through the rabo.commands entry points, so this module imports none of them
     bench = sub.add_parser("bench", help="benchmarks that print measured ratios")
     bsub = bench.add_subparsers(dest="bench", metavar="BENCH")
     bsub.required = True
-    from rabo.bench.estimator import add_arguments as add_estimator_args
-
-    p = bsub.add_parser("estimator", help="estimator accuracy, time and memory vs exact")
-    add_estimator_args(p)
-    p.set_defaults(func=cmd_bench_estimator)
-
     for ep in entry_points(group="rabo.commands"):
         try:
             register = ep.load()

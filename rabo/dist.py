@@ -1,4 +1,5 @@
-"""The torch.distributed backend: the same round engine over gloo (CPU) or nccl (GPU).
+"""The torch.distributed backend: the round loop (``rabo.rounds``) over gloo (CPU) or nccl
+(GPU).
 
 Launched by torchrun (``torchrun --nnodes N --nproc-per-node P -m rabo.dist --config FILE``)
 or any launcher that sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT. Rank 0 coordinates;
@@ -42,16 +43,16 @@ import torch.distributed as dist
 from rabo import checkpoint
 from rabo.config import Config, to_dict
 from rabo.distcli import add_dist_args
-from rabo.engine import Assignment, ClientPlan, Update, client_step, sample_participants
-from rabo.errors import ExitCode, RaboError, UpdateRejected
-from rabo.evaluation import due, evaluate_round
-from rabo.job import Job
+from rabo.engine import Assignment, ClientPlan, GlobalState, Update, client_step
+from rabo.errors import ConfigError, ExitCode, RaboError
+from rabo.job import Job, resolve_device
 from rabo.metrics import MetricsWriter, wire_total, write_json
 from rabo.netstat import SocketCounters, TcpCounters
 from rabo.params import Params
 from rabo.policy import Resources
-from rabo.records import WorkerRound, round_record, summarize
+from rabo.records import WorkerRound, summarize
 from rabo.resources import measure
+from rabo.rounds import BaseTransport, Exchange, Member, Returned, RoundLoop, Task
 from rabo.runner import format_progress
 from rabo.runtime import rss_bytes, tune_allocator
 from rabo.units import parse_byte_list, parse_bytes
@@ -177,107 +178,99 @@ def _broadcast_ratios(ctx: Context, ratios: torch.Tensor) -> torch.Tensor:
     return buf.cpu()
 
 
+class DistTransport(BaseTransport):
+    """The round loop's torch.distributed transport, on rank 0: profiles gathered from every
+    rank, ratios broadcast, slices and updates point-to-point (see the module docstring)."""
+
+    def __init__(self, ctx: Context, counters: RankCounters | None) -> None:
+        self.ctx = ctx
+        self.counters = counters
+        self.name = f"torch.distributed ({ctx.backend})"
+        self._opened = 0.0
+
+    def members(self, q: int) -> list[Member]:
+        self._opened = self.clock()  # the round opens with the profiles' all-gather
+        profiles = _gather_profiles(self.ctx, torch.zeros(PROFILE_FIELDS, dtype=torch.float64))
+        return [Member(f"rank{rank}", rank - 1,
+                       Resources(int(profiles[rank, 0]), float(profiles[rank, 1])))
+                for rank in range(1, self.ctx.world)]
+
+    def exchange(self, q: int, state: GlobalState, tasks: list[Task],
+                 not_assigned: dict[str, str]) -> Exchange:
+        ctx, engine = self.ctx, self.ctx.job.engine
+        plans = {t.plan.client_id + 1: t for t in tasks}  # rank -> task
+        ratios = torch.zeros(ctx.world, dtype=torch.float64)
+        for rank, t in plans.items():
+            ratios[rank] = t.plan.ratio
+        _broadcast_ratios(ctx, ratios)
+        if not plans:
+            raise DistError(f"round {q}: no worker could take part: {not_assigned}")
+        before = self.counters.read() if self.counters else None
+        sent_at = self.clock()
+        sends, outgoing = [], []  # the buffers live until their sends complete
+        for rank, t in plans.items():
+            a = engine.assign(state, t.plan, copy=False)
+            outgoing.append(pack([a.x, a.y, a.v], ctx.comm_device))
+            sends.append(dist.isend(outgoing[-1], dst=rank))
+        bufs = {rank: torch.empty(plan_numel(t.plan), dtype=torch.float32,
+                                  device=ctx.comm_device) for rank, t in plans.items()}
+        metas = {rank: torch.empty(META_FIELDS, dtype=torch.float64, device=ctx.comm_device)
+                 for rank in plans}
+        recvs = [(rank, dist.irecv(bufs[rank], src=rank), dist.irecv(metas[rank], src=rank))
+                 for rank in plans]
+        for work in sends:
+            _wait(work)
+        # waited for in rank order (polling is_completed() on gloo's point-to-point works
+        # never saw them finish: the job timed out), so a fast rank behind a slow one is
+        # stamped late: a rank's transfer_s is an upper bound (docs/torch-distributed.md)
+        arrived: dict[int, float] = {}
+        for rank, rb, rm in recvs:
+            _wait(rb)
+            _wait(rm)
+            arrived[rank] = self.clock()
+        after = self.counters.read() if self.counters else None
+        out = []
+        for rank, t in sorted(plans.items()):
+            plan = t.plan
+            x, y, v = unpack(bufs[rank], plan_shapes(plan))
+            m = metas[rank].cpu().tolist()
+            upd = Update(q, plan.client_id, x, y, v, samples=int(m[2]), upper_loss=m[3],
+                         compute_s=m[0], peak_mem_bytes=int(m[1]))
+            wire = (after[rank].minus(before[rank])
+                    if after and before and rank in after and rank in before else None)
+            payload = 4 * plan_numel(plan)
+            out.append(Returned(t, WorkerRound(
+                t.name, plan.client_id, plan.ratio, reason=t.reason,
+                payload_down_bytes=payload, payload_up_bytes=payload,
+                message_down_bytes=payload, message_up_bytes=payload + 8 * META_FIELDS,
+                wire=wire, compute_s=m[0], receive_s=m[4], upload_s=m[5],
+                transfer_s=arrived[rank] - sent_at - m[0], peak_mem_bytes=int(m[1]),
+                samples=int(m[2]), upper_loss=m[3]), upd))
+        return Exchange(out, self._opened)
+
+
 def run_coordinator(ctx: Context, out: Path | None, progress: bool = True) -> dict[str, Any]:
     cfg, job = ctx.cfg, ctx.job
-    engine = job.engine
-    state = engine.init_state()
     endpoints = _gather_endpoints(ctx, torch.zeros(MAX_ENDPOINTS, 2, dtype=torch.float64))
     counters = RankCounters(endpoints) if ctx.backend == "gloo" else None
     writer = MetricsWriter(out) if out else None
-    records: list[dict[str, Any]] = []
+
+    def show(rec: dict[str, Any]) -> None:
+        mib = (rec["wire_bytes"] or rec["payload_bytes"]) / 2**20
+        print(format_progress(rec, cfg.rounds) + f"  wire {mib:.1f} MiB", flush=True)
+
+    transport = DistTransport(ctx, counters)
+    loop = RoundLoop(job, transport, job.engine.init_state(), writer=writer,
+                     progress=show if progress else None)
     start = time.perf_counter()
     try:
-        for q in range(1, cfg.rounds + 1):
-            opened = time.perf_counter()
-            profiles = _gather_profiles(ctx, torch.zeros(PROFILE_FIELDS, dtype=torch.float64))
-            participants = set(sample_participants(cfg.seed, q, list(range(ctx.world - 1)),
-                                                   cfg.clients.participation))
-            ratios = torch.zeros(ctx.world, dtype=torch.float64)
-            plans: dict[int, ClientPlan] = {}
-            reasons: dict[int, str] = {}
-            not_assigned: dict[str, str] = {}
-            for rank in range(1, ctx.world):
-                cid = rank - 1
-                if cid not in participants:
-                    continue
-                res = Resources(int(profiles[rank, 0]), float(profiles[rank, 1]))
-                ratio, why = ctx.job.ratio_for(cid, res)
-                if ratio is None:
-                    not_assigned[f"rank{rank}"] = f"not assigned: {why}"
-                    continue
-                ratios[rank] = ratio
-                plans[rank] = engine.plan(q, cid, ratio)
-                reasons[rank] = why
-            _broadcast_ratios(ctx, ratios)
-            before = counters.read() if counters else None
-            sent_at = time.perf_counter()
-            sends, outgoing = [], []  # the buffers live until their sends complete
-            for rank, plan in plans.items():
-                a = engine.assign(state, plan, copy=False)
-                outgoing.append(pack([a.x, a.y, a.v], ctx.comm_device))
-                sends.append(dist.isend(outgoing[-1], dst=rank))
-            bufs = {rank: torch.empty(plan_numel(p), dtype=torch.float32, device=ctx.comm_device)
-                    for rank, p in plans.items()}
-            metas = {rank: torch.empty(META_FIELDS, dtype=torch.float64, device=ctx.comm_device)
-                     for rank in plans}
-            recvs = [(rank, dist.irecv(bufs[rank], src=rank), dist.irecv(metas[rank], src=rank))
-                     for rank in plans]
-            for work in sends:
-                _wait(work)
-            # waited for in rank order (polling is_completed() on gloo's point-to-point works
-            # never saw them finish: the job timed out), so a fast rank behind a slow one is
-            # stamped late: a rank's transfer_s is an upper bound (docs/torch-distributed.md)
-            arrived: dict[int, float] = {}
-            for rank, rb, rm in recvs:
-                _wait(rb)
-                _wait(rm)
-                arrived[rank] = time.perf_counter()
-            after = counters.read() if counters else None
-            results = []
-            workers: list[WorkerRound] = []
-            refused: dict[int, str] = {}
-            for rank, plan in sorted(plans.items()):
-                x, y, v = unpack(bufs[rank], plan_shapes(plan))
-                m = metas[rank].cpu().tolist()
-                upd = Update(q, plan.client_id, x, y, v, samples=int(m[2]), upper_loss=m[3],
-                             compute_s=m[0], peak_mem_bytes=int(m[1]))
-                try:
-                    engine.check_magnitude(state, plan, upd)
-                    results.append((plan, upd))
-                except UpdateRejected as exc:
-                    refused[plan.client_id] = str(exc)
-                    log.warning("round %d: rank %d's update refused: %s", q, rank, exc)
-                wire = (after[rank].minus(before[rank])
-                        if after and before and rank in after and rank in before else None)
-                payload = 4 * plan_numel(plan)
-                workers.append(WorkerRound(
-                    f"rank{rank}", plan.client_id, plan.ratio, reason=reasons[rank],
-                    payload_down_bytes=payload, payload_up_bytes=payload,
-                    message_down_bytes=payload, message_up_bytes=payload + 8 * META_FIELDS,
-                    wire=wire, compute_s=m[0], receive_s=m[4], upload_s=m[5],
-                    transfer_s=arrived[rank] - sent_at - m[0], peak_mem_bytes=int(m[1]),
-                    samples=int(m[2]), upper_loss=m[3]))
-            if not plans:
-                raise DistError(f"round {q}: no worker could take part: {not_assigned}")
-            state, stats = (engine.server_step(state, results) if results
-                            else engine.skip_round(state, q))
-            done_at = time.perf_counter()
-            evaluation = evaluate_round(job, state) if due(cfg, q) else None
-            now = time.perf_counter()
-            rec = round_record(stats, state, now - start, done_at - opened, workers, evaluation,
-                               refused, eval_s=now - done_at, not_assigned=not_assigned)
-            records.append(rec)
-            if writer:
-                writer.write(rec)
-            if progress:
-                mib = (rec["wire_bytes"] or rec["payload_bytes"]) / 2**20
-                print(format_progress(rec, cfg.rounds) + f"  wire {mib:.1f} MiB", flush=True)
+        loop.run()
     finally:
         if writer:
             writer.close()
+    state, records = loop.state, loop.records
     summary = summarize(cfg, state, records, time.perf_counter() - start,
-                        {"transport": f"torch.distributed ({ctx.backend})",
-                         "world_size": ctx.world,
+                        {"transport": transport.name, "world_size": ctx.world,
                          "wire_bytes_total": wire_total(records)})
     if out:
         checkpoint.save(out, state, {"config": to_dict(cfg)})
@@ -396,8 +389,11 @@ def cmd_dist(args: argparse.Namespace) -> int:
     else:
         comm = torch.device("cpu")
         # more ranks than GPUs share them round-robin (gloo moves the tensors through host memory)
-        compute = torch.device("cuda", local_rank % gpus) if (
-            cfg.device in ("auto", "cuda") and gpus) else torch.device("cpu")
+        try:
+            compute = resolve_device(cfg.device, local_rank)
+        except ConfigError as exc:  # every rank has the same config: all stop here
+            print(f"rabo dist: rank {rank}: error: {exc}", file=sys.stderr)
+            return ExitCode.USAGE
     out = None
     if rank == 0 and args.out:
         try:

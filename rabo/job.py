@@ -16,6 +16,7 @@ import torch
 from rabo.config import Config
 from rabo.data import FederatedData, build_federated
 from rabo.engine import ClientHyper, RoundEngine
+from rabo.errors import ConfigError
 from rabo.models import WidthModel, build_model
 from rabo.policy import Resources, choose_ratio
 from rabo.tasks import BilevelTask, build_task
@@ -98,10 +99,22 @@ class Job:
         return out
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when available, else the CPU; 'cuda' without a GPU is an error."""
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """The one reading of a device setting (``device`` in the config, ``rabo worker
+    --device``): 'auto' picks CUDA when available, else the CPU; 'cuda' or 'cuda:N' without a
+    GPU is a ``ConfigError``. ``local_rank`` (torch.distributed): 'auto' and 'cuda' take GPU
+    ``local_rank % count``, so more ranks than GPUs share them round-robin."""
+    cuda = torch.cuda.is_available()
+    if name.startswith("cuda") and not cuda:
+        raise ConfigError(f"device {name!r} was asked for but torch sees no CUDA device "
+                          f"(use 'auto' or 'cpu')")
+    if name in ("auto", "cuda") and cuda:
+        if local_rank is not None:
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cuda")
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
-    return torch.device(name)
+        return torch.device("cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"device {name!r}: {exc}") from None

@@ -1,5 +1,5 @@
-"""The in-process runner: the round engine driven directly, clients simulated one by one.
-Its records are built by ``rabo.records``, as every transport's are.
+"""The in-process runner: the round loop (``rabo.rounds``) with clients simulated one by one
+in this process.
 
 It is the reference the gRPC and torch.distributed transports are tested against, and the
 quick way to study the method (``rabo simulate``).
@@ -13,15 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from rabo.checkpoint import lock_run_dir
 from rabo.config import Config
-from rabo.engine import ClientPlan, GlobalState, Update, sample_participants
-from rabo.errors import AssignmentError, UpdateRejected
-from rabo.evaluation import due, evaluate_round
+from rabo.engine import GlobalState
+from rabo.errors import AssignmentError
 from rabo.job import Job, resolve_device
 from rabo.metrics import MetricsWriter, write_json
 from rabo.policy import Resources
-from rabo.records import BYTES_PER_ELEMENT, WorkerRound, round_record, summarize
+from rabo.records import BYTES_PER_ELEMENT, WorkerRound, summarize
+from rabo.rounds import BaseTransport, Exchange, Member, Returned, RoundLoop, Task
 from rabo.units import parse_bytes
 
 
@@ -32,71 +34,75 @@ class RunResult:
     summary: dict[str, Any]
 
 
+class InProcess(BaseTransport):
+    """The round loop's in-process transport: each participant's client step runs here, one
+    after the other. The clients whose simulated budget fits no ratio never join (they are
+    no members), as a worker too small for the ladder would not."""
+
+    name = "in-process"
+
+    def __init__(self, job: Job, device: torch.device) -> None:
+        self.job = job
+        self.device = device
+        budgets = job.cfg.clients.memory_budgets
+        self._members = []
+        for cid in range(job.cfg.clients.count):
+            res = Resources(parse_bytes(budgets[cid % len(budgets)])) if budgets else None
+            ratio, why = job.ratio_for(cid, res)  # fixed for the run: budgets do not change
+            if ratio is not None and ratio > 0:
+                self._members.append(Member(f"client-{cid}", cid, res, (ratio, why)))
+
+    def members(self, q: int) -> list[Member]:
+        return self._members
+
+    def exchange(self, q: int, state: GlobalState, tasks: list[Task],
+                 not_assigned: dict[str, str]) -> Exchange:
+        opened = self.clock()
+        engine = self.job.engine
+        out = []
+        for t in tasks:
+            assignment = engine.assign(state, t.plan)
+            update = engine.client_step(assignment, self.job.data.clients[t.plan.client_id],
+                                        self.device)
+            out.append(Returned(t, WorkerRound(
+                t.name, t.plan.client_id, t.plan.ratio, reason=t.reason,
+                payload_down_bytes=assignment.payload_numel() * BYTES_PER_ELEMENT,
+                payload_up_bytes=update.payload_numel() * BYTES_PER_ELEMENT,
+                compute_s=update.compute_s, peak_mem_bytes=update.peak_mem_bytes,
+                samples=update.samples, upper_loss=update.upper_loss), update))
+        return Exchange(out, opened)
+
+
 def simulate(cfg: Config, out_dir: str | Path | None = None,
              progress: Callable[[dict[str, Any]], None] | None = None,
              job: Job | None = None) -> RunResult:
     """Run ``cfg.rounds`` rounds in this process; write the run folder when ``out_dir``."""
     job = job or Job.from_config(cfg)
     device = resolve_device(cfg.device)
-    engine = job.engine
-    ratios = job.simulated_ratios()
-    eligible = [c for c, r in enumerate(ratios) if r > 0]
-    if not eligible:
+    transport = InProcess(job, device)
+    if not transport.members(1):
         budgets = cfg.clients.memory_budgets
         why = job.ratio_for(0, Resources(parse_bytes(budgets[0])))[1] if budgets else ""
         raise AssignmentError(f"no client fits the smallest ratio of the ladder "
                               f"{sorted(cfg.policy.ladder)} in its memory budget "
                               f"(clients.memory_budgets = {list(budgets or [])})"
                               + (f"; client 0: {why}" if why else ""))
-    state = engine.init_state()
     if out_dir is not None:
         lock_run_dir(out_dir)  # one run per folder (a second gets an error naming the pid)
     writer = MetricsWriter(out_dir) if out_dir is not None else None
-    records: list[dict[str, Any]] = []
+    loop = RoundLoop(job, transport, job.engine.init_state(), writer=writer,
+                     progress=progress, device=device)
     start = time.perf_counter()
     try:
-        for q in range(1, cfg.rounds + 1):
-            round_start = time.perf_counter()
-            participants = sample_participants(cfg.seed, q, eligible, cfg.clients.participation)
-            results: list[tuple[ClientPlan, Update]] = []
-            workers: list[WorkerRound] = []
-            refused: dict[int, str] = {}
-            for cid in participants:
-                plan = engine.plan(q, cid, ratios[cid])
-                assignment = engine.assign(state, plan)
-                update = engine.client_step(assignment, job.data.clients[cid], device)
-                try:
-                    engine.check_magnitude(state, plan, update)
-                except UpdateRejected as exc:
-                    refused[cid] = str(exc)
-                    continue
-                results.append((plan, update))
-                workers.append(WorkerRound(
-                    f"client-{cid}", cid, plan.ratio,
-                    payload_down_bytes=assignment.payload_numel() * BYTES_PER_ELEMENT,
-                    payload_up_bytes=update.payload_numel() * BYTES_PER_ELEMENT,
-                    compute_s=update.compute_s, peak_mem_bytes=update.peak_mem_bytes,
-                    samples=update.samples, upper_loss=update.upper_loss))
-            state, stats = (engine.server_step(state, results) if results
-                            else engine.skip_round(state, q))
-            done_at = time.perf_counter()
-            evaluation = evaluate_round(job, state, device) if due(cfg, q) else None
-            now = time.perf_counter()
-            rec = round_record(stats, state, now - start, done_at - round_start, workers,
-                               evaluation, refused, eval_s=now - done_at)
-            records.append(rec)
-            if writer:
-                writer.write(rec)
-            if progress:
-                progress(rec)
+        loop.run()
     finally:
         if writer:
             writer.close()
-    summary = summarize(cfg, state, records, time.perf_counter() - start,
+    summary = summarize(cfg, loop.state, loop.records, time.perf_counter() - start,
                         {"transport": "in-process"})
     if out_dir is not None:
         write_json(Path(out_dir) / "summary.json", summary)
-    return RunResult(state, records, summary)
+    return RunResult(loop.state, loop.records, summary)
 
 
 def format_progress(rec: dict[str, Any], total_rounds: int) -> str:

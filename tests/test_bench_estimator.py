@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from rabo.bench.estimator import flops_per_ratio, quadratic_errors
+from bench.estimator import flops_per_ratio, quadratic_errors
 
 
 def test_quadratic_errors() -> None:

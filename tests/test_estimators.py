@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rabo.bench.quadratic import Quadratic
+from bench.quadratic import Quadratic
 from rabo.config import EstimatorConfig
 from rabo.estimators import ESTIMATORS, Problem, grads, make_estimator, project
 from rabo.estimators.exact import second_order_products

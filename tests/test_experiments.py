@@ -253,7 +253,7 @@ def test_full_presets_cover_the_whole_grid() -> None:
 def test_system_bench_tiny_writes_json_and_report_section(tmp_path: Path) -> None:
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-m", "coordinator.sysbench", "--preset", "tiny",
+    proc = subprocess.run([sys.executable, "-m", "bench.system", "--preset", "tiny",
                            "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

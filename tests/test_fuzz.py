@@ -17,7 +17,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coordinator.server import Coordinator, CoordinatorServicer, RoundDriver, serve
+from coordinator.rounds import RoundDriver
+from coordinator.server import serve
+from coordinator.servicer import CoordinatorServicer
+from coordinator.state import Coordinator
 from rabo import config
 from rabo.job import Job
 from rabo_proto import PROTOCOL_VERSION

@@ -142,7 +142,7 @@ def test_model_above_64_mib_with_small_message_limit(tmp_path: Path) -> None:
 def test_64_worker_processes_complete_rounds() -> None:
     """64 worker processes (the protocol's echo client: real processes and sockets, no
     compute) register and complete two rounds against one coordinator."""
-    from coordinator.bench import run_transport
+    from bench.transport import run_transport
 
     result = run_transport(params=2e5, workers=64, rounds=2, ratios=[1.0, 0.5],
                            chunk_bytes=1 << 20)

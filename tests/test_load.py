@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.bench import run_load
+from bench.transport import run_load
 
 
 @pytest.mark.slow

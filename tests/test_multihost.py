@@ -1,4 +1,4 @@
-"""A real job across network namespaces with rate-limited veth links (coordinator/netbench.py).
+"""A real job across network namespaces with rate-limited veth links (bench/network.py).
 
 The coordinator runs in one namespace, each worker in its own, linked by a veth pair with tbf
 at 100 and 10 Mbit/s. Checked: every round completes; per worker, the job's byte accounting
@@ -18,7 +18,7 @@ import threading
 
 import pytest
 
-from coordinator import netbench
+from bench import network as netbench
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,8 @@ import sys
 import pytest
 from conftest import free_port
 
-from coordinator.server import CoordinatorError, serve
+from coordinator.server import serve
+from coordinator.state import CoordinatorError
 from rabo import config
 
 CFG = ["data.dataset=digits", "model.hidden=[8]", "clients.count=1", "rounds=1",

@@ -9,7 +9,8 @@ import grpc
 import pytest
 from grpc_util import connect, fetch, update_stream, zero_update
 
-from coordinator.server import STATUS_MESSAGE_LIMIT, serve
+from coordinator.server import serve
+from coordinator.servicer import STATUS_MESSAGE_LIMIT
 from coordinator.untrusted import printable
 from rabo import config
 from rabo_proto import PROTOCOL_VERSION

@@ -28,8 +28,8 @@ import torch
 from rabo import config
 from rabo.auth import TlsFiles
 from rabo.engine import client_step
-from rabo.errors import ExitCode, RaboError
-from rabo.job import Job
+from rabo.errors import ConfigError, ExitCode, RaboError
+from rabo.job import Job, resolve_device
 from rabo.runtime import prefer_low_memory
 from rabo_proto import PROTOCOL_VERSION
 from rabo_proto.codec import Assembler, WireError, check_header
@@ -112,12 +112,11 @@ def instance_secret(state_file: str | None) -> str:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise WorkerExit("--device cuda was asked for but torch sees no CUDA device",
-                         ExitCode.USAGE)
-    return torch.device(name)
+    """``--device``, read by ``rabo.job.resolve_device``; a bad one ends the worker (usage)."""
+    try:
+        return resolve_device(name)
+    except ConfigError as exc:
+        raise WorkerExit(f"--device: {exc}", ExitCode.USAGE) from None
 
 
 class Worker:

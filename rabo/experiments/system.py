@@ -1,5 +1,5 @@
 """Plots of ``rabo bench system``'s results (``system.json``). The measurements themselves
-live in ``coordinator/sysbench.py`` (they need gRPC, which ``rabo`` never imports)."""
+live in ``bench/system.py`` (they need gRPC, which ``rabo`` never imports)."""
 
 from __future__ import annotations
 
@@ -153,7 +153,7 @@ def section(data: dict[str, Any], rel: str) -> tuple[str, list[dict[str, str]]]:
     m = data.get("machine", {})
     pc = data.get("part_commands") or {}
     partly = sorted({c for c in pc.values() if c != data["command"]})
-    lines.append(f"*Produced by* `{data['command']}` (`coordinator/sysbench.py`, preset "
+    lines.append(f"*Produced by* `{data['command']}` (`bench/system.py`, preset "
                  f"`{data['preset']}`"
                  + (f"; parts re-run with {', '.join(f'`{c}`' for c in partly)}" if partly
                     else "")

@@ -37,8 +37,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.measure import in_child, measure
 from rabo.errors import ExitCode
-from rabo.runtime import peak_memory_bytes, reset_peak_memory, rss_bytes
+from rabo.runtime import rss_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "docs" / "results"
@@ -126,7 +127,7 @@ def memory_needed(params: float, workers: int, ratios: tuple[float, ...] = RATIO
 def run_point(params: float, workers: int, rounds: int, chunk_bytes: int = 1 << 20
               ) -> dict[str, Any]:
     """One grid point: coordinator here, ``workers`` echo processes; per-round CPU samples."""
-    from coordinator.bench import echo_job_config, loopback_seconds
+    from bench.transport import echo_job_config, loopback_seconds
     from coordinator.local import run_echo_workers
     from coordinator.server import serve
 
@@ -281,7 +282,6 @@ def _rmtree(path: Path) -> None:
 def ratio_child(task: str, ratio: float, overrides: list[str], mode: str, repeats: int,
                 device_name: str) -> dict[str, Any]:
     """One measurement of ``client_step`` at ``ratio`` in this (fresh) process."""
-    import gc
 
     import torch
 
@@ -311,48 +311,19 @@ def ratio_child(task: str, ratio: float, overrides: list[str], mode: str, repeat
             "estimator": cfg.estimator.name, "threads": torch.get_num_threads()}
 
     def call() -> Any:
-        u = client_step(job.task, a, data, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return u
+        return client_step(job.task, a, data, device)
 
+    figures, u = measure(call, mode, repeats, device, memory_warmup=1)
     if mode == "time":
-        call()
-        call()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            u = call()
-            times.append(time.perf_counter() - t0)
-        return {**info, "time_s": statistics.median(times), "compute_s_reported": u.compute_s}
-    if device.type == "cuda":
-        call()
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        call()
-        return {**info, "peak_bytes": int(torch.cuda.max_memory_allocated(device) - base),
-                "peak_method": "cuda-allocator"}
-    call()  # warm-up: lazily allocated library state is not the step's memory
-    gc.collect()
-    ok = reset_peak_memory()
-    base = rss_bytes()
-    call()
-    return {**info, "peak_bytes": int(peak_memory_bytes() - base),
-            "peak_method": "rss-hwm" if ok else "ru_maxrss"}
+        figures["compute_s_reported"] = u.compute_s
+    return {**info, **figures}
 
 
 def _ratio_subprocess(task: str, ratio: float, overrides: list[str], mode: str, repeats: int,
                       device: str) -> dict[str, Any]:
-    env = dict(os.environ)
-    if mode == "memory":
-        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    cmd = [sys.executable, "-m", "coordinator.sysbench", "--child-ratio", task, str(ratio),
-           json.dumps(overrides), "--mode", mode, "--repeats", str(repeats), "--device", device]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ratio child {task} {ratio} {mode} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return in_child("bench.system", ["--child-ratio", task, str(ratio), json.dumps(overrides),
+                                     "--mode", mode, "--repeats", str(repeats), "--device",
+                                     device], mode, f"ratio {task} {ratio}", cwd=REPO)
 
 
 def run_ratio(preset: str, device: str) -> dict[str, Any]:
@@ -456,6 +427,6 @@ def cmd_bench_system(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    parser = argparse.ArgumentParser(prog="python -m coordinator.sysbench")
+    parser = argparse.ArgumentParser(prog="python -m bench.system")
     add_system_args(parser)
     sys.exit(cmd_bench_system(parser.parse_args()))

@@ -19,18 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
 import sys
-import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
+from bench.measure import in_child, measure
 from rabo.errors import ExitCode
-from rabo.runtime import peak_memory_bytes, reset_peak_memory, rss_bytes
 
 ESTIMATORS = ("fd-central", "fd-forward", "exact", "neumann")
 WORKLOADS: dict[str, dict[str, Any]] = {
@@ -57,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def quadratic_errors() -> dict[str, dict[str, float]]:
     import torch
 
-    from rabo.bench.quadratic import Quadratic
+    from bench.quadratic import Quadratic
     from rabo.estimators import ESTIMATORS as REGISTRY
 
     quad = Quadratic.random(nx=6, ny=8, seed=0, cond=5.0)
@@ -110,8 +106,8 @@ def run_child(workload: str, estimator_name: str, repeats: int, device_name: str
               batch: int, mode: str) -> dict[str, Any]:
     """Measure one estimator on one workload in this (fresh) process.
 
-    mode 'time': median of ``repeats`` calls after one warm-up call.
-    mode 'memory': the peak of one call above the baseline taken just before it.
+    mode 'time' or 'memory', as ``bench.measure.measure`` takes them (no warm-up before the
+    memory call: the first call's allocations are the estimator's).
     """
     import torch
 
@@ -126,58 +122,24 @@ def run_child(workload: str, estimator_name: str, repeats: int, device_name: str
 
     def call() -> None:
         est.estimate(problem, x, y, v, base)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
-    if mode == "time":
-        call()  # warm-up (twice: the allocator and oneDNN settle on the second call)
-        call()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - t0)
-        return {"time_s": statistics.median(times)}
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        baseline = torch.cuda.memory_allocated(device)
-        call()
-        return {"peak_bytes": int(torch.cuda.max_memory_allocated(device) - baseline),
-                "peak_method": "cuda-allocator"}
-    import gc
-
-    gc.collect()
-    reset_ok = reset_peak_memory()
-    baseline = rss_bytes()
-    call()
-    return {"peak_bytes": int(peak_memory_bytes() - baseline),
-            "peak_method": "rss-hwm" if reset_ok else "ru_maxrss"}
+    return measure(call, mode, repeats, device)[0]
 
 
-def _child(workload: str, name: str, mode: str, repeats: int, device: str, batch: int,
-           env: dict[str, str]) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "rabo.bench.estimator", "--child", workload, name,
-           "--mode", mode, "--repeats", str(repeats), "--device", device, "--batch", str(batch)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"bench child {workload}/{name} ({mode}) failed:\n"
-                           f"{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def _child(workload: str, name: str, mode: str, repeats: int, device: str, batch: int
+           ) -> dict[str, Any]:
+    return in_child("bench.estimator", ["--child", workload, name, "--mode", mode, "--repeats",
+                                        str(repeats), "--device", device, "--batch", str(batch)],
+                    mode, f"{workload}/{name}")
 
 
 def measure_workload(workload: str, repeats: int, device: str, batch: int
                      ) -> dict[str, dict[str, Any]]:
     """Time and peak memory of every estimator on ``workload``, each in fresh processes."""
-    time_env = dict(os.environ)
-    # For memory only: a fixed glibc mmap threshold keeps large tensors in their own
-    # mappings, returned to the system when freed, so the resident set follows live tensors.
-    # (It slows allocation down, which is why time is measured in a separate process.)
-    mem_env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     raw: dict[str, dict[str, Any]] = {}
     for name in ESTIMATORS:
-        raw[name] = {**_child(workload, name, "time", repeats, device, batch, time_env),
-                     **_child(workload, name, "memory", repeats, device, batch, mem_env)}
+        raw[name] = {**_child(workload, name, "time", repeats, device, batch),
+                     **_child(workload, name, "memory", repeats, device, batch)}
     exact = raw["exact"]
     for r in raw.values():
         r["time_vs_exact"] = r["time_s"] / exact["time_s"]

@@ -1,1 +1,0 @@
-"""Benchmarks behind ``rabo bench``: each prints measured ratios from one run."""

@@ -1,0 +1,238 @@
+"""The round, written once for every transport.
+
+    members -> sample participants -> ratio per member -> plans
+      -> transport: assignments out, updates and measurements back
+      -> magnitude checks -> server step (or an empty round) -> evaluate -> record
+
+:class:`RoundLoop` owns that sequence, the global model between rounds and the run's
+records (built by ``rabo.records``). A :class:`Transport` only moves assignments and updates
+and says what it measured on the way. Three implement it, and differ only in how
+assignments travel and in the faults their medium has:
+
+* ``rabo.runner``: in this process, clients stepped one after the other (``rabo simulate``);
+* ``coordinator.server``: gRPC workers; a worker may vanish or straggle, so a round that
+  brings fewer than ``min_updates`` updates is run again (same masks and batches) up to
+  ``max_retries`` times, and the transport checks each update as it arrives (to answer the
+  worker);
+* ``rabo.dist``: torch.distributed rank 0, one rank per client.
+
+Checkpoints, monitoring and the run folder's other files stay with the transport
+(:meth:`Transport.recorded`), since each writes them at different moments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from rabo.engine import ClientPlan, GlobalState, Update, sample_participants
+from rabo.errors import RaboError, UpdateRejected
+from rabo.evaluation import due, evaluate_round
+from rabo.job import Job
+from rabo.metrics import MetricsWriter
+from rabo.policy import Resources
+from rabo.records import WorkerRound, round_record
+
+log = logging.getLogger("rabo.rounds")
+
+
+@dataclass(frozen=True)
+class Member:
+    """A peer that may take part in a round: ``resources`` for the ratio policy, or a
+    ``fixed`` (ratio, reason) the transport already knows (a simulation's static budgets)."""
+
+    name: str
+    client_id: int
+    resources: Resources | None = None
+    fixed: tuple[float | None, str] | None = None
+
+
+@dataclass(frozen=True)
+class Task:
+    """One member's share of a round: its plan, and why it got that ratio."""
+
+    name: str
+    plan: ClientPlan
+    reason: str
+
+
+@dataclass
+class Returned:
+    """What came back for one task. ``measured``: the transport's measurements of it (its
+    ``arrived`` is set by the loop). ``update`` None: nothing usable arrived. ``checked``:
+    the transport ran the magnitude check itself (``refused`` says why it failed)."""
+
+    task: Task
+    measured: WorkerRound
+    update: Update | None = None
+    refused: str | None = None
+    checked: bool = False
+
+
+@dataclass
+class Exchange:
+    """A round's traffic: what came back, and when the round opened (its ``round_s``
+    counts from there to the aggregate)."""
+
+    returned: list[Returned]
+    opened_at: float
+
+
+class Transport(Protocol):
+    name: str
+    max_retries: int  # rounds with fewer than min_updates updates are run again this often
+    min_updates: int  # 0: a round aggregates whatever arrived (an empty one changes nothing)
+
+    def clock(self) -> float: ...
+
+    def members(self, q: int) -> list[Member]: ...
+
+    def exchange(self, q: int, state: GlobalState, tasks: list[Task],
+                 not_assigned: dict[str, str]) -> Exchange | None:
+        """Send each task's assignment, wait for the updates; None: the run was stopped
+        from outside meanwhile (the round is not aggregated)."""
+        ...
+
+    def publish(self, state: GlobalState) -> None:
+        """The model after a round, for whatever serves it to the peers."""
+        ...
+
+    def retrying(self, q: int, attempt: int, got: int) -> None:
+        """Round ``q``'s try ``attempt`` brought ``got`` < min_updates updates."""
+        ...
+
+    def recorded(self, rec: dict[str, Any], state: GlobalState) -> None:
+        """Round ``rec['round']`` is recorded (checkpoints, monitoring)."""
+        ...
+
+
+class BaseTransport:
+    """Defaults: no retries, nothing to publish or to do after a round."""
+
+    name = "transport"
+    max_retries = 0
+    min_updates = 0
+
+    def clock(self) -> float:
+        import time
+
+        return time.perf_counter()
+
+    def publish(self, state: GlobalState) -> None:
+        pass
+
+    def retrying(self, q: int, attempt: int, got: int) -> None:
+        pass
+
+    def recorded(self, rec: dict[str, Any], state: GlobalState) -> None:
+        pass
+
+
+class RoundsExhausted(RaboError):
+    """Every try of a round brought fewer than the transport's ``min_updates``."""
+
+
+@dataclass
+class RoundLoop:
+    """Runs rounds ``state.round + 1 .. cfg.rounds`` of ``job`` over ``transport``.
+    ``records`` holds the rounds already run (a resumed run's); ``writer`` gets each new one;
+    ``progress`` is called with it. ``device``: where the global model is evaluated."""
+
+    job: Job
+    transport: Transport
+    state: GlobalState
+    records: list[dict[str, Any]] = field(default_factory=list)
+    writer: MetricsWriter | None = None
+    progress: Callable[[dict[str, Any]], None] | None = None
+    device: Any = "cpu"
+    retries: int = 0  # round tries that were run again, over the whole run
+    stopped: bool = False  # the transport reported a stop from outside
+
+    def run(self) -> GlobalState:
+        """Every remaining round; returns the final model (also ``self.state``)."""
+        cfg = self.job.cfg
+        start = self.transport.clock()
+        for q in range(self.state.round + 1, cfg.rounds + 1):
+            rec = self.run_round(q, start)
+            if rec is None:
+                self.stopped = True
+                break
+        return self.state
+
+    def plan(self, q: int, members: list[Member]) -> tuple[list[Task], dict[str, str]]:
+        """Round ``q``'s participants (seeded sample of ``members``), their ratios and plans;
+        and those that cannot take part, with why."""
+        engine = self.job.engine
+        by_client = {m.client_id: m for m in members}
+        participants = sample_participants(self.job.cfg.seed, q, list(by_client),
+                                           self.job.cfg.clients.participation)
+        tasks: list[Task] = []
+        not_assigned: dict[str, str] = {}
+        for cid in participants:
+            m = by_client[cid]
+            ratio, reason = m.fixed if m.fixed is not None else self.job.ratio_for(
+                cid, m.resources)
+            if ratio is None:
+                not_assigned[m.name] = f"not assigned: {reason}"
+                log.warning("round %d: %s not assigned: %s", q, m.name, reason)
+                continue
+            tasks.append(Task(m.name, engine.plan(q, cid, ratio), reason))
+        return tasks, not_assigned
+
+    def run_round(self, q: int, start: float) -> dict[str, Any] | None:
+        """One round, with the transport's retries; its record (None: stopped)."""
+        t = self.transport
+        for attempt in range(t.max_retries + 1):
+            tasks, not_assigned = self.plan(q, t.members(q))
+            ex = t.exchange(q, self.state, tasks, not_assigned)
+            if ex is None:
+                return None
+            got = sum(1 for r in ex.returned if r.update is not None and r.refused is None)
+            if got >= t.min_updates:
+                return self._finish(q, ex, not_assigned, start)
+            self.retries += 1
+            t.retrying(q, attempt, got)
+        raise RoundsExhausted(f"round {q}: fewer than {t.min_updates} updates in "
+                              f"{t.max_retries + 1} attempts")
+
+    def _finish(self, q: int, ex: Exchange, not_assigned: dict[str, str], start: float
+                ) -> dict[str, Any]:
+        engine, t = self.job.engine, self.transport
+        results: list[tuple[ClientPlan, Update]] = []
+        workers: list[WorkerRound] = []
+        refused: dict[int, str] = {}
+        for r in sorted(ex.returned, key=lambda r: r.task.plan.client_id):
+            plan, why = r.task.plan, r.refused
+            if r.update is not None and why is None and not r.checked:
+                try:
+                    engine.check_magnitude(self.state, plan, r.update)
+                except UpdateRejected as exc:
+                    why = str(exc)
+                    log.warning("round %d: the update of %s was refused: %s", q, r.task.name,
+                                exc)
+            if why is not None:
+                refused[plan.client_id] = why
+            elif r.update is not None:
+                results.append((plan, r.update))
+            workers.append(dataclasses.replace(
+                r.measured, arrived=r.update is not None and why is None))
+        self.state, stats = (engine.server_step(self.state, results) if results
+                             else engine.skip_round(self.state, q))
+        t.publish(self.state)
+        done_at = t.clock()
+        evaluation = (evaluate_round(self.job, self.state, self.device)
+                      if due(self.job.cfg, q) else None)
+        now = t.clock()
+        rec = round_record(stats, self.state, now - start, done_at - ex.opened_at, workers,
+                           evaluation, refused, eval_s=now - done_at,
+                           not_assigned=not_assigned)
+        self.records.append(rec)
+        if self.writer:
+            self.writer.write(rec)
+        t.recorded(rec, self.state)
+        if self.progress:
+            self.progress(rec)
+        return rec
