@@ -10,7 +10,7 @@ and says what it measured on the way. Three implement it, and differ only in how
 assignments travel and in the faults their medium has:
 
 * ``rabo.runner``: in this process, clients stepped one after the other (``rabo simulate``);
-* ``coordinator.server``: gRPC workers; a worker may vanish or straggle, so a round that
+* ``coordinator.rounds``: gRPC workers; a worker may vanish or straggle, so a round that
   brings fewer than ``min_updates`` updates is run again (same masks and batches) up to
   ``max_retries`` times, and the transport checks each update as it arrives (to answer the
   worker);
