@@ -17,7 +17,7 @@ from rabo.config import to_dict
 from rabo.engine import GlobalState
 from rabo.metrics import MetricsWriter, truncate_metrics, wire_total, write_json
 from rabo.records import WorkerRound, summarize
-from rabo.rounds import BaseTransport, Exchange, Member, Returned, RoundLoop, Task
+from rabo.rounds import Exchange, Member, Returned, RoundLoop, Task, Transport
 
 log = logging.getLogger("rabo.coordinator")
 
@@ -25,7 +25,7 @@ log = logging.getLogger("rabo.coordinator")
 # --------------------------------------------------------------------------- the rounds
 
 
-class RoundDriver(BaseTransport):
+class RoundDriver(Transport):
     """The gRPC transport of the round loop (``rabo.rounds.RoundLoop``), run on its own
     thread: opens each round's ticket for the servicer, waits for the updates (see
     :meth:`wait_round`), retries thin rounds, checkpoints and monitors."""
@@ -66,9 +66,11 @@ class RoundDriver(BaseTransport):
         self.wait_round(ticket)
         if self.c.finished:
             return None  # stopped from outside mid-round: this round is not aggregated
-        return Exchange([Returned(Task(t.worker_id, t.plan, t.reason), _worker_record(t),
-                                  t.update, t.refused, checked=True)
-                         for t in ticket.tasks.values()], ticket.opened_at)
+        returned = []
+        for task in tasks:
+            t = ticket.tasks[task.name]
+            returned.append(Returned(task, _worker_record(t), t.update, t.refused, checked=True))
+        return Exchange(returned, ticket.opened_at)
 
     def publish(self, state: GlobalState) -> None:
         with self.c.cond:

@@ -52,7 +52,7 @@ from rabo.params import Params
 from rabo.policy import Resources
 from rabo.records import WorkerRound, summarize
 from rabo.resources import measure
-from rabo.rounds import BaseTransport, Exchange, Member, Returned, RoundLoop, Task
+from rabo.rounds import Exchange, Member, Returned, RoundLoop, Task, Transport
 from rabo.runner import format_progress
 from rabo.runtime import rss_bytes, tune_allocator
 from rabo.units import parse_byte_list, parse_bytes
@@ -178,7 +178,7 @@ def _broadcast_ratios(ctx: Context, ratios: torch.Tensor) -> torch.Tensor:
     return buf.cpu()
 
 
-class DistTransport(BaseTransport):
+class DistTransport(Transport):
     """The round loop's torch.distributed transport, on rank 0: profiles gathered from every
     rank, ratios broadcast, slices and updates point-to-point (see the module docstring)."""
 

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from rabo.engine import ClientPlan, GlobalState, Update, sample_participants
 from rabo.errors import RaboError, UpdateRejected
@@ -81,54 +82,35 @@ class Exchange:
     opened_at: float
 
 
-class Transport(Protocol):
-    name: str
-    max_retries: int  # rounds with fewer than min_updates updates are run again this often
-    min_updates: int  # 0: a round aggregates whatever arrived (an empty one changes nothing)
+class Transport:
+    """How a round's assignments travel. A transport implements :meth:`members` and
+    :meth:`exchange`; the rest has defaults (no retries, nothing to publish or to do after a
+    round)."""
 
-    def clock(self) -> float: ...
+    name = "transport"
+    max_retries = 0  # rounds with fewer than min_updates updates are run again this often
+    min_updates = 0  # 0: a round aggregates whatever arrived (an empty one changes nothing)
 
-    def members(self, q: int) -> list[Member]: ...
+    def clock(self) -> float:
+        return time.perf_counter()
+
+    def members(self, q: int) -> list[Member]:
+        raise NotImplementedError
 
     def exchange(self, q: int, state: GlobalState, tasks: list[Task],
                  not_assigned: dict[str, str]) -> Exchange | None:
         """Send each task's assignment, wait for the updates; None: the run was stopped
         from outside meanwhile (the round is not aggregated)."""
-        ...
+        raise NotImplementedError
 
     def publish(self, state: GlobalState) -> None:
         """The model after a round, for whatever serves it to the peers."""
-        ...
 
     def retrying(self, q: int, attempt: int, got: int) -> None:
         """Round ``q``'s try ``attempt`` brought ``got`` < min_updates updates."""
-        ...
 
     def recorded(self, rec: dict[str, Any], state: GlobalState) -> None:
         """Round ``rec['round']`` is recorded (checkpoints, monitoring)."""
-        ...
-
-
-class BaseTransport:
-    """Defaults: no retries, nothing to publish or to do after a round."""
-
-    name = "transport"
-    max_retries = 0
-    min_updates = 0
-
-    def clock(self) -> float:
-        import time
-
-        return time.perf_counter()
-
-    def publish(self, state: GlobalState) -> None:
-        pass
-
-    def retrying(self, q: int, attempt: int, got: int) -> None:
-        pass
-
-    def recorded(self, rec: dict[str, Any], state: GlobalState) -> None:
-        pass
 
 
 class RoundsExhausted(RaboError):

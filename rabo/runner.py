@@ -23,7 +23,7 @@ from rabo.job import Job, resolve_device
 from rabo.metrics import MetricsWriter, write_json
 from rabo.policy import Resources
 from rabo.records import BYTES_PER_ELEMENT, WorkerRound, summarize
-from rabo.rounds import BaseTransport, Exchange, Member, Returned, RoundLoop, Task
+from rabo.rounds import Exchange, Member, Returned, RoundLoop, Task, Transport
 from rabo.units import parse_bytes
 
 
@@ -34,7 +34,7 @@ class RunResult:
     summary: dict[str, Any]
 
 
-class InProcess(BaseTransport):
+class InProcess(Transport):
     """The round loop's in-process transport: each participant's client step runs here, one
     after the other. The clients whose simulated budget fits no ratio never join (they are
     no members), as a worker too small for the ladder would not."""
