@@ -310,3 +310,40 @@ def test_policy_table_asks_the_policy_as_a_simulation_does() -> None:
         assert table[(task, "fd-central")] == list(estimators.TIERS)
         for est in ("exact", "neumann"):
             assert all(a <= b for a, b in zip(table[(task, est)], estimators.TIERS, strict=True))
+
+
+def test_a_grid_is_the_product_of_its_axes_with_level_tiers_and_filters() -> None:
+    from rabo.experiments import grid as g
+
+    grid = g.Grid((g.tasks(("A",)), g.datasets(("digits", "mnist")),
+                   g.axis("k", (1, 3), key=lambda k: f"k{k}", tiers=lambda k: [1.0] * k),
+                   g.seeds((0, 1))),
+                  extra=("rounds=2",), where=lambda lb: not (lb["k"] == 3 and lb["seed"] == 1))
+    runs = grid.runs()
+    assert [s.key for s in runs] == [
+        "A/digits/k1/0", "A/digits/k1/1", "A/digits/k3/0",
+        "A/mnist/k1/0", "A/mnist/k1/1", "A/mnist/k3/0"]
+    first = runs[0]
+    # overrides in axis order, the grid's extra last; the dataset's own settings follow it
+    assert first.overrides == ("data.dataset=digits", *common.DATASET_OVERRIDES["digits"],
+                               "seed=0", "rounds=2")
+    assert first.label == {"task": "A", "dataset": "digits", "k": 1, "seed": 0}
+    assert first.tier_ratios == (1.0,) and runs[2].tier_ratios == (1.0, 1.0, 1.0)
+    assert first.config == "configs/experiments/task-a.yaml"
+    assert grid.describe()["axes"] == {"task": ["A"], "dataset": ["digits", "mnist"],
+                                       "k": ["k1", "k3"], "seed": ["0", "1"]}
+    with pytest.raises(ValueError, match="lists a level twice"):
+        g.axis("seed", (0, 0))
+    with pytest.raises(ValueError, match="'task' label"):
+        g.Grid((g.seeds((0,)),)).runs()
+
+
+def test_grid_union_drops_repeated_keys_and_with_dedupe_equal_configs() -> None:
+    from rabo.experiments import grid as g
+
+    methods = {"RABO": (), "same as RABO": ("mask.policy=rolling",), "static":
+               ("mask.policy=static",)}
+    one = g.Grid((g.tasks(("A",)), g.axis("method", methods, methods), g.seeds((0,))))
+    assert [s.key for s in g.specs(one, one)] == ["A/RABO/0", "A/same as RABO/0", "A/static/0"]
+    # the task config's own mask policy is rolling: "same as RABO" resolves to RABO's run
+    assert [s.key for s in g.specs(one, dedupe=True)] == ["A/RABO/0", "A/static/0"]

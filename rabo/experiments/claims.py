@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rabo.experiments import common
+from rabo.experiments import grid as g
 from rabo.experiments.common import (
     DATASET_OVERRIDES,
     SPLIT_OVERRIDES,
@@ -24,6 +25,7 @@ from rabo.experiments.common import (
     mean_curve,
     stats,
 )
+from rabo.experiments.grid import Grid
 from rabo.experiments.markdown import (
     image,
     mean_of,
@@ -102,39 +104,19 @@ PRESETS = {
 }
 
 
-def _resolved(task: str, overrides: tuple[str, ...]) -> str:
-    import json
-
-    from rabo import config
-
-    cfg = config.to_dict(config.load(common.config_path(task), overrides))
-    return json.dumps(cfg, sort_keys=True)
+def grids(preset: str, presets: dict[str, Preset] | None = None) -> list[Grid]:
+    """The preset as grids: per block, tasks x datasets x splits x methods x seeds."""
+    p = (presets or PRESETS)[preset]
+    return [Grid((g.tasks(b.tasks), g.datasets(b.datasets), g.splits(b.splits),
+                  g.axis("method", b.methods, METHODS), g.seeds(p.seeds)),
+                 extra=(f"rounds={p.rounds}", *p.extra), tiers=TIERS)
+            for b in p.blocks]
 
 
 def build_specs(preset: str, presets: dict[str, Preset] | None = None) -> list[RunSpec]:
     """Every run of the preset. A method whose resolved config equals one already listed for
     the same setting and seed is left out, so nothing runs twice."""
-    p = (presets or PRESETS)[preset]
-    specs: dict[str, RunSpec] = {}
-    seen: set[str] = set()
-    for block in p.blocks:
-        for task in block.tasks:
-            for ds in block.datasets:
-                for split in block.splits:
-                    for method in block.methods:
-                        for seed in p.seeds:
-                            key = f"{task}/{ds}/{split}/{method}/{seed}"
-                            ov = (f"data.dataset={ds}", *SPLIT_OVERRIDES[split],
-                                  *DATASET_OVERRIDES[ds], f"seed={seed}", f"rounds={p.rounds}",
-                                  *METHODS[method], *p.extra)
-                            resolved = _resolved(task, ov)
-                            if resolved in seen:
-                                continue
-                            seen.add(resolved)
-                            specs[key] = common.spec(key, task, ov, TIERS, task=task,
-                                                     dataset=ds, split=split, method=method,
-                                                     seed=seed)
-    return list(specs.values())
+    return g.specs(*grids(preset, presets), dedupe=True)
 
 
 def run(preset: str, out: Path, jobs: int, store: common.RunStore | None = None,
@@ -146,7 +128,8 @@ def run(preset: str, out: Path, jobs: int, store: common.RunStore | None = None,
          "methods": {m: list(METHODS[m]) for m in METHODS},
          "dataset_overrides": {k: list(v) for k, v in DATASET_OVERRIDES.items()},
          "split_overrides": {k: list(v) for k, v in SPLIT_OVERRIDES.items()},
-         "tier_ratios": list(TIERS), "extra_overrides": list(p.extra), "jobs": jobs},
+         "tier_ratios": list(TIERS), "extra_overrides": list(p.extra), "jobs": jobs,
+         "grids": g.describe(*grids(preset, presets))},
         store=store)
 
 

@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from rabo.experiments import common
+from rabo.experiments import grid as g
 from rabo.experiments.common import TIERS, RunSpec
+from rabo.experiments.grid import Grid
 from rabo.experiments.markdown import (
     MIB,
     image,
@@ -82,15 +84,17 @@ def fednest_per_client(d_x: int, d_y: int, t: int, n: int) -> dict[str, int]:
             "up_elems": 2 * d_x + (2 * t + n + 1) * d_y}
 
 
-def build_specs(preset: str) -> list[RunSpec]:
+def grid(preset: str) -> Grid:
+    """Settings (task, model, clients) x methods."""
     p = PRESETS[preset]
-    specs = []
-    for s in p.settings:
-        for method, ov in METHODS.items():
-            key = f"{s.name}/{method}"
-            specs.append(common.spec(key, s.task, (*s.overrides, f"rounds={p.rounds}", *ov),
-                                     TIERS, setting=s.name, task=s.task, method=method))
-    return specs
+    setting = g.Axis("setting", tuple(g.Level(s.name, (("setting", s.name), ("task", s.task)),
+                                              s.overrides) for s in p.settings))
+    return Grid((setting, g.axis("method", METHODS, METHODS)), extra=(f"rounds={p.rounds}",),
+                tiers=TIERS)
+
+
+def build_specs(preset: str) -> list[RunSpec]:
+    return g.specs(grid(preset))
 
 
 def shapes(spec: RunSpec) -> dict[str, Any]:
@@ -126,7 +130,8 @@ def run(preset: str, out: Path, jobs: int,
         NAME, preset, specs, jobs, ("A", "B"),
         {"rounds": p.rounds, "tier_ratios": list(TIERS),
          "settings": {s.name: list(s.overrides) for s in p.settings},
-         "methods": {m: list(v) for m, v in METHODS.items()}, "jobs": jobs},
+         "methods": {m: list(v) for m, v in METHODS.items()}, "jobs": jobs,
+         "grids": g.describe(grid(preset))},
         {"counted": counted},
         store=store)
 

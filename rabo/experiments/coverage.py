@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from rabo.experiments import common
+from rabo.experiments import grid as g
 from rabo.experiments.common import (
-    DATASET_OVERRIDES,
-    SPLIT_OVERRIDES,
     RunSpec,
     group,
     mean_curve,
     stats,
 )
+from rabo.experiments.grid import Grid
 from rabo.experiments.markdown import (
     image,
     mean_of,
@@ -70,24 +70,21 @@ PRESETS = {
 }
 
 
-def build_specs(preset: str) -> list[RunSpec]:
+def grid(preset: str) -> Grid:
+    """tasks x datasets x splits x k x seeds; k of the clients at ratio 1, the rest at
+    ``POOR_RATIO``."""
     p = PRESETS[preset]
-    specs = []
-    for task in p.tasks:
-        for ds in p.datasets:
-            for split in p.splits:
-                for k in p.ks:
-                    tiers = [1.0] * k + [POOR_RATIO] * (p.clients - k)
-                    for seed in p.seeds:
-                        key = f"{task}/{ds}/{split}/k{k}/{seed}"
-                        ov = (f"data.dataset={ds}", *SPLIT_OVERRIDES[split],
-                              *DATASET_OVERRIDES[ds], f"seed={seed}", f"rounds={p.rounds}",
-                              f"clients.count={p.clients}", "mask.policy=static",
-                              f"eval_every={p.every}", f"hypergradient_every={p.every}",
-                              *p.extra)
-                        specs.append(common.spec(key, task, ov, tiers, task=task, dataset=ds,
-                                                 split=split, k=k, seed=seed))
-    return specs
+    return Grid((g.tasks(p.tasks), g.datasets(p.datasets), g.splits(p.splits),
+                 g.axis("k", p.ks, key=lambda k: f"k{k}",
+                        tiers=lambda k: [1.0] * k + [POOR_RATIO] * (p.clients - k)),
+                 g.seeds(p.seeds)),
+                extra=(f"rounds={p.rounds}", f"clients.count={p.clients}",
+                       "mask.policy=static", f"eval_every={p.every}",
+                       f"hypergradient_every={p.every}", *p.extra))
+
+
+def build_specs(preset: str) -> list[RunSpec]:
+    return g.specs(grid(preset))
 
 
 def run(preset: str, out: Path, jobs: int,
@@ -100,7 +97,7 @@ def run(preset: str, out: Path, jobs: int,
          "datasets": list(p.datasets), "splits": list(p.splits),
          "extra_overrides": list(p.extra), "jobs": jobs,
          "warmup_rounds": min(WARMUP, p.rounds // 4), "hypergradient_every": p.every,
-         "cg_residual_ok": RESIDUAL_OK},
+         "cg_residual_ok": RESIDUAL_OK, "grids": g.describe(grid(preset))},
         store=store)
 
 

@@ -16,15 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from rabo.experiments import common
+from rabo.experiments import grid as g
 from rabo.experiments.common import (
     DATASET_OVERRIDES,
-    SPLIT_OVERRIDES,
     TIERS,
     RunSpec,
     group,
     mean_curve,
     stats,
 )
+from rabo.experiments.grid import Grid
 from rabo.experiments.markdown import (
     MIB,
     image,
@@ -66,26 +67,24 @@ PRESETS = {
 }
 
 
-def build_specs(preset: str) -> list[RunSpec]:
+def grid(preset: str) -> Grid:
+    """tasks x datasets x splits x estimators x budgets x seeds; the ``fd-central`` budgets
+    (exact and neumann under budgets sized for fd-central) only where the preset asks."""
     p = PRESETS[preset]
-    specs = []
-    for task in p.tasks:
-        for ds in p.datasets:
-            for split in p.splits:
-                for est in ESTIMATORS:
-                    variants: list[tuple[str, tuple[str, ...]]] = [("own", ())]
-                    if p.fd_budget_runs and est in ("exact", "neumann"):
-                        variants.append(("fd-central", ("estimator.name=fd-central",)))
-                    for budget_label, budget_ov in variants:
-                        for seed in p.seeds:
-                            key = f"{task}/{ds}/{split}/{est}/{budget_label}/{seed}"
-                            ov = (f"data.dataset={ds}", *SPLIT_OVERRIDES[split],
-                                  *DATASET_OVERRIDES[ds], f"seed={seed}",
-                                  f"rounds={p.rounds}", f"estimator.name={est}", *p.extra)
-                            specs.append(common.spec(
-                                key, task, ov, TIERS, budget_ov, task=task, dataset=ds,
-                                split=split, estimator=est, budgets=budget_label, seed=seed))
-    return specs
+    budgets = {"own": (), **({"fd-central": ("estimator.name=fd-central",)}
+                             if p.fd_budget_runs else {})}
+    return Grid((g.tasks(p.tasks), g.datasets(p.datasets), g.splits(p.splits),
+                 g.axis("estimator", ESTIMATORS, lambda e: (f"estimator.name={e}",)),
+                 g.Axis("budgets", tuple(g.Level(k, (("budgets", k),), budget_overrides=v)
+                                         for k, v in budgets.items())),
+                 g.seeds(p.seeds)),
+                extra=(f"rounds={p.rounds}", *p.extra), tiers=TIERS,
+                where=lambda lb: lb["budgets"] == "own" or lb["estimator"] in ("exact",
+                                                                               "neumann"))
+
+
+def build_specs(preset: str) -> list[RunSpec]:
+    return g.specs(grid(preset))
 
 
 def policy_table(preset: str) -> list[dict[str, Any]]:
@@ -127,7 +126,7 @@ def run(preset: str, out: Path, jobs: int,
         NAME, preset, build_specs(preset), jobs, p.tasks,
         {"seeds": list(p.seeds), "rounds": p.rounds, "datasets": list(p.datasets),
          "splits": list(p.splits), "tier_ratios": list(TIERS),
-         "extra_overrides": list(p.extra), "jobs": jobs},
+         "extra_overrides": list(p.extra), "jobs": jobs, "grids": g.describe(grid(preset))},
         {"policy_under_fd_central_budgets": policy_table(preset)},
         store=store)
 

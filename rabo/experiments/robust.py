@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from rabo.experiments import common
-from rabo.experiments.common import DATASET_OVERRIDES, SPLIT_OVERRIDES, TIERS, group, stats
+from rabo.experiments import grid as g
+from rabo.experiments.common import TIERS, group, stats
+from rabo.experiments.grid import Grid
 
 NAME = "robust"
 CLIPS = (3.0, 1.5)  # clip_rms values measured
@@ -44,18 +46,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_specs(preset: str) -> list[common.RunSpec]:
+def grid(preset: str) -> Grid:
+    """Task A x (dataset, split) settings x methods x seeds."""
     p = PRESETS[preset]
-    specs = []
-    for ds, split in p["settings"]:
-        for method, overrides in METHODS.items():
-            for seed in p["seeds"]:
-                ov = (f"data.dataset={ds}", *SPLIT_OVERRIDES[split], *DATASET_OVERRIDES[ds],
-                      f"seed={seed}", f"rounds={p['rounds']}", *overrides, *p["extra"])
-                specs.append(common.spec(f"A/{ds}/{split}/{method}/{seed}", "A", ov, TIERS,
-                                         task="A", dataset=ds, split=split, method=method,
-                                         seed=seed))
-    return specs
+    return Grid((g.tasks(("A",)), g.settings(p["settings"]), g.axis("method", METHODS, METHODS),
+                 g.seeds(p["seeds"])), extra=(f"rounds={p['rounds']}", *p["extra"]), tiers=TIERS)
+
+
+def build_specs(preset: str) -> list[common.RunSpec]:
+    return g.specs(grid(preset))
 
 
 def run(preset: str, out: Path, jobs: int,
@@ -66,7 +65,8 @@ def run(preset: str, out: Path, jobs: int,
         {"seeds": list(p["seeds"]), "rounds": p["rounds"],
          "methods": {m: list(v) for m, v in METHODS.items()},
          "settings": [list(s) for s in p["settings"]], "tier_ratios": list(TIERS),
-         "extra_overrides": list(p["extra"]), "jobs": jobs},
+         "extra_overrides": list(p["extra"]), "jobs": jobs,
+         "grids": g.describe(grid(preset))},
         store=store)
 
 
