@@ -181,6 +181,8 @@ def run_point(params: float, workers: int, rounds: int, chunk_bytes: int = 1 << 
                              if p["aggregation_s"] is not None),
         "coordinator_cpu_s_per_round": cpu,
         "coordinator_cpu_utilisation": cpu / round_s if cpu is not None and round_s else None,
+        # the coordinator's CPU seconds per GB of tensor bytes moved (both ways)
+        "coordinator_cpu_s_per_gb": cpu / (payload / 1e9) if cpu is not None and payload else None,
         "coordinator_rss_bytes_end": samples[-1][2] if samples else None,
         "setup_s": (samples[0][0] - t_start) if samples else None,
         "setup_cpu_s": (samples[0][1] - cpu_start) if samples else None,
@@ -209,7 +211,8 @@ def run_grid(grid: Grid) -> dict[str, Any]:
             points.append(pt)
             print(f"  {workers:>3} workers x {pt['params'] / 1e6:6.2f}M params: round "
                   f"{pt['round_s']:.3f}s, overhead {pt['round_overhead_s']:.3f}s, "
-                  f"coordinator CPU {pt['coordinator_cpu_s_per_round'] or 0:.3f}s/round, "
+                  f"coordinator CPU {pt['coordinator_cpu_s_per_round'] or 0:.3f}s/round "
+                  f"({pt['coordinator_cpu_s_per_gb'] or 0:.3f}s/GB), "
                   f"payload {pt['payload_bytes_per_round'] / 2**20:.1f} MiB/round, wire/payload "
                   f"{pt['wire_vs_payload'] or float('nan'):.5f} "
                   f"({time.perf_counter() - t0:.0f}s)", flush=True)

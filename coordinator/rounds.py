@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from coordinator.payloads import SharedPayloads, full_payload_bytes
 from coordinator.state import Coordinator, CoordinatorError, RoundTicket, WorkerTask
 from coordinator.wire import resources_of
 from rabo import checkpoint
@@ -129,6 +130,9 @@ class RoundDriver(Transport):
         ticket.not_assigned = dict(not_assigned or {})
         for t in tasks:
             ticket.tasks[t.name] = WorkerTask(t.name, t.plan, t.reason)
+        ticket.payloads = SharedPayloads(c.job.engine, c.state,
+                                         ((t.name, t.plan) for t in tasks),
+                                         budget_bytes=full_payload_bytes(c.job))
         with c.cond:
             c.ticket = ticket
             c.cond.notify_all()
@@ -164,6 +168,8 @@ class RoundDriver(Transport):
                         break
                 c.cond.wait(0.25 if now >= ticket.deadline else min(ticket.deadline - now, 0.5))
             ticket.closed = True
+            if ticket.payloads is not None:
+                ticket.payloads.clear()
             c.cond.notify_all()
 
     def _moving(self, t: WorkerTask, deadline: float, now: float) -> bool:

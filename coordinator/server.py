@@ -32,7 +32,7 @@ from rabo.config import Config
 from rabo.engine import GlobalState
 from rabo.job import Job
 from rabo.runtime import tune_allocator
-from rabo_proto.v1 import rabo_pb2_grpc as pb_grpc
+from rabo_proto.stream import add_servicer
 
 log = logging.getLogger("rabo.coordinator")
 STOP_DRAIN_S = 20.0  # SIGTERM: how long the driver may take to record its last round
@@ -198,7 +198,7 @@ async def _start_grpc(cfg: Config, coord: Coordinator, security: Security, addre
     interceptors = [TokenInterceptor(security.tokens, lambda kind: coord.reject(f"auth-{kind}"))
                     ] if security.tokens else []
     server = grpc.aio.server(options=grpc_options(cfg), interceptors=interceptors)
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coord), server)
+    add_servicer(CoordinatorServicer(coord), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:

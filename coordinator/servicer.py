@@ -26,10 +26,16 @@ from coordinator.wire import assignment_header, encode_assignment, expected_upda
 from rabo.engine import GlobalState, Update
 from rabo.errors import UpdateRejected
 from rabo_proto import PROTOCOL_VERSION
-from rabo_proto.codec import Assembler, WireError, check_header, message_bytes
+from rabo_proto.codec import (
+    GRPC_FRAME_BYTES,
+    Assembler,
+    WireError,
+    check_header,
+    message_bytes,
+)
 from rabo_proto.status import RUN_COMPLETE, RUN_STATE_KEY, RUN_STOPPING
+from rabo_proto.stream import parse, parse_trailer
 from rabo_proto.v1 import rabo_pb2 as pb
-from rabo_proto.v1 import rabo_pb2_grpc as pb_grpc
 
 log = logging.getLogger("rabo.coordinator")
 
@@ -68,7 +74,7 @@ async def _wait(cond: Signal, event: asyncio.Event, timeout: float) -> None:
             cond.discard(event)
 
 
-class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+class CoordinatorServicer:
     """The coordinator's RPCs, as coroutines on gRPC's asyncio server: a call that waits (a
     long poll, a silent stream) holds no thread, so no number of them can starve the rest.
     Work that takes CPU time for a whole model (slicing an assignment, checking an update)
@@ -265,13 +271,15 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         task.payload_down = encoded.total_bytes
         sent = message_bytes(header)
         yield header
-        for chunk in encoded.chunks():
+        for chunk in encoded.chunks():  # raw messages: the bytes themselves
             task.last_progress = c.clock()  # the previous message has been taken by gRPC
-            msg = pb.AssignmentMessage(chunk=chunk)
-            size = message_bytes(msg)
+            size = len(chunk) + GRPC_FRAME_BYTES
             sent += size
             task.moved += size
-            yield msg
+            yield chunk
+        trailer = pb.AssignmentMessage(trailer=encoded.trailer())
+        sent += message_bytes(trailer)
+        yield trailer
         task.last_progress = c.clock()
         task.message_down = sent
 
@@ -279,14 +287,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                  ) -> tuple[Any, pb.AssignmentMessage]:
         c = self.c
         assignment = c.job.engine.assign(state, task.plan, copy=False)
-        encoded = encode_assignment(assignment, wid, c.cfg.cluster.chunk_bytes)
-        header = assignment_header(assignment, encoded, max(0.0, ticket.deadline - c.clock()),
-                                   task.reason)
+        encoded = ticket.payloads.get(wid, lambda: encode_assignment(
+            assignment, wid, c.cfg.cluster.chunk_bytes)) if ticket.payloads else \
+            encode_assignment(assignment, wid, c.cfg.cluster.chunk_bytes)
+        header = assignment_header(assignment, encoded.header_for(wid),
+                                   max(0.0, ticket.deadline - c.clock()), task.reason)
         return encoded, header
 
     # ------------------------------------------------------------------ updates
 
-    async def _next(self, it: AsyncIterator[pb.UpdateMessage]) -> pb.UpdateMessage | None:
+    async def _next(self, it: AsyncIterator[bytes]) -> bytes | None:
         """The stream's next message, None at its end; ``_Silent`` past the message timeout."""
         try:
             return await asyncio.wait_for(anext(it), self.c.cfg.cluster.message_timeout_s)
@@ -295,7 +305,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         except TimeoutError:
             raise _Silent from None
 
-    async def SubmitUpdate(self, request_iterator: AsyncIterator[pb.UpdateMessage],
+    async def SubmitUpdate(self, request_iterator: AsyncIterator[bytes],
                            context: grpc.aio.ServicerContext) -> pb.SubmitReply:
         async with self._counted(context):
             try:
@@ -306,13 +316,18 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                              f"no message within {self.c.cfg.cluster.message_timeout_s:g} s "
                              f"(cluster.message_timeout_s): stream ended")
 
-    async def _submit(self, request_iterator: AsyncIterator[pb.UpdateMessage],
+    async def _submit(self, request_iterator: AsyncIterator[bytes],
                       context: grpc.aio.ServicerContext) -> pb.SubmitReply:
         c = self.c
-        first = await self._next(request_iterator)
-        if first is None:
+        raw = await self._next(request_iterator)
+        if raw is None:
             c.reject("empty")
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "empty update stream")
+        try:
+            first = parse(raw, pb.UpdateMessage, "an update stream's first message")
+        except WireError as exc:
+            c.reject("no-header")
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if first.WhichOneof("body") != "header":
             c.reject("no-header")
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
@@ -399,7 +414,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                                                      f"({assembler.received} bytes)")
 
     async def _receive(self, h: pb.UpdateHeader, task: WorkerTask,
-                       it: AsyncIterator[pb.UpdateMessage], ticket: RoundTicket
+                       it: AsyncIterator[bytes], ticket: RoundTicket
                        ) -> tuple[Update, Assembler]:
         cfg = self.c.cfg.cluster
         if h.client_id != task.plan.client_id:
@@ -410,16 +425,23 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         check_header(h.payload, expected_update(task.plan), max_total_bytes=1 << 40)
         assembler = Assembler(h.payload, max_chunk_bytes=cfg.chunk_bytes)
         received = message_bytes(pb.UpdateMessage(header=h))
-        while (msg := await self._next(it)) is not None:
-            if msg.WhichOneof("body") != "chunk":
-                raise WireError("only chunks may follow the update header", "chunk")
+        while not assembler.complete:
+            data = await self._next(it)
+            if data is None:
+                break
             if ticket.closed:  # stop reading at once
                 raise _RoundClosed
-            assembler.add(msg.chunk)
-            size = message_bytes(msg)
+            assembler.add(data)
+            size = len(data) + GRPC_FRAME_BYTES
             received += size
             task.moved += size
             task.last_progress = self.c.clock()
-        tensors = await asyncio.to_thread(assembler.finish, check_finite=True)
+        last = await self._next(it) if assembler.complete else None
+        trailer = parse_trailer(last, pb.UpdateMessage)
+        if trailer is not None:
+            received += len(last or b"") + GRPC_FRAME_BYTES
+            if await self._next(it) is not None:
+                raise WireError("messages after the update's trailer", "chunk")
+        tensors = await asyncio.to_thread(assembler.finish, trailer, check_finite=True)
         task.message_up = received
         return update_from_wire(h, tensors), assembler

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.monitoring import Monitor
+from coordinator.payloads import SharedPayloads
 from coordinator.registry import Registry
 from coordinator.security import RateLimiter
 from rabo import checkpoint
@@ -76,6 +77,7 @@ class RoundTicket:
     not_assigned: dict[str, str] = field(default_factory=dict)
     told: set[str] = field(default_factory=set)
     closed: bool = False
+    payloads: SharedPayloads | None = None  # assignments that several workers receive
 
     def complete(self) -> bool:
         return all(t.answered() for t in self.tasks.values())

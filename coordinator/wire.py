@@ -27,11 +27,11 @@ def encode_assignment(a: Assignment, worker_id: str, chunk_bytes: int) -> Encode
     return Encoded(a.round, worker_id, tensors, chunk_bytes)
 
 
-def assignment_header(a: Assignment, encoded: Encoded, deadline_s: float, reason: str
+def assignment_header(a: Assignment, payload: pb.PayloadHeader, deadline_s: float, reason: str
                       ) -> pb.AssignmentMessage:
     return pb.AssignmentMessage(assignment=pb.Assignment(
         round=a.round, client_id=a.client_id, mask=mask_to_pb(a.mask),
-        payload=encoded.header, deadline_s=deadline_s, reason=reason))
+        payload=payload, deadline_s=deadline_s, reason=reason))
 
 
 def expected_update(plan: ClientPlan, dtype: torch.dtype = torch.float32) -> list[pb.TensorMeta]:

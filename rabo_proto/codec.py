@@ -2,19 +2,22 @@
 
 Shared by the coordinator and the worker (both import this package, never each other). A
 payload is a :class:`~rabo_proto.v1.rabo_pb2.PayloadHeader` listing the tensors, followed by
-:class:`~rabo_proto.v1.rabo_pb2.Chunk` messages carrying the concatenated bytes. Receiving
-checks every chunk's offset and size as it arrives, the total length and the CRC-32 at the end,
-and decodes only after all of that; no pickle, no numpy or torch serialization formats.
+raw gRPC messages carrying the concatenated bytes (each message is the bytes themselves, no
+protobuf around them: see ``rabo_proto/stream.py``) and a
+:class:`~rabo_proto.v1.rabo_pb2.PayloadTrailer` with their CRC-32C. Receiving checks every
+chunk's size as it arrives, the total length, and the checksum against the trailer, and
+decodes only after all of that; no pickle, no numpy or torch serialization formats.
 """
 
 from __future__ import annotations
 
+import math
 import sys
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from google_crc32c import extend as _crc32c_extend
 
 from rabo_proto.v1 import rabo_pb2 as pb
 
@@ -86,30 +89,45 @@ def meta_nbytes(meta: pb.TensorMeta) -> int:
     return n * TORCH_DTYPES[meta.dtype].itemsize
 
 
+def crc32c(data: bytes, crc: int = 0) -> int:
+    """CRC-32C (Castagnoli) of ``data`` continuing ``crc``: the SSE4.2 / ARMv8 instruction
+    through ``google-crc32c`` (about 3x zlib's CRC-32 here), its portable C or pure-Python
+    code where the CPU lacks it; the same value everywhere."""
+    return int(_crc32c_extend(crc, data))
+
+
 class Encoded:
-    """A payload ready to stream: its header and a generator of chunks."""
+    """A payload ready to stream: its header, its bytes as raw chunk messages, and the
+    trailer with their CRC-32C (known once every chunk has been produced)."""
 
     def __init__(self, round: int, worker_id: str, tensors: Sequence[WireTensor],
                  chunk_bytes: int) -> None:
         if chunk_bytes < 1:
             raise ValueError("chunk_bytes must be >= 1")
         self._views = [_raw(t.tensor) for t in tensors]
-        crc = 0
-        for view in self._views:
-            crc = zlib.crc32(view, crc)
         self.header = pb.PayloadHeader(
             round=round, worker_id=worker_id,
             tensors=[tensor_meta(t.part, t.name, t.tensor.dtype, t.tensor.shape) for t in tensors],
-            total_bytes=sum(v.nbytes for v in self._views), crc32=crc)
+            total_bytes=sum(v.nbytes for v in self._views))
         self.chunk_bytes = chunk_bytes
+        self._crc: int | None = None
+        self._frozen: list[bytes] | None = None
 
     @property
     def total_bytes(self) -> int:
         return int(self.header.total_bytes)
 
-    def chunks(self) -> Iterator[pb.Chunk]:
-        """Chunks of at most ``chunk_bytes``, crossing tensor boundaries (one copy each)."""
-        offset = 0
+    def header_for(self, worker_id: str) -> pb.PayloadHeader:
+        """The header as sent to ``worker_id`` (a shared payload goes to several)."""
+        header = pb.PayloadHeader()
+        header.CopyFrom(self.header)
+        header.worker_id = worker_id
+        return header
+
+    def _make_chunks(self) -> Iterator[bytes]:
+        """Chunks of at most ``chunk_bytes``, crossing tensor boundaries: each one copy of
+        the tensor bytes (gRPC takes ``bytes``), checksummed as it is made."""
+        crc = 0
         pending: list[memoryview] = []
         pending_bytes = 0
         for view in self._views:
@@ -120,11 +138,33 @@ class Encoded:
                 pending_bytes += take
                 pos += take
                 if pending_bytes == self.chunk_bytes:
-                    yield pb.Chunk(offset=offset, data=b"".join(pending))
-                    offset += pending_bytes
+                    data = bytes(pending[0]) if len(pending) == 1 else b"".join(pending)
+                    crc = crc32c(data, crc)
+                    yield data
                     pending, pending_bytes = [], 0
         if pending_bytes:
-            yield pb.Chunk(offset=offset, data=b"".join(pending))
+            data = b"".join(pending)
+            crc = crc32c(data, crc)
+            yield data
+        self._crc = crc
+
+    def freeze(self) -> Encoded:
+        """Make every chunk now and keep them (and the checksum), so that the same bytes can
+        be streamed to several receivers without slicing, copying or checksumming again."""
+        if self._frozen is None:
+            self._frozen = list(self._make_chunks())
+            self._views = []
+        return self
+
+    def chunks(self) -> Iterator[bytes]:
+        if self._frozen is not None:
+            return iter(self._frozen)
+        return self._make_chunks()
+
+    def trailer(self) -> pb.PayloadTrailer:
+        if self._crc is None:
+            raise RuntimeError("the trailer is known once every chunk has been produced")
+        return pb.PayloadTrailer(crc32c=self._crc)
 
 
 def check_header(header: pb.PayloadHeader, expected: Sequence[pb.TensorMeta] | None,
@@ -172,42 +212,59 @@ def check_header(header: pb.PayloadHeader, expected: Sequence[pb.TensorMeta] | N
 
 
 class Assembler:
-    """Receives the chunks of one payload and decodes its tensors once complete."""
+    """Receives the raw chunks of one payload, then its trailer, and decodes its tensors once
+    complete. Every chunk is checked as it arrives (size, not past the announced total) and
+    checksummed then, so nothing is read twice at the end."""
 
     def __init__(self, header: pb.PayloadHeader, max_chunk_bytes: int) -> None:
         self.header = header
         self.max_chunk_bytes = max_chunk_bytes
-        self._buf = bytearray(header.total_bytes)
+        # uninitialised memory: every byte is written by a chunk before anything reads it
+        # (bytearray(n) would first zero all of it, a whole extra pass over the payload)
+        self._buf = torch.empty(int(header.total_bytes), dtype=torch.uint8).numpy()
+        self._view = memoryview(self._buf)  # type: ignore[arg-type]
         self._received = 0
+        self._crc = 0
         self.chunks = 0
 
     @property
     def received(self) -> int:
         return self._received
 
-    def add(self, chunk: pb.Chunk) -> None:
-        size = len(chunk.data)
+    @property
+    def complete(self) -> bool:
+        """Every announced byte has arrived (the trailer comes next)."""
+        return self._received == len(self._buf)
+
+    def add(self, data: bytes) -> None:
+        size = len(data)
         if size > self.max_chunk_bytes:
             raise WireError(f"chunk of {size} bytes exceeds the limit of "
                             f"{self.max_chunk_bytes}", "chunk")
-        if chunk.offset != self._received:
-            raise WireError(f"chunk at offset {chunk.offset}, expected {self._received} "
-                            "(chunks must arrive in order, without gaps or repeats)", "chunk")
+        if size == 0:
+            raise WireError("empty chunk (a payload's raw messages carry at least one byte)",
+                            "chunk")
         if self._received + size > len(self._buf):
             raise WireError(f"chunks carry more than the {len(self._buf)} bytes announced",
                             "chunk")
-        self._buf[self._received:self._received + size] = chunk.data
+        self._view[self._received:self._received + size] = data
+        self._crc = crc32c(data, self._crc)
         self._received += size
         self.chunks += 1
 
-    def finish(self, check_finite: bool = True) -> list[WireTensor]:
+    def finish(self, trailer: pb.PayloadTrailer | None, check_finite: bool = True
+               ) -> list[WireTensor]:
+        """The tensors, once every byte and the trailer (``None``: the stream ended without
+        one) have arrived and the checksum matches."""
         if self._received != len(self._buf):
             raise WireError(f"truncated payload: {self._received} of {len(self._buf)} bytes "
                             "arrived", "truncated")
-        crc = zlib.crc32(self._buf)
-        if crc != self.header.crc32:
-            raise WireError(f"checksum mismatch: CRC-32 {crc:#010x}, header says "
-                            f"{self.header.crc32:#010x}", "checksum")
+        if trailer is None:
+            raise WireError("truncated payload: the stream ended before the trailer",
+                            "truncated")
+        if self._crc != trailer.crc32c:
+            raise WireError(f"checksum mismatch: CRC-32C {self._crc:#010x}, trailer says "
+                            f"{trailer.crc32c:#010x}", "checksum")
         out: list[WireTensor] = []
         offset = 0
         for meta in self.header.tensors:
@@ -221,10 +278,11 @@ class Assembler:
                                      ).view(list(meta.shape))
             offset += n
             label = f"{PART_NAMES[meta.part]}.{meta.name}"
-            # the sum is finite when every entry is (one pass, no temporary); only a non-finite
-            # sum needs the exact test, which also tells overflow apart from NaN / inf entries
+            # a sum is non-finite when any entry is: a finite one (one float32 pass at memory
+            # speed, no temporary) settles it; only a non-finite sum needs the exact test,
+            # which tells a float32 overflow of finite entries apart from NaN / inf ones
             if (check_finite and t.is_floating_point() and t.numel()
-                    and not bool(torch.isfinite(t.sum(dtype=torch.float64)))
+                    and not math.isfinite(float(t.sum()))
                     and not bool(torch.isfinite(t).all())):
                 raise WireError(f"tensor {label} holds NaN or infinite values", "NaN")
             out.append(WireTensor(PART_NAMES[meta.part], meta.name, t))
@@ -232,5 +290,8 @@ class Assembler:
 
 
 def message_bytes(msg: object) -> int:
-    """Serialized size of one gRPC message including its 5-byte length prefix."""
+    """Size of one gRPC message on the stream including its 5-byte length prefix: a raw chunk
+    (``bytes``) or a protobuf message."""
+    if isinstance(msg, (bytes, bytearray, memoryview)):
+        return len(msg) + GRPC_FRAME_BYTES
     return int(msg.ByteSize()) + GRPC_FRAME_BYTES  # type: ignore[attr-defined]

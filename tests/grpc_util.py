@@ -9,14 +9,14 @@ import grpc
 import torch
 
 from rabo_proto import PROTOCOL_VERSION
-from rabo_proto.codec import Assembler, Encoded, WireTensor
+from rabo_proto.codec import Encoded, WireTensor
+from rabo_proto.stream import CoordinatorStub, parse, receive_payload
 from rabo_proto.v1 import rabo_pb2 as pb
-from rabo_proto.v1 import rabo_pb2_grpc as pb_grpc
 
 
 @dataclass
 class Session:
-    stub: pb_grpc.CoordinatorStub
+    stub: CoordinatorStub
     channel: grpc.Channel
     worker_id: str
     credential: str
@@ -29,7 +29,7 @@ class Session:
 
 def connect(port: int, client_id: int = -1, budget: int = 1 << 34) -> Session:
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    stub = pb_grpc.CoordinatorStub(channel)
+    stub = CoordinatorStub(channel)
     profile = pb.ResourceProfile(hostname="test", memory_budget_bytes=budget, device="cpu",
                                  flops_per_s=1e9)
     try:
@@ -48,12 +48,11 @@ def fetch(s: Session, after_round: int = 0, wait_s: float = 30.0
     call = s.stub.FetchAssignment(pb.FetchRequest(worker_id=s.worker_id, credential=s.credential,
                                                   after_round=after_round, wait_s=wait_s),
                                   timeout=wait_s + 10)
-    first = next(call)
+    first = parse(next(call), pb.AssignmentMessage, "answer")
     assert first.WhichOneof("body") == "assignment", first
-    asm = Assembler(first.assignment.payload, max_chunk_bytes=s.chunk_bytes)
-    for m in call:
-        asm.add(m.chunk)
-    return first.assignment, asm.finish()
+    tensors, _ = receive_payload(first.assignment.payload, call, s.chunk_bytes,
+                                 pb.AssignmentMessage)
+    return first.assignment, tensors
 
 
 def zero_update(tensors: list[WireTensor]) -> list[WireTensor]:
@@ -63,8 +62,11 @@ def zero_update(tensors: list[WireTensor]) -> list[WireTensor]:
 
 def update_stream(s: Session, round_: int, client_id: int, tensors: list[WireTensor],
                   chunk_bytes: int | None = None, worker_id: str | None = None,
-                  credential: str | None = None, mutate_chunks=None, mutate_header=None
-                  ) -> Iterator[pb.UpdateMessage]:
+                  credential: str | None = None, mutate_chunks=None, mutate_header=None,
+                  trailer: bool = True, crc32c: int | None = None
+                  ) -> Iterator[bytes | pb.UpdateMessage]:
+    """The update stream: its header, raw chunks (``mutate_chunks`` edits the list of bytes),
+    then the trailer (left out with ``trailer=False``; ``crc32c`` replaces its checksum)."""
     wid = worker_id if worker_id is not None else s.worker_id
     enc = Encoded(round_, wid, tensors, chunk_bytes or s.chunk_bytes)
     header = pb.UpdateHeader(worker_id=wid,
@@ -78,7 +80,16 @@ def update_stream(s: Session, round_: int, client_id: int, tensors: list[WireTen
     if mutate_chunks:
         chunks = mutate_chunks(chunks)
     yield pb.UpdateMessage(header=header)
-    for c in chunks:
-        yield pb.UpdateMessage(chunk=c)
+    yield from chunks
+    if trailer:
+        t = enc.trailer()
+        if crc32c is not None:
+            t.crc32c = crc32c
+        yield pb.UpdateMessage(trailer=t)
 
 
+
+
+def first_message(call) -> pb.AssignmentMessage:
+    """The first message of a FetchAssignment stream (an assignment, a wait or finished)."""
+    return parse(next(call), pb.AssignmentMessage, "answer")

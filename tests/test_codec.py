@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rabo_proto.codec import Assembler, Encoded, WireError, WireTensor, check_header, tensor_meta
+from rabo_proto.codec import (
+    Assembler,
+    Encoded,
+    WireError,
+    WireTensor,
+    check_header,
+    crc32c,
+    tensor_meta,
+)
 from rabo_proto.v1 import rabo_pb2 as pb
 
 
@@ -21,18 +29,37 @@ def _tensors():
 def test_roundtrip_across_chunk_sizes(chunk: int) -> None:
     enc = Encoded(3, "w1", _tensors(), chunk)
     chunks = list(enc.chunks())
-    assert all(len(c.data) <= chunk for c in chunks)
-    assert sum(len(c.data) for c in chunks) == enc.total_bytes == 15 * 4 + 7 * 8 + 4 * 2
+    assert all(isinstance(c, bytes) and 0 < len(c) <= chunk for c in chunks)
+    assert sum(len(c) for c in chunks) == enc.total_bytes == 15 * 4 + 7 * 8 + 4 * 2
+    assert enc.trailer().crc32c == crc32c(b"".join(chunks))
     asm = Assembler(enc.header, max_chunk_bytes=chunk)
     for c in chunks:
         asm.add(c)
-    out = asm.finish()
+    assert asm.complete
+    out = asm.finish(enc.trailer())
     for got, want in zip(out, _tensors(), strict=True):
         assert (got.part, got.name) == (want.part, want.name)
         assert got.tensor.dtype == want.tensor.dtype and torch.equal(got.tensor, want.tensor)
 
 
-def _assembled(mutate) -> None:
+def test_crc32c_is_castagnoli() -> None:
+    # the check value of CRC-32C (RFC 3720, appendix B.4): "123456789" -> 0xE3069283
+    assert crc32c(b"123456789") == 0xE3069283
+    assert crc32c(b"56789", crc32c(b"1234")) == 0xE3069283  # continued over chunks
+
+
+def test_a_frozen_payload_streams_the_same_bytes_every_time() -> None:
+    enc = Encoded(3, "w1", _tensors(), 16)
+    fresh = list(Encoded(3, "w1", _tensors(), 16).chunks())
+    with pytest.raises(RuntimeError, match="once every chunk"):
+        enc.trailer()
+    enc.freeze()
+    assert list(enc.chunks()) == list(enc.chunks()) == fresh
+    assert enc.trailer().crc32c == crc32c(b"".join(fresh))
+    assert enc.header_for("w2").worker_id == "w2" and enc.header.worker_id == "w1"
+
+
+def _assembled(mutate, trailer_crc=None) -> None:
     enc = Encoded(1, "w", _tensors(), 8)
     chunks = list(enc.chunks())
     header = pb.PayloadHeader()
@@ -41,31 +68,48 @@ def _assembled(mutate) -> None:
     asm = Assembler(header, max_chunk_bytes=8)
     for c in chunks:
         asm.add(c)
-    asm.finish()
+    trailer = enc.trailer()
+    if trailer_crc is not None:
+        trailer.crc32c = trailer_crc
+    asm.finish(trailer)
 
 
 def test_truncated_payload() -> None:
     with pytest.raises(WireError, match=r"truncated payload: \d+ of 124 bytes") as err:
         _assembled(lambda h, c: c[:-1])
     assert err.value.kind == "truncated"  # what code acts on, not the wording
+    asm = Assembler(Encoded(1, "w", _tensors(), 8).header, max_chunk_bytes=1000)
+    asm.add(b"".join(Encoded(1, "w", _tensors(), 8).chunks()))
+    with pytest.raises(WireError, match="ended before the trailer") as err:
+        asm.finish(None)
+    assert err.value.kind == "truncated"
 
 
 def test_bad_checksum() -> None:
     def flip(h, chunks):
-        chunks[2] = pb.Chunk(offset=chunks[2].offset, data=bytes([chunks[2].data[0] ^ 1])
-                             + chunks[2].data[1:])
+        chunks[2] = bytes([chunks[2][0] ^ 1]) + chunks[2][1:]
     with pytest.raises(WireError, match="checksum mismatch") as err:
         _assembled(flip)
     assert err.value.kind == "checksum"  # what code acts on, not the wording
+    with pytest.raises(WireError, match="trailer says 0x00003039") as err:
+        _assembled(lambda h, c: None, trailer_crc=12345)
+    assert err.value.kind == "checksum"
 
 
-def test_out_of_order_and_oversize_chunks() -> None:
-    with pytest.raises(WireError, match="expected 8") as err:
+def test_swapped_oversize_empty_and_excess_chunks() -> None:
+    # order is the stream's own (gRPC keeps it): swapped chunks are caught by the checksum
+    with pytest.raises(WireError, match="checksum mismatch") as err:
         _assembled(lambda h, c: [c[0], c[2], c[1], *c[3:]])
-    assert err.value.kind == "chunk"  # what code acts on, not the wording
+    assert err.value.kind == "checksum"
     with pytest.raises(WireError, match="exceeds the limit of 8") as err:
-        _assembled(lambda h, c: [pb.Chunk(offset=0, data=c[0].data + c[1].data), *c[2:]])
+        _assembled(lambda h, c: [c[0] + c[1], *c[2:]])
     assert err.value.kind == "chunk"  # what code acts on, not the wording
+    with pytest.raises(WireError, match="empty chunk") as err:
+        _assembled(lambda h, c: [b"", *c])
+    assert err.value.kind == "chunk"
+    with pytest.raises(WireError, match="more than the 124 bytes announced") as err:
+        _assembled(lambda h, c: [*c, b"x"])
+    assert err.value.kind == "chunk"
 
 
 def test_nan_is_refused() -> None:
@@ -74,8 +118,31 @@ def test_nan_is_refused() -> None:
     for c in enc.chunks():
         asm.add(c)
     with pytest.raises(WireError, match="x.a holds NaN or infinite values") as err:
-        asm.finish()
+        asm.finish(enc.trailer())
     assert err.value.kind == "NaN"  # what code acts on, not the wording
+
+
+def test_stream_codecs_pass_raw_chunks_and_parse_trailers() -> None:
+    from rabo_proto.stream import parse, parse_trailer, receive_payload, serialize
+
+    enc = Encoded(1, "w", _tensors(), 16)
+    msgs = [serialize(m) for m in
+            [pb.AssignmentMessage(assignment=pb.Assignment(payload=enc.header)),
+             *enc.chunks(), pb.AssignmentMessage(trailer=enc.trailer())]]
+    first = parse(msgs[0], pb.AssignmentMessage, "first")
+    out, asm = receive_payload(first.assignment.payload, iter(msgs[1:]), 16,
+                               pb.AssignmentMessage)
+    assert [torch.equal(a.tensor, b.tensor) for a, b in zip(out, _tensors(), strict=True)]
+    assert asm.chunks == len(msgs) - 2
+    with pytest.raises(WireError, match="messages after the payload's trailer"):
+        receive_payload(first.assignment.payload, iter([*msgs[1:], msgs[-1]]), 16,
+                        pb.AssignmentMessage)
+    with pytest.raises(WireError, match="followed by its trailer, got assignment") as err:
+        parse_trailer(msgs[0], pb.AssignmentMessage)
+    assert err.value.kind == "chunk"
+    assert parse_trailer(None, pb.AssignmentMessage) is None
+    with pytest.raises(WireError, match="not a valid UpdateMessage"):
+        parse(b"\xff\xff\xff", pb.UpdateMessage, "x")
 
 
 def test_header_checks() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
-from grpc_util import connect, fetch, update_stream, zero_update
+from grpc_util import connect, fetch, first_message, update_stream, zero_update
 
 from coordinator.server import serve
 from rabo import config
@@ -105,13 +105,26 @@ def test_nan(cluster) -> None:
 
 def test_truncated_stream(cluster) -> None:
     _expect(grpc.StatusCode.DATA_LOSS, "truncated payload", cluster,
-            mutate_chunks=lambda c: c[:-1])
+            mutate_chunks=lambda c: c[:-1], trailer=False)
+
+
+def test_stream_ends_before_the_trailer(cluster) -> None:
+    _expect(grpc.StatusCode.DATA_LOSS, "the stream ended before the trailer", cluster,
+            trailer=False)
+
+
+def test_more_bytes_than_announced(cluster) -> None:
+    _expect(grpc.StatusCode.INVALID_ARGUMENT, "chunks carry more than the", cluster,
+            mutate_chunks=lambda c: [*c[:-1], c[-1] + b"\0"])
+
+
+def test_wrong_trailer_checksum(cluster) -> None:
+    _expect(grpc.StatusCode.DATA_LOSS, "checksum mismatch", cluster, crc32c=12345)
 
 
 def test_bad_checksum(cluster) -> None:
     def flip(chunks):
-        c = chunks[0]
-        return [pb.Chunk(offset=0, data=bytes([c.data[0] ^ 0xFF]) + c.data[1:]), *chunks[1:]]
+        return [bytes([chunks[0][0] ^ 0xFF]) + chunks[0][1:], *chunks[1:]]
     _expect(grpc.StatusCode.DATA_LOSS, "checksum mismatch", cluster, mutate_chunks=flip)
 
 
@@ -123,9 +136,13 @@ def test_oversize_chunk(cluster) -> None:
 def test_header_must_come_first(cluster) -> None:
     server, a, _, _, _ = cluster
     with pytest.raises(grpc.RpcError) as err:
-        _submit(a.stub, iter([pb.UpdateMessage(chunk=pb.Chunk(offset=0, data=b"x"))]))
+        _submit(a.stub, iter([pb.UpdateMessage(trailer=pb.PayloadTrailer(crc32c=0))]))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "must start with an UpdateHeader" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:  # raw bytes where the header must be
+        _submit(a.stub, iter([b"\xff\xff\xff\xff"]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid UpdateMessage" in err.value.details()
 
 
 def test_unsupported_protocol_version(cluster) -> None:
@@ -159,7 +176,7 @@ def test_worker_that_fits_nothing_is_told_why() -> None:
         rich, poor = connect(server.port, 0), connect(server.port, 1, budget=1024)
         call = poor.stub.FetchAssignment(pb.FetchRequest(
             worker_id=poor.worker_id, credential=poor.credential, wait_s=20), timeout=30)
-        first = next(call)
+        first = first_message(call)
         assert first.WhichOneof("body") == "wait"
         assert "round 1: not assigned: the smallest ratio 0.0625 needs" in first.wait.reason
         assert poor.worker_id in server.coord.ticket.not_assigned
@@ -180,7 +197,7 @@ def test_nan_poll_time_is_answered_at_once() -> None:
         s = connect(server.port, 0)  # the second worker never comes: no round opens
         call = s.stub.FetchAssignment(pb.FetchRequest(
             worker_id=s.worker_id, credential=s.credential, wait_s=float("nan")), timeout=5)
-        first = next(call)
+        first = first_message(call)
         assert first.WhichOneof("body") == "wait" and first.wait.kind == pb.Wait.NO_ROUND
         s.close()
     finally:

@@ -32,10 +32,10 @@ from rabo.errors import ConfigError, ExitCode, RaboError
 from rabo.job import Job, resolve_device
 from rabo.runtime import prefer_low_memory
 from rabo_proto import PROTOCOL_VERSION
-from rabo_proto.codec import Assembler, WireError, check_header
+from rabo_proto.codec import WireError
 from rabo_proto.status import RUN_COMPLETE, RUN_STOPPING, run_state
+from rabo_proto.stream import CoordinatorStub, parse, receive_payload
 from rabo_proto.v1 import rabo_pb2 as pb
-from rabo_proto.v1 import rabo_pb2_grpc as pb_grpc
 from worker.backoff import Backoff
 from worker.profile import build_profile
 from worker.security import open_channel
@@ -192,7 +192,7 @@ class Worker:
     def _run_on(self, channel: grpc.Channel, backoff: Backoff, lost_since: float | None) -> int:
         """The retry loop of :meth:`run` on one channel."""
         opts = self.opts
-        stub = pb_grpc.CoordinatorStub(channel)
+        stub = CoordinatorStub(channel)
         while not self.stop.is_set():
             try:
                 finished = self._session(stub)
@@ -253,7 +253,7 @@ class Worker:
         self._leave(stub)
         return 0
 
-    def _leave(self, stub: pb_grpc.CoordinatorStub) -> None:
+    def _leave(self, stub: CoordinatorStub) -> None:
         if not self.worker_id:
             return
         with contextlib.suppress(grpc.RpcError):
@@ -262,7 +262,7 @@ class Worker:
 
     # ------------------------------------------------------------------ one session
 
-    def _session(self, stub: pb_grpc.CoordinatorStub) -> bool:
+    def _session(self, stub: CoordinatorStub) -> bool:
         """Register (if needed) and work; True when the coordinator says the run is over."""
         if not self.worker_id:
             reply = stub.Register(pb.RegisterRequest(
@@ -286,7 +286,11 @@ class Worker:
                 wait_s=self.opts.poll_s))
             self._call = call
             try:
-                first = next(call)
+                try:
+                    first = parse(next(call), pb.AssignmentMessage, "the coordinator's answer")
+                except WireError as exc:
+                    raise WorkerExit(f"bad answer from the coordinator: {exc}",
+                                     ExitCode.PROTOCOL) from None
                 self._contact = self.clock()
                 kind = first.WhichOneof("body")
                 if kind == "finished":
@@ -346,13 +350,8 @@ class Worker:
 
     def _receive(self, msg: pb.Assignment, call: Any) -> Any:
         try:
-            check_header(msg.payload, None, max_total_bytes=1 << 40)
-            assembler = Assembler(msg.payload, max_chunk_bytes=max(self.chunk_bytes, 1))
-            for m in call:
-                if m.WhichOneof("body") != "chunk":
-                    raise WireError("only chunks may follow an assignment", "chunk")
-                assembler.add(m.chunk)
-            tensors = assembler.finish(check_finite=True)
+            tensors, _ = receive_payload(msg.payload, call, self.chunk_bytes,
+                                         pb.AssignmentMessage)
             return assignment_from_wire(msg, tensors, self.job.hyper)
         except WireError as exc:
             raise WorkerExit(f"bad assignment from the coordinator: {exc}",
@@ -370,7 +369,7 @@ class Worker:
             self.baseline_rss = psutil.Process().memory_info().rss
         return job
 
-    def _heartbeats(self, stub: pb_grpc.CoordinatorStub, worker_id: str) -> None:
+    def _heartbeats(self, stub: CoordinatorStub, worker_id: str) -> None:
         while not self.stop.wait(self.heartbeat_s):
             if worker_id != self.worker_id or self._closed.is_set():
                 return  # re-registered (a newer heartbeat thread took over) or shut down

@@ -15,43 +15,38 @@ import logging
 import sys
 import threading
 import time
-import zlib
 
 import grpc
 
 from rabo.errors import ExitCode
 from rabo_proto import PROTOCOL_VERSION
+from rabo_proto.codec import WireError, crc32c
+from rabo_proto.stream import CoordinatorStub, parse, receive_payload
 from rabo_proto.v1 import rabo_pb2 as pb
-from rabo_proto.v1 import rabo_pb2_grpc as pb_grpc
 from worker.backoff import Backoff
 
 log = logging.getLogger("rabo.echo")
 _ZEROS = bytes(1 << 20)
 
 
-def _zero_chunks(total: int, chunk_bytes: int):
-    offset = 0
+def _zero_payload(header: pb.UpdateHeader, chunk_bytes: int):
+    """The update stream: the header, raw zero chunks, the trailer with their CRC-32C."""
+    yield pb.UpdateMessage(header=header)
+    total, offset, crc = header.payload.total_bytes, 0, 0
     while offset < total:
         n = min(chunk_bytes, total - offset)
         data = _ZEROS[:n] if n <= len(_ZEROS) else bytes(n)
-        yield pb.UpdateMessage(chunk=pb.Chunk(offset=offset, data=data))
+        crc = crc32c(data, crc)
+        yield data
         offset += n
-
-
-def _zero_crc(total: int) -> int:
-    crc, left = 0, total
-    while left:
-        n = min(left, len(_ZEROS))
-        crc = zlib.crc32(_ZEROS[:n], crc)
-        left -= n
-    return crc
+    yield pb.UpdateMessage(trailer=pb.PayloadTrailer(crc32c=crc))
 
 
 def run(target: str, client_id: int, name: str, max_message_bytes: int, poll_s: float) -> int:
     options = [("grpc.max_send_message_length", max_message_bytes),
                ("grpc.max_receive_message_length", max_message_bytes)]
     with grpc.insecure_channel(target, options=options) as channel:
-        stub = pb_grpc.CoordinatorStub(channel)
+        stub = CoordinatorStub(channel)
         profile = pb.ResourceProfile(hostname=name, logical_cpus=1, usable_cpus=1.0,
                                      memory_budget_bytes=1 << 40, device="cpu",
                                      budget_source="echo worker", flops_per_s=0.0)
@@ -86,7 +81,7 @@ def run(target: str, client_id: int, name: str, max_message_bytes: int, poll_s: 
             while True:
                 call = stub.FetchAssignment(pb.FetchRequest(worker_id=wid, credential=cred,
                                                             after_round=last, wait_s=poll_s))
-                first = next(call)
+                first = parse(next(call), pb.AssignmentMessage, "the coordinator's answer")
                 kind = first.WhichOneof("body")
                 if kind == "finished":
                     return 0
@@ -94,29 +89,23 @@ def run(target: str, client_id: int, name: str, max_message_bytes: int, poll_s: 
                     continue
                 a = first.assignment
                 start = time.perf_counter()
-                crc, got = 0, 0
-                for m in call:
-                    crc = zlib.crc32(m.chunk.data, crc)
-                    got += len(m.chunk.data)
-                if got != a.payload.total_bytes or crc != a.payload.crc32:
-                    log.error("round %d: bad assignment payload", a.round)
+                try:  # received as a worker receives it, nothing decoded beyond that
+                    receive_payload(a.payload, call, reply.chunk_bytes, pb.AssignmentMessage,
+                                    check_finite=False)
+                except WireError as exc:
+                    log.error("round %d: bad assignment payload: %s", a.round, exc)
                     return ExitCode.PROTOCOL
                 receive_s = time.perf_counter() - start
                 # the update holds the same tensors as the assignment: x, y and v slices
                 payload = pb.PayloadHeader(round=a.round, worker_id=wid,
                                            tensors=a.payload.tensors,
-                                           total_bytes=a.payload.total_bytes,
-                                           crc32=_zero_crc(a.payload.total_bytes))
+                                           total_bytes=a.payload.total_bytes)
                 header = pb.UpdateHeader(
                     worker_id=wid, credential=cred, round=a.round, client_id=a.client_id,
                     payload=payload, measurements=pb.Measurements(samples=1,
                                                                   receive_s=receive_s))
-
-                def stream(h=header, total=a.payload.total_bytes):
-                    yield pb.UpdateMessage(header=h)
-                    yield from _zero_chunks(total, reply.chunk_bytes)
-
-                stub.SubmitUpdate(stream(), timeout=max(60.0, a.deadline_s))
+                stub.SubmitUpdate(_zero_payload(header, reply.chunk_bytes),
+                                  timeout=max(60.0, a.deadline_s))
                 last = a.round
         finally:
             stop.set()

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 from rabo.engine import Assignment, ClientHyper, Update
 from rabo.masks import MaskSpec
 from rabo_proto.codec import Encoded, WireError, WireTensor
+from rabo_proto.stream import payload_stream
 from rabo_proto.v1 import rabo_pb2 as pb
 
 
@@ -29,7 +30,7 @@ def assignment_from_wire(msg: pb.Assignment, tensors: Sequence[WireTensor],
 
 
 def update_messages(update: Update, worker_id: str, credential: str, chunk_bytes: int,
-                    receive_s: float) -> tuple[Encoded, Iterator[pb.UpdateMessage]]:
+                    receive_s: float) -> tuple[Encoded, Iterator[bytes | pb.UpdateMessage]]:
     tensors = ([WireTensor("x", k, t) for k, t in update.x.items()]
                + [WireTensor("y", k, t) for k, t in update.y.items()]
                + [WireTensor("v", k, t) for k, t in update.v.items()])
@@ -41,10 +42,4 @@ def update_messages(update: Update, worker_id: str, credential: str, chunk_bytes
                                      peak_mem_bytes=update.peak_mem_bytes,
                                      samples=update.samples, upper_loss=update.upper_loss,
                                      receive_s=receive_s))
-
-    def stream() -> Iterator[pb.UpdateMessage]:
-        yield pb.UpdateMessage(header=header)
-        for chunk in encoded.chunks():
-            yield pb.UpdateMessage(chunk=chunk)
-
-    return encoded, stream()
+    return encoded, payload_stream(pb.UpdateMessage(header=header), encoded, pb.UpdateMessage)

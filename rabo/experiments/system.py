@@ -175,12 +175,13 @@ def section(data: dict[str, Any], rel: str) -> tuple[str, list[dict[str, str]]]:
         lines.append(table(
             ["workers", "params", "payload MiB/round", "wire / payload", "round s",
              "overhead s", "loopback s (same bytes)", "coordinator CPU s/round",
-             "CPU / round time", "payload MB/s", "coordinator RSS MiB"],
+             "CPU / round time", "CPU s / payload GB", "payload MB/s", "coordinator RSS MiB"],
             [[str(p["workers"]), f"{p['params'] / 1e6:.2f}M",
               f"{p['payload_bytes_per_round'] / MIB:.1f}", num(p["wire_vs_payload"], 5),
               num(p["round_s"], 3), num(p["round_overhead_s"], 3),
               num(p["loopback_transfer_s"], 3), num(p["coordinator_cpu_s_per_round"], 3),
-              num(p["coordinator_cpu_utilisation"], 2), num(p["payload_mb_per_s"], 0),
+              num(p["coordinator_cpu_utilisation"], 2),
+              num(p.get("coordinator_cpu_s_per_gb"), 3), num(p["payload_mb_per_s"], 0),
               num((p["coordinator_rss_bytes_end"] or 0) / MIB, 0)]
              for p in sorted(grid["points"], key=lambda p: (p["params_target"],
                                                               p["workers"]))]))

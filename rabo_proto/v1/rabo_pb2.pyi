@@ -48,26 +48,22 @@ class TensorMeta(_message.Message):
     def __init__(self, part: _Optional[_Union[Part, str]] = ..., name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PayloadHeader(_message.Message):
-    __slots__ = ("round", "worker_id", "tensors", "total_bytes", "crc32")
+    __slots__ = ("round", "worker_id", "tensors", "total_bytes")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
-    CRC32_FIELD_NUMBER: _ClassVar[int]
     round: int
     worker_id: str
     tensors: _containers.RepeatedCompositeFieldContainer[TensorMeta]
     total_bytes: int
-    crc32: int
-    def __init__(self, round: _Optional[int] = ..., worker_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., crc32: _Optional[int] = ...) -> None: ...
+    def __init__(self, round: _Optional[int] = ..., worker_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ..., total_bytes: _Optional[int] = ...) -> None: ...
 
-class Chunk(_message.Message):
-    __slots__ = ("offset", "data")
-    OFFSET_FIELD_NUMBER: _ClassVar[int]
-    DATA_FIELD_NUMBER: _ClassVar[int]
-    offset: int
-    data: bytes
-    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+class PayloadTrailer(_message.Message):
+    __slots__ = ("crc32c",)
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
+    crc32c: int
+    def __init__(self, crc32c: _Optional[int] = ...) -> None: ...
 
 class ResourceProfile(_message.Message):
     __slots__ = ("hostname", "logical_cpus", "usable_cpus", "memory_total_bytes", "memory_available_bytes", "memory_limit_bytes", "memory_budget_bytes", "device", "gpu_name", "gpu_total_bytes", "gpu_free_bytes", "flops_per_s", "threads", "budget_source")
@@ -220,16 +216,16 @@ class Finished(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class AssignmentMessage(_message.Message):
-    __slots__ = ("assignment", "chunk", "wait", "finished")
+    __slots__ = ("assignment", "wait", "finished", "trailer")
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
-    CHUNK_FIELD_NUMBER: _ClassVar[int]
     WAIT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    TRAILER_FIELD_NUMBER: _ClassVar[int]
     assignment: Assignment
-    chunk: Chunk
     wait: Wait
     finished: Finished
-    def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., wait: _Optional[_Union[Wait, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ...) -> None: ...
+    trailer: PayloadTrailer
+    def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ..., wait: _Optional[_Union[Wait, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., trailer: _Optional[_Union[PayloadTrailer, _Mapping]] = ...) -> None: ...
 
 class Measurements(_message.Message):
     __slots__ = ("compute_s", "peak_mem_bytes", "samples", "upper_loss", "receive_s")
@@ -262,12 +258,12 @@ class UpdateHeader(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., credential: _Optional[str] = ..., round: _Optional[int] = ..., client_id: _Optional[int] = ..., measurements: _Optional[_Union[Measurements, _Mapping]] = ..., payload: _Optional[_Union[PayloadHeader, _Mapping]] = ...) -> None: ...
 
 class UpdateMessage(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "trailer")
     HEADER_FIELD_NUMBER: _ClassVar[int]
-    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    TRAILER_FIELD_NUMBER: _ClassVar[int]
     header: UpdateHeader
-    chunk: Chunk
-    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+    trailer: PayloadTrailer
+    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., trailer: _Optional[_Union[PayloadTrailer, _Mapping]] = ...) -> None: ...
 
 class SubmitReply(_message.Message):
     __slots__ = ("accepted", "message")
