@@ -62,3 +62,52 @@ def test_full_coverage_is_plain_averaging() -> None:
     mean_w = sum(d["w"] for d in deltas) / 3
     assert torch.allclose(avg.average()["w"], mean_w)
     assert avg.stats().min == 3 and avg.stats().zero == 0
+
+
+def test_lazy_accumulators_match_a_dense_reference_on_random_rounds() -> None:
+    """Whole and partial slices, blocks and scattered indices, weights of 1, other weights and
+    0, tensors nobody covers: average, counts, covered and stats equal a plain dense
+    computation over explicit masks."""
+    layout = {"w": ParamLayout((6, 5), (Axis("h"), None)), "b": ParamLayout((6,), (Axis("h"),)),
+              "u": ParamLayout((3,), (None,))}
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        full = {k: torch.randn(lay.shape, generator=gen) for k, lay in layout.items()}
+        avg = CoverageAverager(full)
+        ref_sum = {k: torch.zeros(lay.shape, dtype=torch.float64) for k, lay in layout.items()}
+        ref_w = {k: torch.zeros(lay.shape, dtype=torch.float64) for k, lay in layout.items()}
+        ref_c = {k: torch.zeros(lay.shape, dtype=torch.int32) for k, lay in layout.items()}
+        cover_u = trial % 3 != 0  # "u" has no prunable axis: whole or absent
+        for _ in range(int(torch.randint(1, 5, (1,), generator=gen))):
+            k = int(torch.randint(1, 7, (1,), generator=gen))
+            units = torch.randperm(6, generator=gen)[:k].sort().values
+            if trial % 2:  # contiguous runs (blocks) instead of scattered units
+                units = torch.arange(k)
+            sp = plan({n: lay for n, lay in layout.items() if n != "u" or cover_u},
+                      {"h": units})
+            weight = [1.0, 2.5, 0.0][int(torch.randint(0, 3, (1,), generator=gen))]
+            values = {n: torch.randn(shape, generator=gen) for n, shape in sp.shapes.items()}
+            avg.add(sp, values, weight)
+            for n in sp.shapes:
+                mask = torch.zeros(layout[n].shape, dtype=torch.bool)
+                if n == "u":
+                    mask[:] = True
+                else:
+                    mask[units] = True
+                ref_sum[n][mask] += weight * values[n].double().reshape(-1)
+                ref_w[n][mask] += weight
+                ref_c[n][mask] += 1
+        stats = avg.stats()
+        counts, covered = avg.counts(), avg.covered()
+        out = avg.average()
+        for n in layout:
+            want = torch.where(ref_w[n] > 0, ref_sum[n] / ref_w[n].clamp(min=1e-300),
+                               torch.zeros_like(ref_sum[n]))
+            assert torch.allclose(out[n].double(), want, atol=1e-5), (trial, n)
+            assert torch.equal(counts[n], ref_c[n]), (trial, n)
+            assert torch.equal(covered[n], ref_w[n] > 0), (trial, n)
+        flat_c = torch.cat([c.reshape(-1) for c in ref_c.values()])
+        assert stats.total == flat_c.numel()
+        assert stats.zero == int((flat_c == 0).sum())
+        assert stats.min == int(flat_c.min())
+        assert abs(stats.mean - float(flat_c.double().mean())) < 1e-12

@@ -283,8 +283,14 @@ def section(data: dict[str, Any] | None, transport: dict[str, Any] | None,
                      f"overhead {1e3 * transport['round_overhead_s']:.0f} ms against "
                      f"{1e3 * transport['loopback_transfer_s']:.0f} ms for the same bytes over a "
                      f"loopback socket and {1e3 * transport['grpc_floor_s']:.0f} ms through bare "
-                     f"gRPC streams. Payload fraction per ratio (received / sent, against "
-                     f"r^2 + 0.03): " + "; ".join(
+                     f"gRPC streams"
+                     + (f" of raw messages ({1e3 * transport['grpc_floor_protobuf_chunks_s']:.0f} "
+                        f"ms with each chunk inside a protobuf message, as protocol 3 sent "
+                        f"them); coordinator CPU {transport['coordinator_cpu_s']:.3f} s per "
+                        f"round ({transport['coordinator_cpu_s_per_gb']:.3f} s per GB of "
+                        f"payload)" if "coordinator_cpu_s" in transport else "")
+                     + ". Payload fraction per ratio (received / sent, against "
+                     "r^2 + 0.03): " + "; ".join(
                          f"r={r}: {f['down_fraction']:.4f} / {f['up_fraction']:.4f} "
                          f"({f['r_squared_plus_0.03']:.4f})"
                          for r, f in transport["payload_fraction_by_ratio"].items()) + ".")
