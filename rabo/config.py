@@ -51,12 +51,15 @@ def opt(
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    kind: Literal["mlp", "cnn"] = opt("mlp", "width-prunable model family")
+    kind: str = opt("mlp", "width-prunable model: 'mlp', 'cnn' or a kind registered by a model "
+                    "plugin (docs/models.md)")
     hidden: list[int] = opt(
         [200], "hidden widths in units (MLP layers; for the CNN, dense layers after the convs)"
     )
     channels: list[int] = opt([32, 64], "CNN convolution channels, one entry per conv block")
     kernel: int = opt(3, "CNN kernel size (odd; 'same' padding, 2x2 max-pool after each)", ge=1)
+    options: dict[str, int | float | bool | str | list[int] | list[float]] = opt(
+        {}, "settings a model of your own reads (docs/models.md); the built-in models take none")
     scaler: Literal["none", "forward", "consistent"] = opt(
         "consistent",
         "none: submodels run unscaled; forward: [recon] HeteroFL's scaler, a submodel multiplies "
@@ -66,6 +69,11 @@ class ModelConfig:
         "per tensor by the kept fraction of that tensor (measured best, docs/method.md)")
 
     def validate(self, key: str) -> None:
+        if not self.kind.strip():
+            raise ConfigError(f"{key}.kind: must name a model, e.g. 'mlp'")
+        if self.kind in ("mlp", "cnn") and self.options:
+            raise ConfigError(f"{key}.options: the built-in {self.kind} takes no options, got "
+                              f"{sorted(self.options)}")
         if self.kind == "mlp" and not self.hidden:
             raise ConfigError(f"{key}.hidden: an MLP needs at least one hidden layer")
         if self.kind == "cnn" and not self.channels:
@@ -327,6 +335,8 @@ def _type_name(tp: Any) -> str:
         return " | ".join(_type_name(a) for a in get_args(tp))
     if origin is list:
         return f"list of {_type_name(get_args(tp)[0])}"
+    if origin is dict:
+        return f"mapping of {_type_name(get_args(tp)[1])}"
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
@@ -356,6 +366,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if len(errors) == 1 else
                           f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, item = get_args(tp)
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str) or not k:
+                raise ConfigError(f"{key}: keys must be non-empty strings, got {k!r}")
+            out[k] = _coerce(v, item, f"{key}.{k}")
+        return out
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")

@@ -422,7 +422,7 @@ def client_step(task: BilevelTask, a: Assignment, data: ClientData, device: torc
     x, y, v = dict(x0), dict(y0), dict(v0)
     # [ext] the consistent scaler: a submodel's steps on each tensor scaled by the tensor's kept
     # fraction (1 for a whole tensor), which undoes the forward scaler's gain on its gradients
-    fy = kept_fractions(task.y_layout, y0) if task.model.spec.scaler == "consistent" else None
+    fy = kept_fractions(task.y_layout, y0) if task.model.scaler == "consistent" else None
     fx = kept_fractions(task.x_layout, x0) if fy is not None else None
     hypergradient: Params = {}
     for t in range(hp.local_steps):

@@ -17,7 +17,7 @@ from rabo.config import Config
 from rabo.data import FederatedData, build_federated
 from rabo.engine import ClientHyper, RoundEngine
 from rabo.errors import ConfigError
-from rabo.models import WidthModel, build_model
+from rabo.models import PrunableModel, model_from_config
 from rabo.policy import Resources, choose_ratio
 from rabo.tasks import BilevelTask, build_task
 from rabo.units import parse_bytes
@@ -29,16 +29,14 @@ log = logging.getLogger("rabo")
 class Job:
     cfg: Config
     data: FederatedData
-    model: WidthModel
+    model: PrunableModel
     task: BilevelTask
     engine: RoundEngine
 
     @classmethod
     def from_config(cls, cfg: Config) -> Job:
         data = build_federated(cfg.data, cfg.clients.count, cfg.seed)
-        model = build_model(cfg.model.kind, data.input_shape, data.num_classes,
-                            cfg.model.hidden, cfg.model.channels, cfg.model.kernel,
-                            cfg.model.scaler)
+        model = model_from_config(cfg.model, data.input_shape, data.num_classes)
         if cfg.model.scaler == "forward" and not model.has_normalization:
             log.warning("model.scaler: forward on a model without normalization layers "
                         "multiplies a small client's gradients by about 1/(kept fraction) "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rabo.config import Config
-from rabo.models import WidthModel
+from rabo.models import PrunableModel
 from rabo.tasks.base import Batch, BilevelTask
 from rabo.tasks.hyperclean import HyperCleaning
 from rabo.tasks.hyperparam import HyperparameterLearning
@@ -13,7 +13,7 @@ __all__ = ["Batch", "BilevelTask", "HyperCleaning", "HyperRepresentation",
            "HyperparameterLearning", "build_task"]
 
 
-def build_task(cfg: Config, model: WidthModel, train_sizes: list[int] | None = None
+def build_task(cfg: Config, model: PrunableModel, train_sizes: list[int] | None = None
                ) -> BilevelTask:
     """The task ``cfg.task`` names, over ``model``."""
     if cfg.task == "A":

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from rabo.masks import MaskSpec
-from rabo.models import WidthModel
+from rabo.models import PrunableModel
 from rabo.params import Params
 from rabo.submodel import Layout, SlicePlan, plan
 
@@ -36,7 +36,7 @@ class BilevelTask(ABC):
     x_layout: Layout
     y_layout: Layout
 
-    def __init__(self, model: WidthModel) -> None:
+    def __init__(self, model: PrunableModel) -> None:
         self.model = model
 
     # ------------------------------------------------------------------ variables

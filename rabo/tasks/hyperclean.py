@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from rabo.models import WidthModel
+from rabo.models import PrunableModel
 from rabo.params import Params
 from rabo.submodel import ParamLayout
 from rabo.tasks.base import Batch, BilevelTask
@@ -24,7 +24,7 @@ from rabo.tasks.base import Batch, BilevelTask
 class HyperCleaning(BilevelTask):
     name = "C"
 
-    def __init__(self, model: WidthModel, train_sizes: list[int], c: float) -> None:
+    def __init__(self, model: PrunableModel, train_sizes: list[int], c: float) -> None:
         super().__init__(model)
         self.c = c
         self.y_layout = dict(model.layout)

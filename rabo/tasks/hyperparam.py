@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import torch
 
-from rabo.models import WidthModel
+from rabo.models import PrunableModel
 from rabo.params import Params
 from rabo.tasks.base import Batch, BilevelTask
 
@@ -21,7 +21,7 @@ from rabo.tasks.base import Batch, BilevelTask
 class HyperparameterLearning(BilevelTask):
     name = "B"
 
-    def __init__(self, model: WidthModel, log_l2_init: float) -> None:
+    def __init__(self, model: PrunableModel, log_l2_init: float) -> None:
         super().__init__(model)
         self.log_l2_init = log_l2_init
         self.y_layout = dict(model.layout)

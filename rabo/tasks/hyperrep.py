@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
-from rabo.models import WidthModel
+from rabo.models import PrunableModel
 from rabo.params import Params
 from rabo.tasks.base import Batch, BilevelTask
 
@@ -20,7 +20,7 @@ from rabo.tasks.base import Batch, BilevelTask
 class HyperRepresentation(BilevelTask):
     name = "A"
 
-    def __init__(self, model: WidthModel, mu: float) -> None:
+    def __init__(self, model: PrunableModel, mu: float) -> None:
         super().__init__(model)
         self.mu = mu
         self.x_layout = {n: model.layout[n] for n in model.backbone_names}
