@@ -368,3 +368,6 @@ def _width_model(model_cfg: Any, input_shape: tuple[int, ...], classes: int) -> 
 
 register_model("mlp", _width_model)
 register_model("cnn", _width_model)
+
+
+from rabo import resnet  # noqa: E402,F401 - registers "resnet" (it builds on PrunableModel)

@@ -21,29 +21,31 @@ from rabo.engine import GlobalState
 from rabo.params import max_abs_diff
 from rabo.runner import simulate
 
-OVERRIDES = ["data.dataset=digits", "model.hidden=[48, 32]", "clients.count=3", "rounds=3",
+OVERRIDES = ["data.dataset=digits", "clients.count=3", "rounds=3",
              "clients.ratios=[1, 0.5, 0.25]", "mask.policy=rolling", "inner.steps=2",
              "data.batch_size=32", "outer.optimizer=adam", "outer.lr=0.01",
              "estimator.name=fd-central",
              "cluster.heartbeat_misses=30"]  # every worker in every round, even under load
 ENV = dict(os.environ, GRPC_VERBOSITY="ERROR")
+MODELS = {"mlp": ["model.hidden=[48, 32]"],
+          "resnet": ["model.kind=resnet", "model.channels=[4, 8]"]}
 
 
-def run_grpc(tmp: Path) -> GlobalState:
+def run_grpc(tmp: Path, overrides: list[str]) -> GlobalState:
     out = tmp / "grpc"
     cmd = [sys.executable, "-m", "rabo.cli", "local", "--workers", "3", "--threads", "1",
-           "--out", str(out), *sum((["--set", o] for o in OVERRIDES), [])]
+           "--out", str(out), *sum((["--set", o] for o in overrides), [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     state, _ = checkpoint.load(out / "checkpoint.pt")
     return state
 
 
-def run_dist(tmp: Path) -> GlobalState:
+def run_dist(tmp: Path, overrides: list[str]) -> GlobalState:
     out = tmp / "dist"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
            "--master-port", str(free_port()), "-m", "rabo.dist", "--threads", "1", "--out",
-           str(out), *sum((["--set", o] for o in OVERRIDES), [])]
+           str(out), *sum((["--set", o] for o in overrides), [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     state, _ = checkpoint.load(out / "checkpoint.pt")
@@ -55,24 +57,30 @@ def run_dist(tmp: Path) -> GlobalState:
 TRANSPORTS = {"grpc": run_grpc, "dist-gloo": run_dist}
 
 
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def model(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def reference() -> GlobalState:
+def reference(model: str) -> GlobalState:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the workers run with one thread each
     try:
-        return simulate(config.load(None, OVERRIDES)).state
+        return simulate(config.load(None, [*OVERRIDES, *MODELS[model]])).state
     finally:
         torch.set_num_threads(threads)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("transport", sorted(TRANSPORTS))
-def test_transport_matches_in_process(transport: str, reference: GlobalState,
+def test_transport_matches_in_process(transport: str, model: str, reference: GlobalState,
                                       tmp_path: Path) -> None:
-    state = TRANSPORTS[transport](tmp_path)
+    overrides = [*OVERRIDES, *MODELS[model]]
+    state = TRANSPORTS[transport](tmp_path, overrides)
     assert state.round == reference.round == 3
     for part in ("x", "y", "v"):
         diff = max_abs_diff(getattr(reference, part), getattr(state, part))
         assert diff <= 1e-6, f"{transport}: {part} differs by {diff}"
-    assert max_abs_diff(reference.x, simulate(config.load(None, [*OVERRIDES, "rounds=2"])).state.x
+    assert max_abs_diff(reference.x, simulate(config.load(None, [*overrides, "rounds=2"])).state.x
                         ) > 1e-4  # the comparison can fail: one round less is far away
