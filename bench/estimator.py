@@ -2,10 +2,12 @@
 
 (a) On a quadratic problem with a closed-form hypergradient (float64), the relative error of
     each estimator at (x, y*(x), v*(x)).
-(b) On three workloads, the time and peak memory of each estimator as a ratio to ``exact``:
+(b) On seven workloads, the time and peak memory of each estimator as a ratio to ``exact``:
       A/mlp  task A, MLP 784-1024-1024-10 (y: the head)
       A/cnn  task A, CNN 1-32-64 (y: the head)
       B/cnn  task B, CNN 1-32-64 (y: the whole network; exact products differentiate all of it)
+      A/resnet, B/resnet  the shipped pre-activation ResNet (16-32-64 channels), batch 128
+      A/vit, B/vit        the shipped vision transformer (64 wide, 8 heads, 2 blocks), batch 128
     One estimator per subprocess: after warm-up, the median of repeated calls; the peak is the
     resident set's high-water mark above the baseline taken just before the first call (reset
     through /proc/self/clear_refs; glibc's mmap threshold is pinned so that freed tensors leave
@@ -33,6 +35,11 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "A/mlp": {"task": "A", "kind": "mlp", "hidden": [1024, 1024], "channels": [], "batch": 512},
     "A/cnn": {"task": "A", "kind": "cnn", "hidden": [], "channels": [32, 64], "batch": 512},
     "B/cnn": {"task": "B", "kind": "cnn", "hidden": [], "channels": [32, 64], "batch": 512},
+    # the shipped ResNet and ViT sizes (configs/resnet-mnist.yaml, configs/vit-mnist.yaml)
+    "A/resnet": {"task": "A", "kind": "resnet", "channels": [16, 32, 64], "batch": 128},
+    "B/resnet": {"task": "B", "kind": "resnet", "channels": [16, 32, 64], "batch": 128},
+    "A/vit": {"task": "A", "kind": "vit", "batch": 128},
+    "B/vit": {"task": "B", "kind": "vit", "batch": 128},
 }
 
 
@@ -75,13 +82,16 @@ def quadratic_errors() -> dict[str, dict[str, float]]:
 def _setup(workload: str, device: torch.device, batch_override: int) -> tuple[Any, ...]:
     import torch
 
+    from rabo.config import ModelConfig
     from rabo.estimators import Problem
-    from rabo.models import build_model
+    from rabo.models import model_from_config
     from rabo.tasks import Batch, HyperparameterLearning, HyperRepresentation
 
     spec = WORKLOADS[workload]
     batch = batch_override or spec["batch"]
-    model = build_model(spec["kind"], (1, 28, 28), 10, spec["hidden"], spec["channels"])
+    model = model_from_config(ModelConfig(kind=spec["kind"], hidden=spec.get("hidden", []),
+                                          channels=spec.get("channels", []), scaler="none"),
+                              (1, 28, 28), 10)
     task: Any = (HyperRepresentation(model, mu=0.01) if spec["task"] == "A"
                  else HyperparameterLearning(model, log_l2_init=-4.0))
     x, y = task.init(0)

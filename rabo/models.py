@@ -370,4 +370,5 @@ register_model("mlp", _width_model)
 register_model("cnn", _width_model)
 
 
-from rabo import resnet  # noqa: E402,F401 - registers "resnet" (it builds on PrunableModel)
+# the ResNet and the ViT build on PrunableModel and register themselves
+from rabo import resnet, vit  # noqa: E402,F401

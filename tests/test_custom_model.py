@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from model_util import fd_central_error
 
 from rabo.masks import MaskSpec, kept_count
 from rabo.models import PrunableModel, register_model
@@ -128,28 +129,7 @@ def test_unknown_and_broken_models_are_named() -> None:
 
 @pytest.mark.parametrize("task_kind", ["A", "B"])
 def test_estimators_agree_with_exact_on_the_custom_model(task_kind: str) -> None:
-    from rabo.estimators import ESTIMATORS, Problem
-    from rabo.tasks import Batch, HyperparameterLearning, HyperRepresentation
-
-    model = ResidualMLP((1, 8, 8), 10, 16)
-    task = (HyperRepresentation(model, mu=0.05) if task_kind == "A"
-            else HyperparameterLearning(model, log_l2_init=-2.0))
-    x, y = task.init(0)
-    gen = torch.Generator().manual_seed(1)
-    tr = Batch(torch.randn(64, 1, 8, 8, generator=gen),
-               torch.randint(0, 10, (64,), generator=gen), torch.arange(64))
-    va = Batch(torch.randn(32, 1, 8, 8, generator=gen),
-               torch.randint(0, 10, (32,), generator=gen), torch.arange(32))
-    problem = Problem(f=lambda a, b: task.f(a, b, va), g=lambda a, b: task.g(a, b, tr))
-    v = {k: torch.randn(t.shape, generator=gen) * 0.1 for k, t in y.items()}
-    exact = ESTIMATORS["exact"](eta_v=0.1, radius=0.0).estimate(problem, x, y, v)
-    fd = ESTIMATORS["fd-central"](eta_v=0.1, radius=0.0, delta=1e-2).estimate(problem, x, y, v)
-
-    def flat(p: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([t.reshape(-1) for t in p.values()])
-
-    err = float(torch.linalg.norm(flat(fd.hypergradient) - flat(exact.hypergradient))
-                / torch.linalg.norm(flat(exact.hypergradient)))
+    err = fd_central_error(ResidualMLP((1, 8, 8), 10, 16), task_kind)
     assert err < 5e-3, err
 
 

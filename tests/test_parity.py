@@ -28,7 +28,8 @@ OVERRIDES = ["data.dataset=digits", "clients.count=3", "rounds=3",
              "cluster.heartbeat_misses=30"]  # every worker in every round, even under load
 ENV = dict(os.environ, GRPC_VERBOSITY="ERROR")
 MODELS = {"mlp": ["model.hidden=[48, 32]"],
-          "resnet": ["model.kind=resnet", "model.channels=[4, 8]"]}
+          "resnet": ["model.kind=resnet", "model.channels=[4, 8]"],
+          "vit": ["model.kind=vit", "model.options={patch: 4, dim: 16, heads: 4, mlp: 16}"]}
 
 
 def run_grpc(tmp: Path, overrides: list[str]) -> GlobalState:

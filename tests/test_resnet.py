@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_util import assert_scatter_restores, fd_central_error, shipped_config_curve
 
 from rabo import config
-from rabo.estimators import ESTIMATORS, Problem
 from rabo.masks import MaskSpec, kept_count
 from rabo.resnet import PreActResNet
-from rabo.submodel import extract, scatter
-from rabo.tasks import Batch, HyperparameterLearning, HyperRepresentation
+from rabo.submodel import extract
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,10 +37,7 @@ def test_submodels_round_trip_and_run(policy: str) -> None:
         assert sub["s1b0.sc.weight"].shape == (k1, k0, 1, 1)
         assert sub["s1b1.n1.weight"].shape == (k1,) and sub["head.weight"].shape == (10, k1)
         assert model.forward(sub, x).shape == (5, 10)
-        back = scatter({k: torch.full_like(t, float("nan")) for k, t in params.items()}, sp, sub)
-        kept = {k: ~torch.isnan(t) for k, t in back.items()}
-        assert all(torch.equal(back[k][kept[k]], params[k][kept[k]]) for k in back)
-        assert sum(int(m.sum()) for m in kept.values()) == sp.numel()
+        assert_scatter_restores(params, sp, sub)
     # the full-width submodel is the model itself
     full = extract(params, model.slice_plan(MaskSpec(policy, 1.0, 4, seed=3)))
     assert torch.equal(model.forward(full, x), model.forward(params, x))
@@ -68,21 +64,7 @@ def test_group_norm_makes_outputs_independent_of_the_batch() -> None:
 
 @pytest.mark.parametrize("task_kind", ["A", "B"])
 def test_fd_central_matches_exact_products(task_kind: str) -> None:
-    model = PreActResNet((1, 8, 8), 10, (4, 8))
-    task = (HyperRepresentation(model, mu=0.05) if task_kind == "A"
-            else HyperparameterLearning(model, log_l2_init=-2.0))
-    x, y = task.init(0)
-    gen = torch.Generator().manual_seed(2)
-    tr = Batch(torch.randn(32, 1, 8, 8, generator=gen),
-               torch.randint(0, 10, (32,), generator=gen), torch.arange(32))
-    va = Batch(torch.randn(16, 1, 8, 8, generator=gen),
-               torch.randint(0, 10, (16,), generator=gen), torch.arange(16))
-    problem = Problem(f=lambda a, b: task.f(a, b, va), g=lambda a, b: task.g(a, b, tr))
-    v = {k: torch.randn(t.shape, generator=gen) * 0.1 for k, t in y.items()}
-    exact = ESTIMATORS["exact"](eta_v=0.1, radius=0.0).estimate(problem, x, y, v)
-    fd = ESTIMATORS["fd-central"](eta_v=0.1, radius=0.0, delta=1e-2).estimate(problem, x, y, v)
-    err = float(torch.linalg.norm(_flat(fd.hypergradient) - _flat(exact.hypergradient))
-                / torch.linalg.norm(_flat(exact.hypergradient)))
+    err = fd_central_error(PreActResNet((1, 8, 8), 10, (4, 8)), task_kind)
     assert err < 5e-3, err
 
 
@@ -100,13 +82,6 @@ def test_bad_resnet_settings_are_named() -> None:
 
 
 def test_the_shipped_config_trains_a_few_rounds() -> None:
-    from rabo.runner import simulate
-
-    cfg = config.load(ROOT / "configs" / "resnet-mnist.yaml",
-                      ["data.dataset=digits", "model.channels=[8, 16]", "rounds=30",
-                       "eval_every=5"])
-    records = simulate(cfg).records
-    assert [c["ratio"] for c in records[-1]["clients"]] == [1.0, 0.5, 0.25, 0.125]
-    acc = [r["test_acc"] for r in records if r["test_acc"] is not None]
+    acc = shipped_config_curve("resnet-mnist.yaml", ["model.channels=[8, 16]"])
     # measured 0.19 -> 0.48 over these 30 rounds; ten classes: chance is 0.1
     assert acc[-1] > 0.35 and acc[-1] > acc[0] + 0.15, acc
