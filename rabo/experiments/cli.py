@@ -14,7 +14,7 @@ from rabo.experiments import common
 # "all" runs what make bench regenerates; the ablations and the robustness experiment are
 # run on their own (make ablations), to keep make bench within its 40 minutes
 BENCH_GROUPS = ("claims", "estimators", "coverage", "communication")
-GROUPS = (*BENCH_GROUPS, "ablations", "robust")
+GROUPS = (*BENCH_GROUPS, "ablations", "robust", "models")
 
 
 def _module(name: str) -> Any:
