@@ -68,7 +68,10 @@ COMPARE: dict[str, list[tuple[str, str, int, int, list[str]]]] = {
 }
 RATIO_WORKLOADS = {
     "reduced": [("A/mlp 784-1024-1024-10", "A", ["model.hidden=[1024, 1024]"]),
-                ("B/mlp 784-1024-1024-10", "B", ["model.hidden=[1024, 1024]"])],
+                ("B/mlp 784-1024-1024-10", "B", ["model.hidden=[1024, 1024]"]),
+                # the shipped ResNet and ViT (configs/resnet-mnist.yaml, configs/vit-mnist.yaml)
+                ("A/resnet 16-32-64", "A", ["model.kind=resnet", "model.channels=[16, 32, 64]"]),
+                ("A/vit 64, 8 heads", "A", ["model.kind=vit"])],
     "full": [("A/mlp 784-1024-1024-10", "A", ["model.hidden=[1024, 1024]"]),
              ("B/mlp 784-1024-1024-10", "B", ["model.hidden=[1024, 1024]"]),
              ("A/cnn 32-64", "A", ["model.kind=cnn", "model.hidden=[]",
