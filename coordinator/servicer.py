@@ -29,6 +29,7 @@ from rabo_proto import PROTOCOL_VERSION
 from rabo_proto.codec import (
     GRPC_FRAME_BYTES,
     Assembler,
+    Encoded,
     WireError,
     check_header,
     message_bytes,
@@ -287,9 +288,11 @@ class CoordinatorServicer:
                  ) -> tuple[Any, pb.AssignmentMessage]:
         c = self.c
         assignment = c.job.engine.assign(state, task.plan, copy=False)
-        encoded = ticket.payloads.get(wid, lambda: encode_assignment(
-            assignment, wid, c.cfg.cluster.chunk_bytes)) if ticket.payloads else \
-            encode_assignment(assignment, wid, c.cfg.cluster.chunk_bytes)
+
+        def encode() -> Encoded:
+            return encode_assignment(assignment, wid, c.cfg.cluster.chunk_bytes)
+
+        encoded = ticket.payloads.get(wid, encode) if ticket.payloads is not None else encode()
         header = assignment_header(assignment, encoded.header_for(wid),
                                    max(0.0, ticket.deadline - c.clock()), task.reason)
         return encoded, header
