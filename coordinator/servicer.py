@@ -35,7 +35,7 @@ from rabo_proto.codec import (
     message_bytes,
 )
 from rabo_proto.status import RUN_COMPLETE, RUN_STATE_KEY, RUN_STOPPING
-from rabo_proto.stream import parse, parse_trailer
+from rabo_proto.stream import parse
 from rabo_proto.v1 import rabo_pb2 as pb
 
 log = logging.getLogger("rabo.coordinator")
@@ -428,23 +428,15 @@ class CoordinatorServicer:
         check_header(h.payload, expected_update(task.plan), max_total_bytes=1 << 40)
         assembler = Assembler(h.payload, max_chunk_bytes=cfg.chunk_bytes)
         received = message_bytes(pb.UpdateMessage(header=h))
-        while not assembler.complete:
-            data = await self._next(it)
-            if data is None:
-                break
+        while (data := await self._next(it)) is not None:
             if ticket.closed:  # stop reading at once
                 raise _RoundClosed
-            assembler.add(data)
+            assembler.accept(data, pb.UpdateMessage)
             size = len(data) + GRPC_FRAME_BYTES
             received += size
             task.moved += size
             task.last_progress = self.c.clock()
-        last = await self._next(it) if assembler.complete else None
-        trailer = parse_trailer(last, pb.UpdateMessage)
-        if trailer is not None:
-            received += len(last or b"") + GRPC_FRAME_BYTES
-            if await self._next(it) is not None:
-                raise WireError("messages after the update's trailer", "chunk")
-        tensors = await asyncio.to_thread(assembler.finish, trailer, check_finite=True)
+        tensors = await asyncio.to_thread(assembler.finish, assembler.trailer,
+                                          check_finite=True)
         task.message_up = received
         return update_from_wire(h, tensors), assembler

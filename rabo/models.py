@@ -327,7 +327,7 @@ def model_from_config(model_cfg: Any, input_shape: tuple[int, ...], classes: int
     factory = _FACTORIES.get(model_cfg.kind)
     if factory is None:
         raise ConfigError(f"model.kind: unknown model {model_cfg.kind!r}; known: "
-                          f"{', '.join(sorted(_FACTORIES))} (a model of your own: "
+                          f"{', '.join(model_kinds())} (a model of your own: "
                           f"docs/models.md)")
     try:
         model = factory(model_cfg, tuple(input_shape), classes)

@@ -15,8 +15,10 @@ import math
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
+from google.protobuf.message import DecodeError, Message
 from google_crc32c import extend as _crc32c_extend
 
 from rabo_proto.v1 import rabo_pb2 as pb
@@ -43,6 +45,9 @@ from rabo.errors import RaboError  # noqa: E402 - after the byte-order guard
 # What a refusal is about (metric labels, the status code chosen): set where it is raised
 WIRE_KINDS = ("checksum", "truncated", "shape", "dtype", "NaN", "chunk", "measurement",
               "client-id", "tensors-do-not-match", "mask", "invalid-payload")
+
+
+M = TypeVar("M", bound=Message)
 
 
 class WireError(RaboError, ValueError):
@@ -167,6 +172,28 @@ class Encoded:
         return pb.PayloadTrailer(crc32c=self._crc)
 
 
+def parse(data: bytes, cls: type[M], what: str) -> M:
+    """A streaming message that must be a protobuf ``cls``; a clear WireError otherwise."""
+    msg = cls()
+    try:
+        msg.ParseFromString(data)
+    except DecodeError as exc:
+        raise WireError(f"{what}: not a valid {cls.__name__} ({exc})") from None
+    return msg
+
+
+def parse_trailer(data: bytes | None, cls: type[pb.AssignmentMessage] | type[pb.UpdateMessage]
+                  ) -> pb.PayloadTrailer | None:
+    """The trailer a payload's raw chunks end with; None when the stream ended first."""
+    if data is None:
+        return None
+    msg = parse(data, cls, "the message after a payload's bytes")
+    if msg.WhichOneof("body") != "trailer":
+        raise WireError("a payload's bytes must be followed by its trailer, got "
+                        f"{msg.WhichOneof('body') or 'an empty message'}", "chunk")
+    return msg.trailer
+
+
 def check_header(header: pb.PayloadHeader, expected: Sequence[pb.TensorMeta] | None,
                  max_total_bytes: int) -> None:
     """Validate a header on its own, and against the expected tensor list when given."""
@@ -226,6 +253,7 @@ class Assembler:
         self._received = 0
         self._crc = 0
         self.chunks = 0
+        self.trailer: pb.PayloadTrailer | None = None  # set by accept()
 
     @property
     def received(self) -> int:
@@ -251,6 +279,18 @@ class Assembler:
         self._crc = crc32c(data, self._crc)
         self._received += size
         self.chunks += 1
+
+    def accept(self, data: bytes,
+               cls: type[pb.AssignmentMessage] | type[pb.UpdateMessage]) -> None:
+        """The stream's next message after the header: a raw chunk until every announced
+        byte has arrived, then the trailer (a ``cls`` message, kept in :attr:`trailer`),
+        then nothing."""
+        if not self.complete:
+            self.add(data)
+        elif self.trailer is None:
+            self.trailer = parse_trailer(data, cls)
+        else:
+            raise WireError("messages after the payload's trailer", "chunk")
 
     def finish(self, trailer: pb.PayloadTrailer | None, check_finite: bool = True
                ) -> list[WireTensor]:

@@ -17,16 +17,24 @@ message (serialized); a received streaming message is handed over as ``bytes`` a
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 
-from rabo_proto.codec import Assembler, Encoded, WireError, WireTensor, check_header
+from rabo_proto.codec import (  # parse and parse_trailer: re-exported for stream readers
+    Assembler,
+    Encoded,
+    WireTensor,
+    check_header,
+    parse,
+    parse_trailer,
+)
 from rabo_proto.v1 import rabo_pb2 as pb
 
 SERVICE = "rabo.v1.Coordinator"
-M = TypeVar("M", bound=Message)
+__all__ = ["CoordinatorStub", "add_servicer", "parse", "parse_trailer", "payload_stream",
+           "receive_payload", "serialize"]
 
 
 def _raw(data: bytes) -> bytes:
@@ -38,28 +46,6 @@ def serialize(item: bytes | Message) -> bytes:
     if isinstance(item, bytes):
         return item
     return item.SerializeToString()
-
-
-def parse(data: bytes, cls: type[M], what: str) -> M:
-    """A streaming message that must be a protobuf ``cls``; a clear WireError otherwise."""
-    msg = cls()
-    try:
-        msg.ParseFromString(data)
-    except DecodeError as exc:
-        raise WireError(f"{what}: not a valid {cls.__name__} ({exc})") from None
-    return msg
-
-
-def parse_trailer(data: bytes | None, cls: type[pb.AssignmentMessage] | type[pb.UpdateMessage]
-                  ) -> pb.PayloadTrailer | None:
-    """The trailer a payload's raw chunks end with; None when the stream ended first."""
-    if data is None:
-        return None
-    msg = parse(data, cls, "the message after a payload's bytes")
-    if msg.WhichOneof("body") != "trailer":
-        raise WireError("a payload's bytes must be followed by its trailer, got "
-                        f"{msg.WhichOneof('body') or 'an empty message'}", "chunk")
-    return msg.trailer
 
 
 def add_servicer(servicer: Any, server: Any) -> None:
@@ -113,15 +99,9 @@ def receive_payload(header: pb.PayloadHeader, messages: Iterator[bytes], max_chu
     been read); the stream must end after the trailer."""
     check_header(header, None, max_total_bytes=1 << 40)
     assembler = Assembler(header, max_chunk_bytes=max(max_chunk_bytes, 1))
-    trailer = None
     for data in messages:
-        if not assembler.complete:
-            assembler.add(data)
-        elif trailer is None:
-            trailer = parse_trailer(data, cls)
-        else:
-            raise WireError("messages after the payload's trailer", "chunk")
-    return assembler.finish(trailer, check_finite=check_finite), assembler
+        assembler.accept(data, cls)
+    return assembler.finish(assembler.trailer, check_finite=check_finite), assembler
 
 
 def payload_stream(first: Message, encoded: Encoded,
