@@ -31,6 +31,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.floor import grpc_floor_processes
 from rabo import config
 
 
@@ -254,6 +255,10 @@ def run_transport(params: float, workers: int, rounds: int, ratios: list[float],
     down = statistics.median(sum(c["payload_down_bytes"] for c in r["clients"]) for r in steady)
     up = statistics.median(sum(c["payload_up_bytes"] for c in r["clients"]) for r in steady)
     floor_s = grpc_floor_seconds(int(down), int(up), chunk_bytes)
+    last = sorted(steady[-1]["clients"], key=lambda c: c["client_id"])
+    procs_s, procs_cpu = grpc_floor_processes([c["payload_down_bytes"] for c in last],
+                                              [c["payload_up_bytes"] for c in last],
+                                              chunk_bytes)
     wrapped_s = grpc_floor_seconds(int(down), int(up), chunk_bytes, wrapped=True)
     by_ratio: dict[str, Any] = {}
     for c in steady[-1]["clients"]:
@@ -274,6 +279,10 @@ def run_transport(params: float, workers: int, rounds: int, ratios: list[float],
         "overhead_vs_loopback": overhead / loop_s,
         "grpc_floor_s": floor_s, "overhead_vs_grpc_floor": overhead / floor_s,
         "grpc_floor_protobuf_chunks_s": wrapped_s,
+        # the same bytes per worker through bare gRPC between this process (an asyncio
+        # server) and one client process per worker, rounds in lock step (bench.floor)
+        "grpc_floor_processes_s": procs_s, "grpc_floor_server_cpu_s": procs_cpu,
+        "overhead_vs_grpc_floor_processes": overhead / procs_s,
         # user + system CPU of the coordinator's process over a round (getrusage through
         # time.process_time, every thread: the servicer's event loop, gRPC's own threads and
         # the round driver), median over the steady rounds
@@ -315,6 +324,8 @@ def cmd_bench_transport(args: argparse.Namespace) -> int:
           f"loopback socket pair {result['loopback_transfer_s'] * 1e3:.1f} ms, through bare "
           f"gRPC streams {result['grpc_floor_s'] * 1e3:.1f} ms as raw messages, "
           f"{result['grpc_floor_protobuf_chunks_s'] * 1e3:.1f} ms inside protobuf messages")
+    print(f"bare gRPC with the same worker processes: {result['grpc_floor_processes_s'] * 1e3:.1f}"
+          f" ms per round, server CPU {result['grpc_floor_server_cpu_s']:.3f} s")
     print(f"coordinator CPU {result['coordinator_cpu_s']:.3f} s per round "
           f"({result['coordinator_cpu_s_per_gb']:.3f} s per GB of payload)")
     print(f"aggregation {result['aggregation_bytes_per_s'] / 1e9:.2f} GB/s of update bytes "

@@ -15,10 +15,10 @@ from coordinator.state import Coordinator, CoordinatorError, RoundTicket, Worker
 from coordinator.wire import resources_of
 from rabo import checkpoint
 from rabo.config import to_dict
-from rabo.engine import GlobalState
+from rabo.engine import GlobalState, Update
 from rabo.metrics import MetricsWriter, truncate_metrics, wire_total, write_json
 from rabo.records import WorkerRound, summarize
-from rabo.rounds import Exchange, Member, Returned, RoundLoop, Task, Transport
+from rabo.rounds import EarlyAggregate, Exchange, Member, Returned, RoundLoop, Task, Transport
 
 log = logging.getLogger("rabo.coordinator")
 
@@ -62,9 +62,10 @@ class RoundDriver(Transport):
                 for w in self.c.registry.live()]
 
     def exchange(self, q: int, state: GlobalState, tasks: list[Task],
-                 not_assigned: dict[str, str]) -> Exchange | None:
+                 not_assigned: dict[str, str], early: EarlyAggregate) -> Exchange | None:
         ticket = self.open_round(q, tasks, not_assigned)
-        self.wait_round(ticket)
+        ticket.early = early
+        self.wait_round(ticket, early)
         if self.c.finished:
             return None  # stopped from outside mid-round: this round is not aggregated
         returned = []
@@ -138,10 +139,12 @@ class RoundDriver(Transport):
             c.cond.notify_all()
         return ticket
 
-    def wait_round(self, ticket: RoundTicket) -> None:
+    def wait_round(self, ticket: RoundTicket, early: EarlyAggregate | None = None) -> None:
         """Until every assigned update is in, or every live worker's is, or the deadline has
         passed and no assigned transfer is making progress (see :meth:`_moving`), or
-        ``round_grace_s`` past the deadline, whatever moves."""
+        ``round_grace_s`` past the deadline, whatever moves. Meanwhile the updates that have
+        arrived go into ``early`` (on this thread, with the lock released, while the servicer
+        keeps receiving the others)."""
         c = self.c
         with c.cond:
             if not ticket.tasks:
@@ -152,6 +155,15 @@ class RoundDriver(Transport):
                 while not c.finished and c.clock() < until:
                     c.cond.wait(min(until - c.clock(), 0.5))
             while not ticket.complete() and not c.finished:
+                if early is not None:
+                    resolved = _resolved(ticket)
+                    if early.ready(resolved):
+                        c.cond.release()  # the servicer stores updates under this lock
+                        try:
+                            early.offer(resolved)
+                        finally:
+                            c.cond.acquire()
+                        continue  # conditions may have changed meanwhile
                 now = c.clock()
                 live = {w.worker_id for w in c.registry.live()}
                 if all(t.answered() or t.worker_id not in live
@@ -266,6 +278,12 @@ class RoundDriver(Transport):
                 if c.clock() >= give_up:
                     raise CoordinatorError("no live workers left")
                 c.cond.wait(0.5)
+
+
+def _resolved(ticket: RoundTicket) -> dict[int, Update | None]:
+    """Per client id, the checked update of each answered task (None: refused)."""
+    return {t.plan.client_id: t.update if t.refused is None else None
+            for t in ticket.tasks.values() if t.answered()}
 
 
 def _worker_record(t: WorkerTask) -> WorkerRound:

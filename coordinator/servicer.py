@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 import grpc
 
+from coordinator.payloads import full_payload_bytes
 from coordinator.registry import RegistryError, WorkerRecord
 from coordinator.security import peer_host, peer_identity
 from coordinator.state import Coordinator, RoundTicket, Signal, WorkerTask
@@ -29,6 +30,7 @@ from rabo_proto import PROTOCOL_VERSION
 from rabo_proto.codec import (
     GRPC_FRAME_BYTES,
     Assembler,
+    BufferPool,
     Encoded,
     WireError,
     check_header,
@@ -84,6 +86,11 @@ class CoordinatorServicer:
     def __init__(self, coord: Coordinator) -> None:
         self.c = coord
         self._calls: dict[str, int] = {}  # host -> calls in progress (touched on the loop only)
+        # updates land in buffers kept from earlier rounds (codec.BufferPool: no page faults
+        # per round); at most what one round's updates take when every worker is at ratio 1
+        cfg = coord.cfg
+        self._buffers = BufferPool(full_payload_bytes(coord.job)
+                                   * max(cfg.cluster.workers or cfg.clients.count, 1))
 
     # ------------------------------------------------------------------ every call
 
@@ -426,7 +433,7 @@ class CoordinatorServicer:
         if h.payload.round != h.round or h.payload.worker_id != h.worker_id:
             raise WireError("payload header round/worker id do not match the update header")
         check_header(h.payload, expected_update(task.plan), max_total_bytes=1 << 40)
-        assembler = Assembler(h.payload, max_chunk_bytes=cfg.chunk_bytes)
+        assembler = Assembler(h.payload, max_chunk_bytes=cfg.chunk_bytes, pool=self._buffers)
         received = message_bytes(pb.UpdateMessage(header=h))
         while (data := await self._next(it)) is not None:
             if ticket.closed:  # stop reading at once

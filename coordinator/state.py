@@ -28,6 +28,7 @@ from rabo.engine import ClientPlan, GlobalState, Update
 from rabo.errors import RaboError
 from rabo.job import Job
 from rabo.netstat import SocketCounters, TcpCounters, parse_peer
+from rabo.rounds import EarlyAggregate
 
 
 class CoordinatorError(RaboError):
@@ -78,6 +79,7 @@ class RoundTicket:
     told: set[str] = field(default_factory=set)
     closed: bool = False
     payloads: SharedPayloads | None = None  # assignments that several workers receive
+    early: EarlyAggregate | None = None  # the updates averaged so far (by the driver)
 
     def complete(self) -> bool:
         return all(t.answered() for t in self.tasks.values())

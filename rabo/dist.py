@@ -52,7 +52,7 @@ from rabo.params import Params
 from rabo.policy import Resources
 from rabo.records import WorkerRound, summarize
 from rabo.resources import measure
-from rabo.rounds import Exchange, Member, Returned, RoundLoop, Task, Transport
+from rabo.rounds import EarlyAggregate, Exchange, Member, Returned, RoundLoop, Task, Transport
 from rabo.runner import format_progress
 from rabo.runtime import rss_bytes, tune_allocator
 from rabo.units import parse_byte_list, parse_bytes
@@ -196,7 +196,7 @@ class DistTransport(Transport):
                 for rank in range(1, self.ctx.world)]
 
     def exchange(self, q: int, state: GlobalState, tasks: list[Task],
-                 not_assigned: dict[str, str]) -> Exchange:
+                 not_assigned: dict[str, str], early: EarlyAggregate) -> Exchange:
         ctx, engine = self.ctx, self.ctx.job.engine
         plans = {t.plan.client_id + 1: t for t in tasks}  # rank -> task
         ratios = torch.zeros(ctx.world, dtype=torch.float64)

@@ -28,7 +28,9 @@ import dataclasses
 import functools
 import logging
 import math
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,6 +168,7 @@ class RoundStats:
     # clients whose updates were dropped because the aggregate came out non-finite
     dropped: tuple[int, ...] = ()
     clipped: int = 0  # update parts scaled down by aggregation.clip_rms
+    early: int = 0  # updates averaged while the round's other transfers still ran
 
 
 # --------------------------------------------------------------------------- helpers
@@ -221,6 +224,12 @@ class RoundEngine:
         self.cfg = cfg
         self.task = task
         self.hyper = ClientHyper.from_config(cfg)
+        # RMS of the global values under each slice plan, for the state last checked against
+        # (weakly: the cache keeps no old model alive): workers that share a plan (all of
+        # them at ratio 1) need it once per round, not once each
+        self._refs_lock = threading.Lock()
+        self._refs: tuple[Callable[[], GlobalState | None], dict[tuple[str, str], float]] = (
+            lambda: None, {})
 
     # ------------------------------------------------------------------ coordinator side
 
@@ -268,12 +277,22 @@ class RoundEngine:
         they update (float32 sums of squares, float64 where those overflow, so that a finite but
         huge update reads as what it is)."""
         y_full, v_full = self._lower_of(state, plan.client_id)
+        personal = y_full is not state.y
+        with self._refs_lock:
+            if self._refs[0]() is not state:
+                self._refs = (weakref.ref(state), {})
+            refs = self._refs[1]
         out = {}
         for part, values, full, slice_plan in (("x", update.x, state.x, plan.x),
                                                ("y", update.y, y_full, plan.y),
                                                ("v", update.v, v_full, plan.y)):
-            out[part] = (_rms(values.values()),
-                         _rms(extract(full, slice_plan, copy=False).values()))
+            key = (part, slice_plan.key())
+            ref = refs.get(key) if not (personal and part != "x") else None
+            if ref is None:
+                ref = _rms(extract(full, slice_plan, copy=False).values())
+                if not (personal and part != "x"):
+                    refs[key] = ref  # a float: whichever thread stores it stores the same
+            out[part] = (_rms(values.values()), ref)
         return out
 
     def check_magnitude(self, state: GlobalState, plan: ClientPlan, update: Update) -> None:
@@ -289,9 +308,20 @@ class RoundEngine:
                     f"aggregation.max_update_rms {limit:g} x max(1, {ref:.3g}) (the RMS of the "
                     f"global values it updates)")
 
-    def server_step(self, state: GlobalState, results: Sequence[tuple[ClientPlan, Update]]
-                    ) -> tuple[GlobalState, RoundStats]:
+    def aggregation(self, state: GlobalState, round: int) -> Aggregation:
+        """An empty aggregate of round ``round`` over ``state``: updates go in with
+        :meth:`Aggregation.add` (in client-id order) while others are still on their way, and
+        :meth:`server_step` finishes it (``started``)."""
+        return Aggregation(self, state, round)
+
+    def server_step(self, state: GlobalState, results: Sequence[tuple[ClientPlan, Update]],
+                    started: Aggregation | None = None) -> tuple[GlobalState, RoundStats]:
         """Coverage-average the updates into a new state (``state`` itself is not modified).
+
+        ``started``: an aggregate of this round that already holds some of ``results`` (a
+        transport that adds each update as it arrives); it is used when what it holds is the
+        first of ``results`` in client-id order, and the rest are added to it, so the sums
+        run in the same order either way and give the same bits.
 
         Should the aggregate come out non-finite (float overflow of updates that passed
         :meth:`check_magnitude`), the largest update is dropped and the round aggregated again,
@@ -300,7 +330,9 @@ class RoundEngine:
         ordered = sorted(results, key=lambda r: r[0].client_id)
         if not ordered:
             raise ValueError("server_step needs at least one update")
-        new_state, stats = self._aggregate(state, ordered)
+        agg = started if started is not None and started.holds_prefix_of(ordered, state) \
+            else None
+        new_state, stats = self._aggregate(state, ordered, agg)
         if _finite_state(new_state):
             return new_state, stats
         log.warning("round %d: the aggregate is not finite; dropping the largest updates until "
@@ -330,51 +362,19 @@ class RoundEngine:
         return (dataclasses.replace(state, round=round),
                 RoundStats(round, empty, empty, 0.0, 0.0, 0.0, dropped=dropped))
 
-    def _aggregate(self, state: GlobalState, ordered: Sequence[tuple[ClientPlan, Update]]
-                   ) -> tuple[GlobalState, RoundStats]:
-        start = time.perf_counter()
-        round_ = ordered[0][0].round
+    def _aggregate(self, state: GlobalState, ordered: Sequence[tuple[ClientPlan, Update]],
+                   agg: Aggregation | None = None) -> tuple[GlobalState, RoundStats]:
         clipped = 0
-        if self.cfg.aggregation.clip_rms:
+        if self.cfg.aggregation.clip_rms:  # scales by the round's medians: needs them all
             ordered, clipped = self._clipped(state, ordered)
-        xa = CoverageAverager(state.x)
-        ya = CoverageAverager(state.y)
-        va = CoverageAverager(state.v)
-        personalized = self.cfg.lower_level == "personalized"
-        y_clients = dict(state.y_clients)
-        v_clients = dict(state.v_clients)
-        weighted_loss = 0.0
-        total_samples = 0
-        for plan, upd in ordered:
-            w = client_weight(self.cfg.aggregation.weighting, plan.ratio, upd.samples)
-            xa.add(plan.x, upd.x, w)
-            ya.add(plan.y, upd.y, w)
-            va.add(plan.y, upd.v, w)
-            weighted_loss += upd.upper_loss * upd.samples
-            total_samples += upd.samples
-            if personalized:
-                y_c, v_c = self._lower_of(state, plan.client_id)
-                y_clients[plan.client_id] = scatter(y_c, plan.y, upd.y, add=True)
-                v_clients[plan.client_id] = scatter(v_c, plan.y, upd.v, add=True)
-        cov_x, cov_y = xa.stats(), ya.stats()
-        avg_x = xa.average()
-        opt = state.opt
-        if self.cfg.algorithm == "rabo":
-            covered = xa.covered() if cov_x.zero else None
-            x, opt = outer_step(self.cfg, state.x, avg_x, covered, state.opt)
-        else:
-            x = {k: state.x[k] + self.cfg.outer.server_lr * avg_x[k] for k in state.x}
-        if personalized:
-            y, v = state.y, state.v
-        else:
-            y, v = apply_average(state.y, ya), apply_average(state.v, va)
-        c_star = cov_x.min if state.c_x_star is None else min(state.c_x_star, cov_x.min)
-        new_state = GlobalState(round=round_, x=x, y=y, v=v, opt=opt, y_clients=y_clients,
-                                v_clients=v_clients, c_x_star=c_star)
-        stats = RoundStats(round_, cov_x, cov_y, norm(avg_x),
-                           weighted_loss / max(total_samples, 1),
-                           time.perf_counter() - start, clipped=clipped)
-        return new_state, stats
+            agg = None
+        if agg is None:
+            agg = Aggregation(self, state, ordered[0][0].round)
+        early = len(agg.client_ids)
+        for plan, upd in ordered[early:]:
+            agg.add(plan, upd)
+        new_state, stats = agg.finish(clipped)
+        return new_state, dataclasses.replace(stats, early=early)
 
     def _clipped(self, state: GlobalState, ordered: Sequence[tuple[ClientPlan, Update]]
                  ) -> tuple[list[tuple[ClientPlan, Update]], int]:
@@ -403,6 +403,81 @@ class RoundEngine:
                     device: torch.device | str = "cpu") -> Update:
         """Run one client's local work on ``device``; returns its update slices."""
         return client_step(self.task, assignment, data, torch.device(device))
+
+
+class Aggregation:
+    """One round's coverage averages of x, y and v, filled one update at a time.
+
+    Updates go in with :meth:`add` in increasing client id (every transport sums in that
+    order, so every transport gets the same bits); :meth:`finish` takes the server step from
+    what was added. A transport that adds each update as soon as it and every update before
+    it in that order have arrived does the averaging while the round's other transfers are
+    still running (the gRPC transport, ``rabo.rounds.EarlyAggregate``)."""
+
+    def __init__(self, engine: RoundEngine, state: GlobalState, round: int) -> None:
+        self.engine = engine
+        self.state = state
+        self.round = round
+        self.client_ids: list[int] = []
+        self.seconds = 0.0  # spent in add() and finish()
+        self._xa = CoverageAverager(state.x)
+        self._ya = CoverageAverager(state.y)
+        self._va = CoverageAverager(state.v)
+        self._personalized = engine.cfg.lower_level == "personalized"
+        self._y_clients = dict(state.y_clients)
+        self._v_clients = dict(state.v_clients)
+        self._weighted_loss = 0.0
+        self._samples = 0
+
+    def holds_prefix_of(self, ordered: Sequence[tuple[ClientPlan, Update]],
+                        state: GlobalState) -> bool:
+        """Whether this aggregate is over ``state`` and holds the first of ``ordered``."""
+        ids = [p.client_id for p, _ in ordered[:len(self.client_ids)]]
+        return self.state is state and ids == self.client_ids
+
+    def add(self, plan: ClientPlan, upd: Update) -> None:
+        if self.client_ids and plan.client_id <= self.client_ids[-1]:
+            raise ValueError(f"client {plan.client_id} added after client "
+                             f"{self.client_ids[-1]}: updates go in by increasing client id")
+        start = time.perf_counter()
+        w = client_weight(self.engine.cfg.aggregation.weighting, plan.ratio, upd.samples)
+        self._xa.add(plan.x, upd.x, w)
+        self._ya.add(plan.y, upd.y, w)
+        self._va.add(plan.y, upd.v, w)
+        self._weighted_loss += upd.upper_loss * upd.samples
+        self._samples += upd.samples
+        if self._personalized:
+            y_c, v_c = self.engine._lower_of(self.state, plan.client_id)
+            self._y_clients[plan.client_id] = scatter(y_c, plan.y, upd.y, add=True)
+            self._v_clients[plan.client_id] = scatter(v_c, plan.y, upd.v, add=True)
+        self.client_ids.append(plan.client_id)
+        self.seconds += time.perf_counter() - start
+
+    def finish(self, clipped: int = 0) -> tuple[GlobalState, RoundStats]:
+        start = time.perf_counter()
+        cfg, state = self.engine.cfg, self.state
+        xa, ya, va = self._xa, self._ya, self._va
+        cov_x, cov_y = xa.stats(), ya.stats()
+        avg_x = xa.average()
+        opt = state.opt
+        if cfg.algorithm == "rabo":
+            covered = xa.covered() if cov_x.zero else None
+            x, opt = outer_step(cfg, state.x, avg_x, covered, state.opt)
+        else:
+            x = {k: state.x[k] + cfg.outer.server_lr * avg_x[k] for k in state.x}
+        if self._personalized:
+            y, v = state.y, state.v
+        else:
+            y, v = apply_average(state.y, ya), apply_average(state.v, va)
+        c_star = cov_x.min if state.c_x_star is None else min(state.c_x_star, cov_x.min)
+        new_state = GlobalState(round=self.round, x=x, y=y, v=v, opt=opt,
+                                y_clients=self._y_clients, v_clients=self._v_clients,
+                                c_x_star=c_star)
+        self.seconds += time.perf_counter() - start
+        stats = RoundStats(self.round, cov_x, cov_y, norm(avg_x),
+                           self._weighted_loss / max(self._samples, 1), self.seconds,
+                           clipped=clipped)
+        return new_state, stats
 
 
 def client_step(task: BilevelTask, a: Assignment, data: ClientData, device: torch.device

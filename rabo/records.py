@@ -94,6 +94,7 @@ def round_record(stats: RoundStats, state: GlobalState, wall_s: float, round_s: 
         **stats.coverage_y.as_dict("coverage_y"),
         "c_x_star": state.c_x_star,
         "aggregation_s": round(stats.aggregation_s, 6),
+        "aggregated_early": stats.early,
         # CPU (user + system, every thread) of the process running the round loop, from
         # planning to the aggregate: the coordinator's own work on gRPC and torch.distributed
         # (rank 0); in-process it includes the clients' steps

@@ -25,11 +25,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from rabo.engine import ClientPlan, GlobalState, Update, sample_participants
+from rabo.engine import ClientPlan, GlobalState, RoundEngine, Update, sample_participants
 from rabo.errors import RaboError, UpdateRejected
 from rabo.evaluation import due, evaluate_round
 from rabo.job import Job
@@ -98,9 +98,11 @@ class Transport:
         raise NotImplementedError
 
     def exchange(self, q: int, state: GlobalState, tasks: list[Task],
-                 not_assigned: dict[str, str]) -> Exchange | None:
+                 not_assigned: dict[str, str], early: EarlyAggregate) -> Exchange | None:
         """Send each task's assignment, wait for the updates; None: the run was stopped
-        from outside meanwhile (the round is not aggregated)."""
+        from outside meanwhile (the round is not aggregated). A transport that checks updates
+        as they arrive may hand them to ``early`` meanwhile (optional: whatever it did not
+        add is added after the exchange, in the same order)."""
         raise NotImplementedError
 
     def publish(self, state: GlobalState) -> None:
@@ -111,6 +113,45 @@ class Transport:
 
     def recorded(self, rec: dict[str, Any], state: GlobalState) -> None:
         """Round ``rec['round']`` is recorded (checkpoints, monitoring)."""
+
+
+class EarlyAggregate:
+    """Averages a round's updates while its other transfers are still running.
+
+    The sums must run in increasing client id on every transport (that is what makes gRPC,
+    gloo and the simulator give the same bits), so an update goes in once it and every task
+    before it in that order are resolved: arrived and checked, or refused. A worker that is
+    slow, or never answers, holds back only the updates after it; whatever is left when the
+    round closes goes in then (``RoundEngine.server_step`` with ``started``). Off under
+    ``aggregation.clip_rms``, which scales each update by the medians of the whole round.
+    """
+
+    def __init__(self, engine: RoundEngine, state: GlobalState, q: int, tasks: list[Task]
+                 ) -> None:
+        self.aggregation = (engine.aggregation(state, q)
+                            if tasks and not engine.cfg.aggregation.clip_rms else None)
+        self._order = sorted(((t.plan.client_id, t.plan) for t in tasks), key=lambda p: p[0])
+        self._next = 0  # position in _order of the first task not yet resolved here
+
+    def ready(self, resolved: Mapping[int, Update | None]) -> bool:
+        """Whether :meth:`offer` of ``resolved`` would take anything in."""
+        return (self.aggregation is not None and self._next < len(self._order)
+                and self._order[self._next][0] in resolved)
+
+    def offer(self, resolved: Mapping[int, Update | None]) -> int:
+        """Adds the updates that can go in now. ``resolved``: per client id, its checked
+        update, or None when the task ended without a usable one (refused). Returns how many
+        went in."""
+        added = 0
+        while self.ready(resolved):
+            cid, plan = self._order[self._next]
+            upd = resolved[cid]
+            if upd is not None:
+                assert self.aggregation is not None
+                self.aggregation.add(plan, upd)
+                added += 1
+            self._next += 1
+        return added
 
 
 class RoundsExhausted(RaboError):
@@ -170,19 +211,20 @@ class RoundLoop:
         for attempt in range(t.max_retries + 1):
             cpu0 = time.process_time()
             tasks, not_assigned = self.plan(q, t.members(q))
-            ex = t.exchange(q, self.state, tasks, not_assigned)
+            early = EarlyAggregate(self.job.engine, self.state, q, tasks)
+            ex = t.exchange(q, self.state, tasks, not_assigned, early)
             if ex is None:
                 return None
             got = sum(1 for r in ex.returned if r.update is not None and r.refused is None)
             if got >= t.min_updates:
-                return self._finish(q, ex, not_assigned, start, cpu0)
+                return self._finish(q, ex, not_assigned, start, cpu0, early)
             self.retries += 1
             t.retrying(q, attempt, got)
         raise RoundsExhausted(f"round {q}: fewer than {t.min_updates} updates in "
                               f"{t.max_retries + 1} attempts")
 
     def _finish(self, q: int, ex: Exchange, not_assigned: dict[str, str], start: float,
-                cpu0: float) -> dict[str, Any]:
+                cpu0: float, early: EarlyAggregate) -> dict[str, Any]:
         engine, t = self.job.engine, self.transport
         results: list[tuple[ClientPlan, Update]] = []
         workers: list[WorkerRound] = []
@@ -202,8 +244,8 @@ class RoundLoop:
                 results.append((plan, r.update))
             workers.append(dataclasses.replace(
                 r.measured, arrived=r.update is not None and why is None))
-        self.state, stats = (engine.server_step(self.state, results) if results
-                             else engine.skip_round(self.state, q))
+        self.state, stats = (engine.server_step(self.state, results, early.aggregation)
+                             if results else engine.skip_round(self.state, q))
         t.publish(self.state)
         done_at = t.clock()
         cpu_s = time.process_time() - cpu0

@@ -23,7 +23,7 @@ from rabo.job import Job, resolve_device
 from rabo.metrics import MetricsWriter, write_json
 from rabo.policy import Resources
 from rabo.records import BYTES_PER_ELEMENT, WorkerRound, summarize
-from rabo.rounds import Exchange, Member, Returned, RoundLoop, Task, Transport
+from rabo.rounds import EarlyAggregate, Exchange, Member, Returned, RoundLoop, Task, Transport
 from rabo.units import parse_bytes
 
 
@@ -56,7 +56,7 @@ class InProcess(Transport):
         return self._members
 
     def exchange(self, q: int, state: GlobalState, tasks: list[Task],
-                 not_assigned: dict[str, str]) -> Exchange:
+                 not_assigned: dict[str, str], early: EarlyAggregate) -> Exchange:
         opened = self.clock()
         engine = self.job.engine
         out = []

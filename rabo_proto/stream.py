@@ -24,6 +24,7 @@ from google.protobuf.message import Message
 
 from rabo_proto.codec import (  # parse and parse_trailer: re-exported for stream readers
     Assembler,
+    BufferPool,
     Encoded,
     WireTensor,
     check_header,
@@ -94,11 +95,13 @@ class CoordinatorStub:
 
 def receive_payload(header: pb.PayloadHeader, messages: Iterator[bytes], max_chunk_bytes: int,
                     cls: type[pb.AssignmentMessage] | type[pb.UpdateMessage],
-                    check_finite: bool = True) -> tuple[list[WireTensor], Assembler]:
+                    check_finite: bool = True, pool: BufferPool | None = None
+                    ) -> tuple[list[WireTensor], Assembler]:
     """Read a payload's raw chunks and trailer from a synchronous stream (the header has
-    been read); the stream must end after the trailer."""
+    been read); the stream must end after the trailer. ``pool``: where the receive buffer
+    comes from (``codec.BufferPool``)."""
     check_header(header, None, max_total_bytes=1 << 40)
-    assembler = Assembler(header, max_chunk_bytes=max(max_chunk_bytes, 1))
+    assembler = Assembler(header, max_chunk_bytes=max(max_chunk_bytes, 1), pool=pool)
     for data in messages:
         assembler.accept(data, cls)
     return assembler.finish(assembler.trailer, check_finite=check_finite), assembler

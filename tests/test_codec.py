@@ -7,6 +7,7 @@ import torch
 
 from rabo_proto.codec import (
     Assembler,
+    BufferPool,
     Encoded,
     WireError,
     WireTensor,
@@ -174,3 +175,50 @@ def test_header_checks() -> None:
     with pytest.raises(WireError, match="negative dimension") as err:
         check_header(bad, None, 1 << 20)
     assert err.value.kind == "shape"  # what code acts on, not the wording
+
+
+def _receive(enc: Encoded, pool: BufferPool) -> list[WireTensor]:
+    asm = Assembler(enc.header, max_chunk_bytes=16, pool=pool)
+    for c in enc.chunks():
+        asm.add(c)
+    return asm.finish(enc.trailer())
+
+
+def test_a_pooled_buffer_is_reused_only_once_nothing_holds_its_tensors() -> None:
+    pool = BufferPool(max_bytes=1 << 20)
+    enc = Encoded(1, "w", _tensors(), 16)
+    first = _receive(enc, pool)
+    kept = pool.kept_bytes
+    assert kept == enc.total_bytes
+    # the first payload's tensors are alive: the second lands in a buffer of its own, and
+    # neither overwrites the other
+    other = [WireTensor(t.part, t.name, t.tensor + 1) for t in _tensors()]
+    second = _receive(Encoded(2, "w", other, 16), pool)
+    assert pool.kept_bytes == 2 * kept
+    for got, want in zip(first, _tensors(), strict=True):
+        assert torch.equal(got.tensor, want.tensor)
+    a_view = first[0].tensor[1:2]  # a view of a decoded tensor holds the buffer too
+    del first
+    third = _receive(Encoded(3, "w", other, 16), pool)  # the only free buffer is none
+    assert pool.kept_bytes == 3 * kept
+    assert torch.equal(a_view, _tensors()[0].tensor[1:2])
+    del a_view, second
+    fourth = _receive(Encoded(4, "w", _tensors(), 16), pool)  # reuses a freed buffer
+    assert pool.kept_bytes == 3 * kept
+    for got, want in zip(fourth, _tensors(), strict=True):
+        assert torch.equal(got.tensor, want.tensor)
+    for got, want in zip(third, other, strict=True):
+        assert torch.equal(got.tensor, want.tensor)
+
+
+def test_a_pool_takes_the_smallest_free_buffer_and_keeps_at_most_its_budget() -> None:
+    pool = BufferPool(max_bytes=300)
+    big, small = pool.take(200), pool.take(100)
+    assert pool.kept_bytes == 300
+    extra = pool.take(50)  # over the budget: handed out, not kept
+    assert pool.kept_bytes == 300 and extra.nbytes == 50
+    big_base, small_base = big.base, small.base
+    del big, small
+    got = pool.take(80)
+    assert got.nbytes == 80 and got.base is small_base  # the 100-byte one fits best
+    assert pool.take(150).base is big_base

@@ -32,7 +32,7 @@ from rabo.errors import ConfigError, ExitCode, RaboError
 from rabo.job import Job, resolve_device
 from rabo.runtime import prefer_low_memory
 from rabo_proto import PROTOCOL_VERSION
-from rabo_proto.codec import WireError
+from rabo_proto.codec import BufferPool, WireError
 from rabo_proto.status import RUN_COMPLETE, RUN_STOPPING, run_state
 from rabo_proto.stream import CoordinatorStub, parse, receive_payload
 from rabo_proto.v1 import rabo_pb2 as pb
@@ -42,6 +42,8 @@ from worker.security import open_channel
 from worker.wire import assignment_from_wire, update_messages
 
 log = logging.getLogger("rabo.worker")
+# receive buffers kept between rounds: one assignment at a time, so normally one buffer
+RECEIVE_POOL_BYTES = 2 << 30
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
              grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.ABORTED,
              grpc.StatusCode.CANCELLED}
@@ -139,6 +141,8 @@ class Worker:
         self._jobs: dict[str, Job] = {}
         self._call: Any = None  # the in-flight long poll, cancelled on a signal
         self.rounds_done = 0
+        # assignments land in buffers kept from earlier rounds (no page faults per round)
+        self._buffers = BufferPool(RECEIVE_POOL_BYTES)
         self.finished = False  # the coordinator said the run is over
         self._closed = threading.Event()  # the channel is gone: heartbeats stop
         self.worker_id = ""
@@ -351,7 +355,7 @@ class Worker:
     def _receive(self, msg: pb.Assignment, call: Any) -> Any:
         try:
             tensors, _ = receive_payload(msg.payload, call, self.chunk_bytes,
-                                         pb.AssignmentMessage)
+                                         pb.AssignmentMessage, pool=self._buffers)
             return assignment_from_wire(msg, tensors, self.job.hyper)
         except WireError as exc:
             raise WorkerExit(f"bad assignment from the coordinator: {exc}",

@@ -20,7 +20,7 @@ import grpc
 
 from rabo.errors import ExitCode
 from rabo_proto import PROTOCOL_VERSION
-from rabo_proto.codec import WireError, crc32c
+from rabo_proto.codec import BufferPool, WireError, crc32c
 from rabo_proto.stream import CoordinatorStub, parse, receive_payload
 from rabo_proto.v1 import rabo_pb2 as pb
 from worker.backoff import Backoff
@@ -45,6 +45,7 @@ def _zero_payload(header: pb.UpdateHeader, chunk_bytes: int):
 def run(target: str, client_id: int, name: str, max_message_bytes: int, poll_s: float) -> int:
     options = [("grpc.max_send_message_length", max_message_bytes),
                ("grpc.max_receive_message_length", max_message_bytes)]
+    buffers = BufferPool(2 << 30)  # as the worker's (worker.client.RECEIVE_POOL_BYTES)
     with grpc.insecure_channel(target, options=options) as channel:
         stub = CoordinatorStub(channel)
         profile = pb.ResourceProfile(hostname=name, logical_cpus=1, usable_cpus=1.0,
@@ -91,7 +92,7 @@ def run(target: str, client_id: int, name: str, max_message_bytes: int, poll_s: 
                 start = time.perf_counter()
                 try:  # received as a worker receives it, nothing decoded beyond that
                     receive_payload(a.payload, call, reply.chunk_bytes, pb.AssignmentMessage,
-                                    check_finite=False)
+                                    check_finite=False, pool=buffers)
                 except WireError as exc:
                     log.error("round %d: bad assignment payload: %s", a.round, exc)
                     return ExitCode.PROTOCOL
