@@ -225,6 +225,11 @@ class PolicyConfig:
                         gt=0, le=1)
     deadline_s: float = opt(0.0, "estimated local-step time must fit this (0: no deadline)",
                             ge=0)
+    calibrate: bool = opt(True, "[ext] once a worker has reported its measured peak memory "
+                          "at a ratio, its memory figures come from its measurements (the "
+                          "analytic estimate scaled by measured / estimated at the nearest "
+                          "ratio it ran) instead of the estimate alone (gRPC and "
+                          "torch.distributed workers; docs/method.md)")
 
     def validate(self, key: str) -> None:
         if not self.ladder:

@@ -54,7 +54,7 @@ from rabo.records import WorkerRound, summarize
 from rabo.resources import measure
 from rabo.rounds import EarlyAggregate, Exchange, Member, Returned, RoundLoop, Task, Transport
 from rabo.runner import format_progress
-from rabo.runtime import rss_bytes, tune_allocator
+from rabo.runtime import peak_above_startup, rss_bytes, tune_allocator
 from rabo.units import parse_byte_list, parse_bytes
 
 log = logging.getLogger("rabo.dist")
@@ -322,7 +322,8 @@ def run_worker(ctx: Context, memory_limit: int | None) -> None:
         t0 = time.perf_counter()
         dist.send(pack([update.x, update.y, update.v], ctx.comm_device), dst=0)
         send_s = time.perf_counter() - t0
-        meta = torch.tensor([update.compute_s, float(update.peak_mem_bytes),
+        peak = peak_above_startup(update.peak_mem_bytes, baseline, ctx.compute_device)
+        meta = torch.tensor([update.compute_s, float(peak),
                              float(update.samples), update.upper_loss, receive_s, send_s],
                             dtype=torch.float64, device=ctx.comm_device)
         dist.send(meta, dst=0)

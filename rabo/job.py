@@ -8,6 +8,7 @@ shipping any of it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import cycle, islice
 
@@ -54,11 +55,12 @@ class Job:
     def hyper(self) -> ClientHyper:
         return self.engine.hyper
 
-    def ratio_for(self, client_id: int, resources: Resources | None
-                  ) -> tuple[float | None, str]:
+    def ratio_for(self, client_id: int, resources: Resources | None,
+                  measured: Mapping[float, int] | None = None) -> tuple[float | None, str]:
         """A client's ratio and why: ``clients.mode`` over the fixed ``clients.ratios`` or the
-        ratio policy on ``resources`` (None: no resource limit known, ratio 1). The one place
-        every transport asks; None means the client does not take part."""
+        ratio policy on ``resources`` (None: no resource limit known, ratio 1) and the peaks
+        measured on its worker (``measured``: per ratio, bytes above its start-up footprint).
+        The one place every transport asks; None means the client does not take part."""
         cfg = self.cfg
         if cfg.clients.mode == "full":
             return 1.0, "full model (clients.mode: full)"
@@ -70,7 +72,7 @@ class Job:
         else:
             choice = choose_ratio(self.task, self.hyper, resources, cfg.policy.ladder,
                                   cfg.policy.safety, cfg.policy.deadline_s,
-                                  self.step_batch(client_id))
+                                  self.step_batch(client_id), measured)
             ratio, why = choice.ratio, choice.reason
         if cfg.clients.mode == "exclusion" and ratio is not None and ratio < 1.0:
             return None, f"excluded: fits only ratio {ratio:g} (clients.mode: exclusion)"

@@ -9,6 +9,8 @@ gRPC coordinator, the torch.distributed rank 0 and the simulator.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from rabo.engine import ClientHyper
@@ -84,13 +86,48 @@ def estimate_flops(task: BilevelTask, hp: ClientHyper, ratio: float, batch: int)
     return 3.0 * forward * gradient_evaluations(hp)
 
 
+def calibrated_memory(task: BilevelTask, hp: ClientHyper, ratio: float, batch: int,
+                      measured: Mapping[float, int] | None) -> tuple[int, str]:
+    """Peak bytes expected at ``ratio`` for a worker whose measured peaks (above its start-up
+    footprint, per ratio it ran) are ``measured``, and where the figure comes from.
+
+    A ratio it ran: its largest measured peak. Another ratio: the estimate's part that scales
+    with the submodel (all of it but ``RUNTIME_SCRATCH_BYTES``) times measured / estimated of
+    that part at the ran ratio nearest to it (on a log scale), so that a worker whose real
+    peaks sit below the estimate is offered the larger ratios that fit, and one whose peaks
+    sit above it the smaller ones. No measurement: the analytic estimate. A measured peak
+    below the ratio's own payload (what the worker must hold to receive its assignment) is
+    not believed and ignored."""
+    estimate = estimate_memory(task, hp, ratio, batch)
+    plausible = {r: peak for r, peak in (measured or {}).items()
+                 if r > 0 and peak >= payload_bytes(task, r)}
+    if not plausible:
+        return estimate, "estimate"
+    if ratio in plausible:
+        return plausible[ratio], f"measured at ratio {ratio:g}"
+    near = min(plausible, key=lambda r: abs(math.log(r / ratio)))
+    scratch = RUNTIME_SCRATCH_BYTES
+    factor = (max(0, plausible[near] - scratch)
+              / max(1, estimate_memory(task, hp, near, batch) - scratch))
+    mem = max(payload_bytes(task, ratio), int(scratch + factor * (estimate - scratch)))
+    return mem, f"estimate x {factor:.2f} (measured at ratio {near:g})"
+
+
+def payload_bytes(task: BilevelTask, ratio: float) -> int:
+    """Bytes of an assignment at ``ratio``: x, y and v slices."""
+    mask = MaskSpec("static", ratio, 0)
+    return BYTES_PER_ELEMENT * (task.x_plan(mask, 0).numel() + 2 * task.y_plan(mask).numel())
+
+
 def choose_ratio(task: BilevelTask, hp: ClientHyper, resources: Resources,
-                 ladder: list[float], safety: float, deadline_s: float, batch: int) -> Choice:
-    """The largest fitting ratio of ``ladder`` (tried from large to small), or why none fits."""
+                 ladder: list[float], safety: float, deadline_s: float, batch: int,
+                 measured: Mapping[float, int] | None = None) -> Choice:
+    """The largest fitting ratio of ``ladder`` (tried from large to small), or why none fits.
+    ``measured``: the worker's measured peaks per ratio (:func:`calibrated_memory`)."""
     budget = resources.memory_budget_bytes * safety
     smallest_mem = None
     for ratio in sorted(ladder, reverse=True):
-        mem = estimate_memory(task, hp, ratio, batch)
+        mem, source = calibrated_memory(task, hp, ratio, batch, measured)
         smallest_mem = mem
         if mem > budget:
             continue
@@ -99,7 +136,7 @@ def choose_ratio(task: BilevelTask, hp: ClientHyper, resources: Resources,
             step_s = estimate_flops(task, hp, ratio, batch) / resources.flops_per_s
             if deadline_s > 0 and step_s > deadline_s:
                 continue
-        return Choice(ratio, f"ratio {ratio:g}: ~{format_bytes(mem)} of "
+        return Choice(ratio, f"ratio {ratio:g}: ~{format_bytes(mem)} ({source}) of "
                       f"{format_bytes(budget)} usable", mem, step_s)
     why = (f"the smallest ratio {min(ladder):g} needs ~{format_bytes(smallest_mem or 0)} but "
            f"only {format_bytes(budget)} of {format_bytes(resources.memory_budget_bytes)} "

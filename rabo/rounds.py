@@ -172,6 +172,9 @@ class RoundLoop:
     progress: Callable[[dict[str, Any]], None] | None = None
     device: Any = "cpu"
     retries: int = 0  # round tries that were run again, over the whole run
+    # per member name, per ratio: the largest peak memory its worker reported above its
+    # start-up footprint (the ratio policy's calibration, policy.calibrate)
+    peaks: dict[str, dict[float, int]] = field(default_factory=dict)
     stopped: bool = False  # the transport reported a stop from outside
 
     def run(self) -> GlobalState:
@@ -197,7 +200,7 @@ class RoundLoop:
         for cid in participants:
             m = by_client[cid]
             ratio, reason = m.fixed if m.fixed is not None else self.job.ratio_for(
-                cid, m.resources)
+                cid, m.resources, self.peaks.get(m.name))
             if ratio is None:
                 not_assigned[m.name] = f"not assigned: {reason}"
                 log.warning("round %d: %s not assigned: %s", q, m.name, reason)
@@ -244,6 +247,10 @@ class RoundLoop:
                 results.append((plan, r.update))
             workers.append(dataclasses.replace(
                 r.measured, arrived=r.update is not None and why is None))
+            if (self.job.cfg.policy.calibrate and r.update is not None and why is None
+                    and r.measured.peak_mem_bytes > 0):
+                seen = self.peaks.setdefault(r.task.name, {})
+                seen[plan.ratio] = max(seen.get(plan.ratio, 0), r.measured.peak_mem_bytes)
         self.state, stats = (engine.server_step(self.state, results, early.aggregation)
                              if results else engine.skip_round(self.state, q))
         t.publish(self.state)

@@ -105,6 +105,15 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def peak_above_startup(peak: int, baseline_rss: int, device: Any = None) -> int:
+    """A step's peak (:func:`peak_memory_bytes`) above the process's start-up footprint
+    ``baseline_rss``, what memory budgets are counted against: on CUDA the allocator's peak
+    holds only tensors already; on the CPU the resident set's includes start-up."""
+    if device is not None and getattr(device, "type", None) == "cuda":
+        return peak
+    return max(0, peak - baseline_rss)
+
+
 def reset_peak_memory(device: Any = None) -> bool:
     """Start a fresh high-water mark for :func:`peak_memory_bytes`: the CUDA allocator's on a
     CUDA ``device``, else the process's resident set (Linux: ``/proc/self/clear_refs``).

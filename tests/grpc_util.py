@@ -63,7 +63,7 @@ def zero_update(tensors: list[WireTensor]) -> list[WireTensor]:
 def update_stream(s: Session, round_: int, client_id: int, tensors: list[WireTensor],
                   chunk_bytes: int | None = None, worker_id: str | None = None,
                   credential: str | None = None, mutate_chunks=None, mutate_header=None,
-                  trailer: bool = True, crc32c: int | None = None
+                  trailer: bool = True, crc32c: int | None = None, peak_mem_bytes: int = 0
                   ) -> Iterator[bytes | pb.UpdateMessage]:
     """The update stream: its header, raw chunks (``mutate_chunks`` edits the list of bytes),
     then the trailer (left out with ``trailer=False``; ``crc32c`` replaces its checksum)."""
@@ -73,7 +73,8 @@ def update_stream(s: Session, round_: int, client_id: int, tensors: list[WireTen
                              credential=credential if credential is not None else s.credential,
                              round=round_, client_id=client_id, payload=enc.header,
                              measurements=pb.Measurements(compute_s=0.1, samples=10,
-                                                          upper_loss=1.0))
+                                                          upper_loss=1.0,
+                                                          peak_mem_bytes=peak_mem_bytes))
     if mutate_header:
         mutate_header(header)
     chunks = list(enc.chunks())

@@ -9,6 +9,7 @@ say goodbye (Leave) and exit 0; a second signal exits at once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from rabo.auth import TlsFiles
 from rabo.engine import client_step
 from rabo.errors import ConfigError, ExitCode, RaboError
 from rabo.job import Job, resolve_device
-from rabo.runtime import prefer_low_memory
+from rabo.runtime import peak_above_startup, prefer_low_memory
 from rabo_proto import PROTOCOL_VERSION
 from rabo_proto.codec import BufferPool, WireError
 from rabo_proto.status import RUN_COMPLETE, RUN_STOPPING, run_state
@@ -314,6 +315,10 @@ class Worker:
                 self._call = None
             data = self.job.data.clients[assignment.client_id]
             update = client_step(self.job.task, assignment, data, self.device)
+            # reported above the start-up footprint, as the budget is counted: the
+            # coordinator calibrates this worker's memory figures with it (policy.calibrate)
+            update = dataclasses.replace(update, peak_mem_bytes=peak_above_startup(
+                update.peak_mem_bytes, self.baseline_rss, self.device))
             if self.opts.step_delay_s:
                 time.sleep(self.opts.step_delay_s)
             _, messages = update_messages(update, self.worker_id, self.credential,
@@ -337,7 +342,7 @@ class Worker:
                 self.rounds_done += 1
                 log.info("round %d done: ratio %g, %.2fs compute, peak memory %d MiB above "
                          "start-up, %s", assignment.round, assignment.mask.ratio,
-                         update.compute_s, self._step_peak(update.peak_mem_bytes) >> 20,
+                         update.compute_s, update.peak_mem_bytes >> 20,
                          reply.message)
             # drop this round's payloads before the next one arrives, or the next round's
             # peak would carry them too
@@ -347,10 +352,6 @@ class Worker:
     def _pause(self, seconds: float) -> None:
         self.stop.wait(seconds)
 
-    def _step_peak(self, peak: int) -> int:
-        """A step's peak above start-up: the CPU peak is the process's RSS high-water mark
-        (start-up included); on CUDA it is the allocator's, which holds only tensors."""
-        return peak if self.device.type == "cuda" else max(0, peak - self.baseline_rss)
 
     def _receive(self, msg: pb.Assignment, call: Any) -> Any:
         try:

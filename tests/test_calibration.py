@@ -1,0 +1,112 @@
+"""The ratio policy calibrated by measurement: a worker's reported peaks replace the analytic
+memory estimate for it, so a worker whose real peaks sit below the estimate is moved up to the
+ratio that fits (issue: resources beyond memory, section 1)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from grpc_util import connect, fetch, update_stream, zero_update
+
+from coordinator.server import serve
+from rabo import config
+from rabo.job import Job
+from rabo.policy import (
+    RUNTIME_SCRATCH_BYTES,
+    Resources,
+    calibrated_memory,
+    choose_ratio,
+    estimate_memory,
+    payload_bytes,
+)
+
+TINY = ["data.dataset=digits", "model.hidden=[1024, 1024]", "clients.count=1",
+        "data.batch_size=32", "inner.steps=1", "policy.ladder=[1, 0.5, 0.25]"]
+
+
+def _job(over=()):
+    return Job.from_config(config.load(None, [*TINY, *over]))
+
+
+def _scaled(estimate: int, factor: float) -> int:
+    """A peak whose part beyond the fixed scratch allowance is ``factor`` of the estimate's."""
+    return int(RUNTIME_SCRATCH_BYTES + factor * (estimate - RUNTIME_SCRATCH_BYTES))
+
+
+def test_measured_peaks_replace_the_estimate_and_scale_it_at_other_ratios() -> None:
+    job = _job()
+    task, hp = job.task, job.hyper
+    est = {r: estimate_memory(task, hp, r, 32) for r in (1.0, 0.5, 0.25)}
+    assert calibrated_memory(task, hp, 1.0, 32, None) == (est[1.0], "estimate")
+    half = est[0.5] // 2
+    assert calibrated_memory(task, hp, 0.5, 32, {0.5: half}) == (half, "measured at ratio 0.5")
+    mem, source = calibrated_memory(task, hp, 1.0, 32, {0.5: _scaled(est[0.5], 0.5),
+                                                        0.25: est[0.25]})
+    # the part beyond the fixed scratch is scaled as at the nearest ratio it ran
+    assert mem == pytest.approx(_scaled(est[1.0], 0.5), abs=2)
+    assert source == "estimate x 0.50 (measured at ratio 0.5)"
+    # a peak below the payload a worker must hold is not believed
+    tiny = payload_bytes(task, 0.5) - 1
+    assert calibrated_memory(task, hp, 1.0, 32, {0.5: tiny}) == (est[1.0], "estimate")
+    # in the policy: a budget where only 0.5 fits the estimate fits ratio 1 once measured
+    budget = Resources(int(0.9 * est[1.0] / 0.8))
+    assert choose_ratio(task, hp, budget, [1.0, 0.5, 0.25], 0.8, 0.0, 32).ratio == 0.5
+    chosen = choose_ratio(task, hp, budget, [1.0, 0.5, 0.25], 0.8, 0.0, 32, {0.5: half})
+    assert chosen.ratio == 1.0 and "measured at ratio 0.5" in chosen.reason
+    # and measured peaks above the estimate move a worker down
+    big = {1.0: 2 * est[1.0]}
+    assert choose_ratio(task, hp, Resources(int(1.5 * est[1.0] / 0.8)), [1.0, 0.5, 0.25],
+                        0.8, 0.0, 32, big).ratio == 0.5
+
+
+def _run_rounds(over, peaks_for):
+    """A coordinator and one scripted gRPC worker that reports ``peaks_for(ratio)`` as its
+    measured peak; the ratio of every round's assignment."""
+    job = _job()
+    est1 = estimate_memory(job.task, job.hyper, 1.0, 32)
+    budget = int(0.9 * est1 / 0.8)  # ratio 1 does not fit the estimate, 0.5 does
+    cfg = config.load(None, [*TINY, "rounds=3", "cluster.heartbeat_s=30", *over])
+    server = serve(cfg, None, bind="127.0.0.1:0", linger_s=0.0)
+    s = connect(server.port, 0, budget=budget)
+    ratios = []
+    try:
+        for q in range(1, 4):
+            assignment, tensors = fetch(s, after_round=q - 1, wait_s=60)
+            assert assignment.round == q
+            ratios.append(assignment.mask.ratio)
+            s.stub.SubmitUpdate(update_stream(s, q, 0, zero_update(tensors),
+                                              peak_mem_bytes=peaks_for(assignment.mask.ratio)),
+                                timeout=60)
+        end = time.monotonic() + 60
+        while not server.driver.done.is_set():
+            assert time.monotonic() < end, "the run did not finish"
+            time.sleep(0.05)
+        assert server.driver.error is None, server.driver.error
+        reasons = [r["clients"][0]["reason"] for r in server.driver.records]
+    finally:
+        s.close()
+        server.stop(grace=0)
+    return ratios, reasons, est1
+
+
+@pytest.mark.parametrize("calibrate", [True, False])
+def test_a_worker_whose_peaks_sit_below_the_estimate_is_moved_up_after_one_round(
+        calibrate: bool) -> None:
+    job = _job()
+    est = {r: estimate_memory(job.task, job.hyper, r, 32) for r in (1.0, 0.5)}
+    # its real peaks: 40% of the estimate at every ratio, so its budget holds ratio 1
+    ratios, reasons, _ = _run_rounds([f"policy.calibrate={str(calibrate).lower()}"],
+                                     lambda r: _scaled(est[r], 0.4))
+    if calibrate:
+        assert ratios == [0.5, 1.0, 1.0], reasons
+        assert "estimate x 0.40 (measured at ratio 0.5)" in reasons[1]
+        assert "measured at ratio 1" in reasons[2]
+    else:
+        assert ratios == [0.5, 0.5, 0.5], reasons
+
+
+def test_an_implausible_reported_peak_leaves_the_estimate_in_charge() -> None:
+    ratios, reasons, _ = _run_rounds([], lambda r: 1)  # "1 byte": below any payload
+    assert ratios == [0.5, 0.5, 0.5], reasons
+    assert all("(estimate)" in why for why in reasons)
