@@ -35,6 +35,9 @@ class Choice:
     reason: str
     memory_bytes: int = 0  # estimate at the chosen ratio
     step_s: float = 0.0
+    # what kept it from the next larger ratio: "memory", "compute" (the deadline), or
+    # "none" (the ladder's largest fits)
+    bound: str = "none"
 
 
 def gradient_evaluations(hp: ClientHyper) -> float:
@@ -126,18 +129,24 @@ def choose_ratio(task: BilevelTask, hp: ClientHyper, resources: Resources,
     ``measured``: the worker's measured peaks per ratio (:func:`calibrated_memory`)."""
     budget = resources.memory_budget_bytes * safety
     smallest_mem = None
+    bound, larger = "none", ""
     for ratio in sorted(ladder, reverse=True):
         mem, source = calibrated_memory(task, hp, ratio, batch, measured)
         smallest_mem = mem
         if mem > budget:
+            if bound == "none":
+                bound, larger = "memory", f"; ratio {ratio:g} needs ~{format_bytes(mem)}"
             continue
         step_s = 0.0
         if resources.flops_per_s > 0:
             step_s = estimate_flops(task, hp, ratio, batch) / resources.flops_per_s
             if deadline_s > 0 and step_s > deadline_s:
+                if bound == "none":
+                    bound, larger = "compute", (f"; ratio {ratio:g} needs ~{step_s:.2f}s per "
+                                                f"step, over the {deadline_s:g}s deadline")
                 continue
         return Choice(ratio, f"ratio {ratio:g}: ~{format_bytes(mem)} ({source}) of "
-                      f"{format_bytes(budget)} usable", mem, step_s)
+                      f"{format_bytes(budget)} usable{larger}", mem, step_s, bound)
     why = (f"the smallest ratio {min(ladder):g} needs ~{format_bytes(smallest_mem or 0)} but "
            f"only {format_bytes(budget)} of {format_bytes(resources.memory_budget_bytes)} "
            f"may be used (safety {safety:g})")

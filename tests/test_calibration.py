@@ -100,6 +100,7 @@ def test_a_worker_whose_peaks_sit_below_the_estimate_is_moved_up_after_one_round
                                      lambda r: _scaled(est[r], 0.4))
     if calibrate:
         assert ratios == [0.5, 1.0, 1.0], reasons
+        assert "(estimate) of" in reasons[0] and "; ratio 1 needs ~" in reasons[0]  # why
         assert "estimate x 0.40 (measured at ratio 0.5)" in reasons[1]
         assert "measured at ratio 1" in reasons[2]
     else:
