@@ -71,7 +71,8 @@ class RoundDriver(Transport):
         returned = []
         for task in tasks:
             t = ticket.tasks[task.name]
-            returned.append(Returned(task, _worker_record(t), t.update, t.refused, checked=True))
+            returned.append(Returned(task, _worker_record(t, self.c.job.hyper.wire.itemsize),
+                                     t.update, t.refused, checked=True))
         return Exchange(returned, ticket.opened_at)
 
     def publish(self, state: GlobalState) -> None:
@@ -286,13 +287,14 @@ def _resolved(ticket: RoundTicket) -> dict[int, Update | None]:
             for t in ticket.tasks.values() if t.answered()}
 
 
-def _worker_record(t: WorkerTask) -> WorkerRound:
+def _worker_record(t: WorkerTask, element_bytes: int) -> WorkerRound:
     """What the servicer measured of one task (``arrived`` is the round loop's to set)."""
     upd = t.update
     elapsed = ((t.received_at or 0.0) - (t.sent_at or 0.0)) if upd else 0.0
     compute = upd.compute_s if upd else 0.0
     return WorkerRound(
         t.worker_id, t.plan.client_id, t.plan.ratio, arrived=upd is not None, reason=t.reason,
+        element_bytes=element_bytes,
         payload_down_bytes=t.payload_down, payload_up_bytes=t.payload_up,
         message_down_bytes=t.message_down, message_up_bytes=t.message_up, wire=t.wire,
         compute_s=compute, receive_s=t.receive_s, upload_s=t.upload_s,

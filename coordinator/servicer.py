@@ -432,7 +432,8 @@ class CoordinatorServicer:
                             f"{task.plan.client_id}", "client-id")
         if h.payload.round != h.round or h.payload.worker_id != h.worker_id:
             raise WireError("payload header round/worker id do not match the update header")
-        check_header(h.payload, expected_update(task.plan), max_total_bytes=1 << 40)
+        check_header(h.payload, expected_update(task.plan, self.c.job.hyper.wire),
+                     max_total_bytes=1 << 40)
         assembler = Assembler(h.payload, max_chunk_bytes=cfg.chunk_bytes, pool=self._buffers)
         received = message_bytes(pb.UpdateMessage(header=h))
         while (data := await self._next(it)) is not None:

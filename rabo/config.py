@@ -217,6 +217,15 @@ class AggregationConfig:
 
 
 @dataclass(kw_only=True)
+class WireConfig:
+    dtype: Literal["float32", "bfloat16", "float16"] = opt(
+        "float32", "[ext] element type of the x, y and v slices on the wire, both ways (every "
+        "transport, the simulator included, rounds to it the same way): the coordinator keeps "
+        "float32 master state and the worker computes in float32; 16-bit halves the bytes "
+        "(docs/communication.md)")
+
+
+@dataclass(kw_only=True)
 class PolicyConfig:
     ladder: list[float] = opt(
         [1.0, 0.5, 0.25, 0.125, 0.0625], "[recon] width ratios the coordinator may assign"
@@ -320,6 +329,7 @@ class Config:
     task_params: TaskConfig = opt(TaskConfig(), "task constants")
     aggregation: AggregationConfig = opt(AggregationConfig(), "aggregation")
     policy: PolicyConfig = opt(PolicyConfig(), "resource-adaptive ratio policy")
+    wire: WireConfig = opt(WireConfig(), "what travels between coordinator and workers")
     cluster: ClusterConfig = opt(ClusterConfig(), "gRPC coordinator and workers")
 
     def validate(self, key: str = "") -> None:

@@ -81,10 +81,13 @@ class Context:
 # --------------------------------------------------------------------------- packing
 
 
-def pack(parts: list[Params], device: torch.device) -> torch.Tensor:
-    """One contiguous float32 buffer of every tensor of ``parts``, in order."""
-    flat = [t.reshape(-1).to(torch.float32) for p in parts for t in p.values()]
-    return torch.cat(flat).to(device) if flat else torch.zeros(0, device=device)
+def pack(parts: list[Params], device: torch.device, dtype: torch.dtype = torch.float32
+         ) -> torch.Tensor:
+    """One contiguous buffer of every tensor of ``parts``, in order, as ``dtype`` (the wire
+    dtype: the tensors hold values of it already, so nothing is rounded here)."""
+    flat = [t.reshape(-1).to(dtype) for p in parts for t in p.values()]
+    return (torch.cat(flat).to(device) if flat
+            else torch.zeros(0, dtype=dtype, device=device))
 
 
 def unpack(buf: torch.Tensor, shapes: list[dict[str, tuple[int, ...]]]) -> list[Params]:
@@ -210,9 +213,9 @@ class DistTransport(Transport):
         sends, outgoing = [], []  # the buffers live until their sends complete
         for rank, t in plans.items():
             a = engine.assign(state, t.plan, copy=False)
-            outgoing.append(pack([a.x, a.y, a.v], ctx.comm_device))
+            outgoing.append(pack([a.x, a.y, a.v], ctx.comm_device, engine.hyper.wire))
             sends.append(dist.isend(outgoing[-1], dst=rank))
-        bufs = {rank: torch.empty(plan_numel(t.plan), dtype=torch.float32,
+        bufs = {rank: torch.empty(plan_numel(t.plan), dtype=engine.hyper.wire,
                                   device=ctx.comm_device) for rank, t in plans.items()}
         metas = {rank: torch.empty(META_FIELDS, dtype=torch.float64, device=ctx.comm_device)
                  for rank in plans}
@@ -238,10 +241,11 @@ class DistTransport(Transport):
                          compute_s=m[0], peak_mem_bytes=int(m[1]))
             wire = (after[rank].minus(before[rank])
                     if after and before and rank in after and rank in before else None)
-            payload = 4 * plan_numel(plan)
+            payload = bufs[rank].element_size() * plan_numel(plan)
             out.append(Returned(t, WorkerRound(
                 t.name, plan.client_id, plan.ratio, reason=t.reason,
                 payload_down_bytes=payload, payload_up_bytes=payload,
+                element_bytes=bufs[rank].element_size(),
                 message_down_bytes=payload, message_up_bytes=payload + 8 * META_FIELDS,
                 wire=wire, compute_s=m[0], receive_s=m[4], upload_s=m[5],
                 transfer_s=arrived[rank] - sent_at - m[0], peak_mem_bytes=int(m[1]),
@@ -312,7 +316,7 @@ def run_worker(ctx: Context, memory_limit: int | None) -> None:
         if ratio <= 0:
             continue
         plan = engine.plan(q, cid, ratio)
-        buf = torch.empty(plan_numel(plan), dtype=torch.float32, device=ctx.comm_device)
+        buf = torch.empty(plan_numel(plan), dtype=engine.hyper.wire, device=ctx.comm_device)
         t0 = time.perf_counter()
         dist.recv(buf, src=0)
         receive_s = time.perf_counter() - t0
@@ -320,7 +324,8 @@ def run_worker(ctx: Context, memory_limit: int | None) -> None:
         assignment = Assignment(q, cid, plan.mask, engine.hyper, x, y, v)
         update = client_step(job.task, assignment, job.data.clients[cid], ctx.compute_device)
         t0 = time.perf_counter()
-        dist.send(pack([update.x, update.y, update.v], ctx.comm_device), dst=0)
+        dist.send(pack([update.x, update.y, update.v], ctx.comm_device, engine.hyper.wire),
+                  dst=0)
         send_s = time.perf_counter() - t0
         peak = peak_above_startup(update.peak_mem_bytes, baseline, ctx.compute_device)
         meta = torch.tensor([update.compute_s, float(peak),

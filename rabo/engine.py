@@ -54,6 +54,9 @@ log = logging.getLogger("rabo")
 # --------------------------------------------------------------------------- value types
 
 
+WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 @dataclass(frozen=True)
 class ClientHyper:
     """What a client needs besides its slices: travels with every assignment."""
@@ -71,6 +74,7 @@ class ClientHyper:
     neumann_terms: int
     neumann_eta: float
     seed: int
+    wire_dtype: str = "float32"  # of the slices both ways (wire.dtype)
 
     @classmethod
     def from_config(cls, cfg: Config) -> ClientHyper:
@@ -88,7 +92,13 @@ class ClientHyper:
             neumann_terms=cfg.estimator.neumann_terms,
             neumann_eta=cfg.estimator.neumann_eta,
             seed=cfg.seed,
+            wire_dtype=cfg.wire.dtype,
         )
+
+    @property
+    def wire(self) -> torch.dtype:
+        """The torch dtype of the slices on the wire."""
+        return WIRE_DTYPES[self.wire_dtype]
 
     def estimator_config(self) -> EstimatorConfig:
         return EstimatorConfig(name=self.estimator, delta=self.delta,  # type: ignore[arg-type]
@@ -125,6 +135,10 @@ class Assignment:
     def payload_numel(self) -> int:
         return numel(self.x) + numel(self.y) + numel(self.v)
 
+    def payload_bytes(self) -> int:
+        return sum(t.numel() * t.element_size()
+                   for p in (self.x, self.y, self.v) for t in p.values())
+
 
 @dataclass
 class Update:
@@ -143,6 +157,18 @@ class Update:
 
     def payload_numel(self) -> int:
         return numel(self.x) + numel(self.y) + numel(self.v)
+
+    def payload_bytes(self) -> int:
+        return sum(t.numel() * t.element_size()
+                   for p in (self.x, self.y, self.v) for t in p.values())
+
+    def as_float32(self) -> Update:
+        """This update with float32 slices (itself when they are already)."""
+        parts = (self.x, self.y, self.v)
+        if all(t.dtype == torch.float32 for p in parts for t in p.values()):
+            return self
+        x, y, v = ({k: t.float() for k, t in p.items()} for p in parts)
+        return dataclasses.replace(self, x=x, y=y, v=v)
 
 
 @dataclass
@@ -251,11 +277,13 @@ class RoundEngine:
         """The slices of ``plan``; ``copy=False`` shares whole tensors with ``state`` (for
         read-only use, e.g. encoding them for the wire while the state stands still)."""
         y_full, v_full = self._lower_of(state, plan.client_id)
-        return Assignment(
-            round=plan.round, client_id=plan.client_id, mask=plan.mask, hyper=self.hyper,
-            x=extract(state.x, plan.x, copy), y=extract(y_full, plan.y, copy),
-            v=extract(v_full, plan.y, copy),
-        )
+        x, y, v = (extract(state.x, plan.x, copy), extract(y_full, plan.y, copy),
+                   extract(v_full, plan.y, copy))
+        wire = self.hyper.wire
+        if wire != torch.float32:  # rounded from the float32 master: no error accumulates
+            x, y, v = ({k: t.to(wire) for k, t in p.items()} for p in (x, y, v))
+        return Assignment(round=plan.round, client_id=plan.client_id, mask=plan.mask,
+                          hyper=self.hyper, x=x, y=y, v=v)
 
     def payload_key(self, state: GlobalState, plan: ClientPlan) -> tuple[Any, ...]:
         """Equal for two plans whose assignments from ``state`` hold the same tensors (same
@@ -440,6 +468,7 @@ class Aggregation:
             raise ValueError(f"client {plan.client_id} added after client "
                              f"{self.client_ids[-1]}: updates go in by increasing client id")
         start = time.perf_counter()
+        upd = upd.as_float32()
         w = client_weight(self.engine.cfg.aggregation.weighting, plan.ratio, upd.samples)
         self._xa.add(plan.x, upd.x, w)
         self._ya.add(plan.y, upd.y, w)
@@ -487,9 +516,10 @@ def client_step(task: BilevelTask, a: Assignment, data: ClientData, device: torc
     estimator = make_estimator(hp.estimator_config())
     reset_peak_memory(device)  # so that each step reports its own peak
     start = time.perf_counter()
-    x0 = {k: t.to(device) for k, t in a.x.items()}
-    y0 = {k: t.to(device) for k, t in a.y.items()}
-    v0 = {k: t.to(device) for k, t in a.v.items()}
+    # computed in float32 whatever the wire carries (wire.dtype)
+    x0 = {k: t.to(device, torch.float32) for k, t in a.x.items()}
+    y0 = {k: t.to(device, torch.float32) for k, t in a.y.items()}
+    v0 = {k: t.to(device, torch.float32) for k, t in a.v.items()}
     train, val = data.train.to(device), data.val.to(device)
     with torch.no_grad():
         upper_loss = float(task.f(x0, y0, Batch(val.inputs, val.labels,
@@ -530,15 +560,16 @@ def client_step(task: BilevelTask, a: Assignment, data: ClientData, device: torc
                                  for n, h in est.hypergradient.items()}
             if hp.algorithm == "rafbo":
                 x = _step(x, hypergradient, hp.local_lr, None)
+    wire = hp.wire
     if hp.algorithm == "rafbo":
-        x_out = {n: (x[n] - x0[n]).cpu() for n in x}
+        x_out = {n: (x[n] - x0[n]).to("cpu", wire) for n in x}
     else:
-        x_out = {n: t.detach().cpu() for n, t in hypergradient.items()}
+        x_out = {n: t.detach().to("cpu", wire) for n, t in hypergradient.items()}
     compute_s = time.perf_counter() - start
     return Update(
         round=a.round, client_id=a.client_id, x=x_out,
-        y={n: (y[n] - y0[n]).detach().cpu() for n in y},
-        v={n: (v[n] - v0[n]).detach().cpu() for n in v},
+        y={n: (y[n] - y0[n]).detach().to("cpu", wire) for n in y},
+        v={n: (v[n] - v0[n]).detach().to("cpu", wire) for n in v},
         samples=len(train), upper_loss=upper_loss, compute_s=compute_s,
         peak_mem_bytes=peak_memory_bytes(device),
     )

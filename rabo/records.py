@@ -40,6 +40,7 @@ class WorkerRound:
     upload_s: float = 0.0
     transfer_s: float = 0.0
     peak_mem_bytes: int = 0
+    element_bytes: int = BYTES_PER_ELEMENT  # of the slices on the wire (wire.dtype)
     samples: int = 0
     upper_loss: float | None = None
 
@@ -51,8 +52,8 @@ class WorkerRound:
             "ratio": self.ratio,
             "arrived": self.arrived,
             "reason": self.reason,
-            "payload_down_elems": self.payload_down_bytes // BYTES_PER_ELEMENT,
-            "payload_up_elems": self.payload_up_bytes // BYTES_PER_ELEMENT,
+            "payload_down_elems": self.payload_down_bytes // self.element_bytes,
+            "payload_up_elems": self.payload_up_bytes // self.element_bytes,
             "payload_down_bytes": self.payload_down_bytes,
             "payload_up_bytes": self.payload_up_bytes,
             "message_down_bytes": self.message_down_bytes,

@@ -22,7 +22,7 @@ from rabo.errors import AssignmentError
 from rabo.job import Job, resolve_device
 from rabo.metrics import MetricsWriter, write_json
 from rabo.policy import Resources
-from rabo.records import BYTES_PER_ELEMENT, WorkerRound, summarize
+from rabo.records import WorkerRound, summarize
 from rabo.rounds import EarlyAggregate, Exchange, Member, Returned, RoundLoop, Task, Transport
 from rabo.units import parse_bytes
 
@@ -66,8 +66,9 @@ class InProcess(Transport):
                                         self.device)
             out.append(Returned(t, WorkerRound(
                 t.name, t.plan.client_id, t.plan.ratio, reason=t.reason,
-                payload_down_bytes=assignment.payload_numel() * BYTES_PER_ELEMENT,
-                payload_up_bytes=update.payload_numel() * BYTES_PER_ELEMENT,
+                element_bytes=engine.hyper.wire.itemsize,
+                payload_down_bytes=assignment.payload_bytes(),
+                payload_up_bytes=update.payload_bytes(),
                 compute_s=update.compute_s, peak_mem_bytes=update.peak_mem_bytes,
                 samples=update.samples, upper_loss=update.upper_loss), update))
         return Exchange(out, opened)

@@ -7,6 +7,7 @@ launched by torchrun) runs the same job with real processes and is compared with
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -85,3 +86,33 @@ def test_transport_matches_in_process(transport: str, model: str, reference: Glo
         assert diff <= 1e-6, f"{transport}: {part} differs by {diff}"
     assert max_abs_diff(reference.x, simulate(config.load(None, [*overrides, "rounds=2"])).state.x
                         ) > 1e-4  # the comparison can fail: one round less is far away
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_16_bit_wire_gives_the_same_model_on_every_transport(dtype: str, tmp_path: Path
+                                                               ) -> None:
+    overrides = [*OVERRIDES, *MODELS["mlp"], f"wire.dtype={dtype}"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sim = simulate(config.load(None, overrides))
+        f32 = simulate(config.load(None, [*OVERRIDES, *MODELS["mlp"]])).state
+    finally:
+        torch.set_num_threads(threads)
+    # the rounding happened (the model is not float32's) and is the same everywhere
+    assert max_abs_diff(sim.state.x, f32.x) > 0
+    for name, run in sorted(TRANSPORTS.items()):
+        state = run(tmp_path / name, overrides)
+        for part in ("x", "y", "v"):
+            diff = max_abs_diff(getattr(sim.state, part), getattr(state, part))
+            assert diff <= 1e-6, f"{name}: {part} differs by {diff}"
+    # 2 bytes per element each way, on gRPC's wire too
+    lines = [json.loads(line) for line in
+             (tmp_path / "grpc" / "grpc" / "metrics.jsonl").read_text().splitlines()]
+    for rec in lines:
+        for c in rec["clients"]:
+            assert c["payload_down_bytes"] == 2 * c["payload_down_elems"]
+            assert c["payload_up_bytes"] == 2 * c["payload_up_elems"]
+            if c["wire_down_bytes"] is not None:
+                assert c["wire_down_bytes"] < 1.01 * c["payload_down_bytes"] + 4096
