@@ -31,7 +31,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.floor import grpc_floor_processes
 from rabo import config
 
 
@@ -216,6 +215,7 @@ def echo_job_config(params: float, workers: int, rounds: int, ratios: Sequence[f
 
 def run_transport(params: float, workers: int, rounds: int, ratios: list[float],
                   chunk_bytes: int) -> dict[str, Any]:
+    from bench.floor import grpc_floor_processes
     from coordinator.local import run_echo_workers
     from coordinator.server import serve
 
