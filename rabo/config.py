@@ -234,11 +234,14 @@ class PolicyConfig:
                         gt=0, le=1)
     deadline_s: float = opt(0.0, "estimated local-step time must fit this (0: no deadline)",
                             ge=0)
-    calibrate: bool = opt(True, "[ext] once a worker has reported its measured peak memory "
+    calibrate: bool = opt(False, "[ext] once a worker has reported its measured peak memory "
                           "at a ratio, its memory figures come from its measurements (the "
                           "analytic estimate scaled by measured / estimated at the nearest "
                           "ratio it ran) instead of the estimate alone (gRPC and "
-                          "torch.distributed workers; docs/method.md)")
+                          "torch.distributed workers; docs/method.md). Off by default until "
+                          "the estimate's "
+                          "fixed part is calibrated: on small models a worker's first-round "
+                          "peak includes one-time allocations and reads above the estimate")
 
     def validate(self, key: str) -> None:
         if not self.ladder:

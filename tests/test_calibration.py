@@ -66,7 +66,8 @@ def _run_rounds(over, peaks_for):
     job = _job()
     est1 = estimate_memory(job.task, job.hyper, 1.0, 32)
     budget = int(0.9 * est1 / 0.8)  # ratio 1 does not fit the estimate, 0.5 does
-    cfg = config.load(None, [*TINY, "rounds=3", "cluster.heartbeat_s=30", *over])
+    cfg = config.load(None, [*TINY, "rounds=3", "cluster.heartbeat_s=30",
+                             "policy.calibrate=true", *over])
     server = serve(cfg, None, bind="127.0.0.1:0", linger_s=0.0)
     s = connect(server.port, 0, budget=budget)
     ratios = []

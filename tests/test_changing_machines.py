@@ -59,7 +59,7 @@ def test_a_worker_whose_memory_limit_drops_gets_a_smaller_ratio_and_later_a_larg
     cfg = config.load(None, ["data.dataset=digits", "model.hidden=[2048, 2048]",
                              "clients.count=1", "data.batch_size=32", "inner.steps=1",
                              "rounds=200", "policy.ladder=[1, 0.5, 0.25, 0.125]",
-                             "policy.safety=0.5",
+                             "policy.safety=0.5", "policy.calibrate=true",
                              "cluster.heartbeat_s=0.2", "cluster.round_deadline_s=120"])
     server = serve(cfg, None, bind="127.0.0.1:0", linger_s=0.0)
     log = tmp_path / "worker.log"
