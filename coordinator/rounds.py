@@ -64,8 +64,8 @@ class RoundDriver(Transport):
     def exchange(self, q: int, state: GlobalState, tasks: list[Task],
                  not_assigned: dict[str, str], early: EarlyAggregate) -> Exchange | None:
         ticket = self.open_round(q, tasks, not_assigned)
-        ticket.early = early
-        self.wait_round(ticket, early)
+        ticket.early = early  # the driver fills it while it waits (wait_round)
+        self.wait_round(ticket)
         if self.c.finished:
             return None  # stopped from outside mid-round: this round is not aggregated
         returned = []
@@ -140,13 +140,14 @@ class RoundDriver(Transport):
             c.cond.notify_all()
         return ticket
 
-    def wait_round(self, ticket: RoundTicket, early: EarlyAggregate | None = None) -> None:
+    def wait_round(self, ticket: RoundTicket) -> None:
         """Until every assigned update is in, or every live worker's is, or the deadline has
         passed and no assigned transfer is making progress (see :meth:`_moving`), or
         ``round_grace_s`` past the deadline, whatever moves. Meanwhile the updates that have
-        arrived go into ``early`` (on this thread, with the lock released, while the servicer
-        keeps receiving the others)."""
+        arrived go into ``ticket.early`` (on this thread, with the lock released, while the
+        servicer keeps receiving the others)."""
         c = self.c
+        early = ticket.early
         with c.cond:
             if not ticket.tasks:
                 # no one could be assigned (no ratio fits): give the heartbeats two intervals

@@ -136,8 +136,7 @@ class Assignment:
         return numel(self.x) + numel(self.y) + numel(self.v)
 
     def payload_bytes(self) -> int:
-        return sum(t.numel() * t.element_size()
-                   for p in (self.x, self.y, self.v) for t in p.values())
+        return _nbytes(self.x, self.y, self.v)
 
 
 @dataclass
@@ -159,8 +158,7 @@ class Update:
         return numel(self.x) + numel(self.y) + numel(self.v)
 
     def payload_bytes(self) -> int:
-        return sum(t.numel() * t.element_size()
-                   for p in (self.x, self.y, self.v) for t in p.values())
+        return _nbytes(self.x, self.y, self.v)
 
     def as_float32(self) -> Update:
         """This update with float32 slices (itself when they are already)."""
@@ -314,11 +312,11 @@ class RoundEngine:
         for part, values, full, slice_plan in (("x", update.x, state.x, plan.x),
                                                ("y", update.y, y_full, plan.y),
                                                ("v", update.v, v_full, plan.y)):
-            key = (part, slice_plan.key())
-            ref = refs.get(key) if not (personal and part != "x") else None
+            key = (part, slice_plan.key()) if part == "x" or not personal else None
+            ref = refs.get(key) if key else None
             if ref is None:
                 ref = _rms(extract(full, slice_plan, copy=False).values())
-                if not (personal and part != "x"):
+                if key:
                     refs[key] = ref  # a float: whichever thread stores it stores the same
             out[part] = (_rms(values.values()), ref)
         return out
@@ -401,8 +399,7 @@ class RoundEngine:
         early = len(agg.client_ids)
         for plan, upd in ordered[early:]:
             agg.add(plan, upd)
-        new_state, stats = agg.finish(clipped)
-        return new_state, dataclasses.replace(stats, early=early)
+        return agg.finish(clipped, early)
 
     def _clipped(self, state: GlobalState, ordered: Sequence[tuple[ClientPlan, Update]]
                  ) -> tuple[list[tuple[ClientPlan, Update]], int]:
@@ -482,7 +479,7 @@ class Aggregation:
         self.client_ids.append(plan.client_id)
         self.seconds += time.perf_counter() - start
 
-    def finish(self, clipped: int = 0) -> tuple[GlobalState, RoundStats]:
+    def finish(self, clipped: int = 0, early: int = 0) -> tuple[GlobalState, RoundStats]:
         start = time.perf_counter()
         cfg, state = self.engine.cfg, self.state
         xa, ya, va = self._xa, self._ya, self._va
@@ -505,7 +502,7 @@ class Aggregation:
         self.seconds += time.perf_counter() - start
         stats = RoundStats(self.round, cov_x, cov_y, norm(avg_x),
                            self._weighted_loss / max(self._samples, 1), self.seconds,
-                           clipped=clipped)
+                           clipped=clipped, early=early)
         return new_state, stats
 
 
@@ -599,6 +596,10 @@ def _rms(tensors: Iterable[torch.Tensor]) -> float:
         total += _sum_squares(t)
         count += t.numel()
     return math.sqrt(total / count) if count else 0.0
+
+
+def _nbytes(*parts: Params) -> int:
+    return sum(t.numel() * t.element_size() for p in parts for t in p.values())
 
 
 def _finite_state(state: GlobalState) -> bool:
