@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from rabo import config
+from rabo.runtime import rss_bytes
 
 
 def add_transport_args(p: argparse.ArgumentParser) -> None:
@@ -221,8 +223,12 @@ def run_transport(params: float, workers: int, rounds: int, ratios: list[float],
 
     cfg = echo_job_config(params, workers, rounds, ratios, chunk_bytes, deadline_s=600)
     hidden, cycled = cfg.model.hidden[0], list(cfg.clients.ratios or ())
+    rss_start = rss_bytes()
     server = serve(cfg, None, bind="127.0.0.1:0", linger_s=1.0)
     run_echo_workers(server, workers)
+    # peak resident set of this process (the coordinator; the workers are other processes)
+    # during the rounds, above what it held before the coordinator started
+    peak_above = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_start)
     records = server.driver.records
     if os.environ.get("RABO_BENCH_DEBUG"):
         for r in records:
@@ -288,6 +294,8 @@ def run_transport(params: float, workers: int, rounds: int, ratios: list[float],
         # the round driver), median over the steady rounds
         "coordinator_cpu_s": cpu, "coordinator_cpu_s_per_gb": cpu / (payload / 1e9),
         "aggregation_bytes_per_s": agg, "server_step_bytes_per_s": step,
+        "coordinator_peak_above_start_bytes": peak_above,
+        "coordinator_peak_model_copies": peak_above / (4 * num_params),
         "payload_fraction_by_ratio": by_ratio,
         "wire_method": "kernel tcp_info (sock_diag)" if wire else "unavailable",
     }
@@ -327,7 +335,9 @@ def cmd_bench_transport(args: argparse.Namespace) -> int:
     print(f"bare gRPC with the same worker processes: {result['grpc_floor_processes_s'] * 1e3:.1f}"
           f" ms per round, server CPU {result['grpc_floor_server_cpu_s']:.3f} s")
     print(f"coordinator CPU {result['coordinator_cpu_s']:.3f} s per round "
-          f"({result['coordinator_cpu_s_per_gb']:.3f} s per GB of payload)")
+          f"({result['coordinator_cpu_s_per_gb']:.3f} s per GB of payload); peak memory "
+          f"{result['coordinator_peak_above_start_bytes'] / 2**20:.0f} MiB above start-up "
+          f"({result['coordinator_peak_model_copies']:.1f} float32 copies of the model)")
     print(f"aggregation {result['aggregation_bytes_per_s'] / 1e9:.2f} GB/s of update bytes "
           f"(whole server step with the x optimizer: "
           f"{result['server_step_bytes_per_s'] / 1e9:.2f} GB/s)")

@@ -148,7 +148,7 @@ def serve(cfg: Config, out_dir: str | Path | None = None, bind: str | None = Non
     """Start the coordinator: the gRPC server and the round driver thread. Returns at once;
     ``Server.wait()`` blocks until the run is over. ``resume`` continues from a checkpointed
     state (its round is the last completed one)."""
-    tune_allocator()
+    tune_allocator(arenas=1)  # before the gRPC server's threads start
     security = security or Security()
     job = job or Job.from_config(cfg)
     out = Path(out_dir) if out_dir is not None else None

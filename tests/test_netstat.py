@@ -76,3 +76,66 @@ def test_connections_lists_both_ends(pair) -> None:
     conns = TcpCounters().connections()
     ends = {(c.local_port, c.remote_port) for c in conns}
     assert (port, peer[1]) in ends and (peer[1], port) in ends
+
+
+def test_repeated_reads_look_the_socket_up_and_agree_with_a_dump(pair) -> None:
+    port, peer, cli, conn = pair
+    cached = TcpCounters()
+    assert cached.read(port, peer) is not None  # first read: a dump, learns the local address
+    _transfer(cli, conn, 250_000)
+    again = cached.read(port, peer)  # a lookup of that one socket
+    fresh = TcpCounters().read(port, peer)  # a dump
+    assert again is not None and fresh is not None
+    assert again.bytes_received == fresh.bytes_received
+    assert again.bytes_received >= 250_000
+    cli.close()
+    conn.close()
+    assert cached.read(port, peer) is None  # a closed connection is not served from memory
+
+
+def test_a_port_filtered_dump_returns_only_that_connection() -> None:
+    import rabo.netstat as ns
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(32)
+    port = srv.getsockname()[1]
+    socks = []
+    try:
+        for _ in range(10):
+            socks.append(socket.create_connection(("127.0.0.1", port)))
+            socks.append(srv.accept()[0])
+        want = socks[6].getsockname()[1]
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, ns.NETLINK_SOCK_DIAG) as s:
+            got = list(ns.sock_diag_dump(s, socket.AF_INET, 1 << ns.TCP_ESTABLISHED, 1,
+                                         (port, want)))
+            everything = list(ns.sock_diag_dump(s, socket.AF_INET, 1 << ns.TCP_ESTABLISHED, 2))
+        assert [(e.sport, e.dport) for e in got] == [(port, want)]
+        assert len(everything) >= 20
+    finally:
+        for s in socks + [srv]:
+            s.close()
+
+
+def test_ipv6_connections_are_read_too() -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 in this namespace")
+    srv = socket.socket(socket.AF_INET6)
+    try:
+        srv.bind(("::1", 0))
+    except OSError as e:
+        srv.close()
+        pytest.skip(f"no ::1 here: {e}")
+    srv.listen()
+    cli = socket.create_connection(srv.getsockname()[:2])
+    conn, peer = srv.accept()
+    try:
+        counters = TcpCounters()
+        first = counters.read(srv.getsockname()[1], peer[:2])
+        _transfer(cli, conn, 4321)
+        second = counters.read(srv.getsockname()[1], peer[:2])
+        assert first is not None and second is not None
+        assert second.bytes_received - first.bytes_received == 4321
+    finally:
+        for s in (cli, conn, srv):
+            s.close()
