@@ -66,12 +66,16 @@ COMPARE: dict[str, list[tuple[str, str, int, int, list[str]]]] = {
     "tiny": [("A, digits MLP 64-16-10", "configs/experiments/task-a.yaml", 2, 2,
               ["data.dataset=digits", "model.hidden=[16]"])],
 }
+WIDE_RESNET = "A/resnet 64-128-256"
 RATIO_WORKLOADS = {
     "reduced": [("A/mlp 784-1024-1024-10", "A", ["model.hidden=[1024, 1024]"]),
                 ("B/mlp 784-1024-1024-10", "B", ["model.hidden=[1024, 1024]"]),
                 # the shipped ResNet and ViT (configs/resnet-mnist.yaml, configs/vit-mnist.yaml)
                 ("A/resnet 16-32-64", "A", ["model.kind=resnet", "model.channels=[16, 32, 64]"]),
-                ("A/vit 64, 8 heads", "A", ["model.kind=vit"])],
+                ("A/vit 64, 8 heads", "A", ["model.kind=vit"]),
+                # the largest shipped size (configs/resnet-mnist-wide.yaml): where pruning
+                # turns into step time on a CPU, whose small convolutions are overhead-bound
+                (WIDE_RESNET, "A", ["model.kind=resnet", "model.channels=[64, 128, 256]"])],
     "full": [("A/mlp 784-1024-1024-10", "A", ["model.hidden=[1024, 1024]"]),
              ("B/mlp 784-1024-1024-10", "B", ["model.hidden=[1024, 1024]"]),
              ("A/cnn 32-64", "A", ["model.kind=cnn", "model.hidden=[]",

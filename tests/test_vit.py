@@ -79,7 +79,10 @@ def test_bad_vit_settings_are_named() -> None:
 
 
 def test_the_shipped_config_trains_a_few_rounds() -> None:
+    # digits gives each client about 360 samples: the shipped val_fraction of 0.5 (chosen on
+    # MNIST, 2,000 per client) would leave 180 to train on, so the lower level gets 0.8 here
     acc = shipped_config_curve("vit-mnist.yaml",
-                               ["model.options={patch: 2, dim: 32, heads: 8, mlp: 64, depth: 1}"])
+                               ["model.options={patch: 2, dim: 32, heads: 8, mlp: 64, depth: 1}",
+                                "data.val_fraction=0.2"])
     # measured 0.12 -> 0.39 over these 30 rounds; ten classes: chance is 0.1
     assert acc[-1] > 0.3 and acc[-1] > acc[0] + 0.15, acc

@@ -31,7 +31,10 @@ METHODS = {m: CLAIMS_METHODS[m] for m in ("RABO", "full", "exclusion")}
 MODELS: dict[str, tuple[str, ...]] = {
     "resnet": ("model.kind=resnet", "model.channels=[16, 32, 64]", "model.options={blocks: 1}"),
     "vit": ("model.kind=vit",
-            "model.options={patch: 7, dim: 64, heads: 8, mlp: 128, depth: 2}"),
+            "model.options={patch: 7, dim: 64, heads: 8, mlp: 128, depth: 2}",
+            # half of each client's samples for the upper level: at 300 rounds the full model
+            # reached 92.7% against 87.6% with the default 0.2 (seed 0), at no extra time
+            "data.val_fraction=0.5"),
 }
 SHARED = ("data.dataset=mnist", "data.split=iid", "clients.count=4", "data.batch_size=64",
           "inner.lr=0.1", "outer.optimizer=adam", "outer.lr=0.003")
@@ -48,7 +51,7 @@ class Preset:
 
 PRESETS = {
     # the rounds fit make ablations' budget on 2 cores (a ResNet round takes about 1.5 s)
-    "reduced": Preset({"resnet": 200, "vit": 300}, (0, 1, 2), ("eval_every=10",)),
+    "reduced": Preset({"resnet": 200, "vit": 400}, (0, 1, 2), ("eval_every=10",)),
     "full": Preset({"resnet": 500, "vit": 500}, (0, 1, 2, 3, 4), ("eval_every=10",)),
     "tiny": Preset({"resnet": 2, "vit": 2}, (0,), ("data.dataset=digits",),
                    {"resnet": ("model.kind=resnet", "model.channels=[4, 8]"),

@@ -136,6 +136,24 @@ def ratio_block(ratio: dict[str, Any], rel: str, img: str) -> tuple[str, list[di
                              f"{small['peak_vs_full']:.3f}x the memory and "
                              f"{small['time_vs_full']:.2f}x the time of r=1 "
                              f"(r^2 = {small['ratio'] ** 2:.4f})")
+        # step-time target of the models issue: at r = 1/4 the largest shipped model's step
+        # takes at most 0.15x the time of r = 1 (the largest: most estimated FLOPs at r = 1)
+        sized = [(wl, {x["ratio"]: x for x in wl["rows"]}) for wl in ratio["workloads"]]
+        sized = [(wl, by) for wl, by in sized if 1.0 in by and 0.25 in by
+                 and by[1.0].get("estimate_flops")]
+        if sized:
+            wl, by = max(sized, key=lambda p: p[1][1.0]["estimate_flops"])
+            tq = by[0.25]["time_vs_full"]
+            text = (f"{wl['workload']} (the largest workload by FLOPs at r=1): a step at "
+                    f"r=1/4 takes {tq:.3f}x the time of r=1 "
+                    f"({by[0.25]['time_s'] * 1e3:.0f} ms against {by[1.0]['time_s'] * 1e3:.0f}"
+                    f" ms; rule: <= 0.15x)")
+            word = "supported" if tq <= 0.15 else "not supported"
+            lines.append(f"- **A quarter-width step is cheap on the largest model** "
+                         f"({ratio['device']}): {word}; {text}.")
+            heads.append({"claim": f"A quarter-width step takes <= 0.15x the full step on the "
+                                   f"largest model ({ratio['device']})",
+                          "verdict": word, "evidence": text})
         if saves:
             text = "; ".join(saves)
             lines.append(f"- **What a small submodel saves a worker** ({ratio['device']}): "
