@@ -12,6 +12,7 @@ from rabo.cliargs import lazy
 def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAction) -> None:
     from bench.estimator import add_arguments as add_estimator_args
     from bench.network import add_network_args
+    from bench.policy import add_policy_args
     from bench.system import add_system_args
     from bench.transport import add_compare_args, add_load_args, add_transport_args
 
@@ -26,6 +27,8 @@ def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAct
          add_network_args, "bench.network", "cmd_bench_network"),
         ("load", "N simulated workers register and heartbeat at once", add_load_args,
          "bench.transport", "cmd_bench_load"),
+        ("policy", "the ratio policy's memory estimate against real workers' peaks",
+         add_policy_args, "bench.policy", "cmd_bench_policy"),
         ("system", "round overhead, coordinator CPU and wire bytes vs workers and model size; "
                    "gRPC vs gloo; per-ratio cost", add_system_args, "bench.system",
          "cmd_bench_system"),

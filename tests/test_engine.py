@@ -221,3 +221,21 @@ def test_report_table_and_plots(tmp_path: Path) -> None:
     assert [float(r[1]) for r in rows] == [round(rec["test_acc"], 4) for rec in records]
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
     assert (tmp_path / "bytes_per_ratio.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("batch", [7, 64, 0])
+def test_the_reported_upper_loss_is_f_over_the_whole_validation_split(batch: int) -> None:
+    """Evaluated in pieces of a batch (so a worker's memory does not grow with its data), the
+    upper loss is still the mean of f over every validation sample."""
+    from rabo.engine import _upper_loss
+    from rabo.tasks.base import Batch
+
+    job = Job.from_config(config.load(None, ["data.dataset=digits", "model.hidden=[32]",
+                                             "clients.count=2"]))
+    state = job.engine.init_state()
+    val = job.data.clients[0].val
+    assert len(val) > 64  # several pieces at batch 7 and 64
+    whole = float(job.task.f(state.x, state.y, Batch(val.inputs, val.labels,
+                                                     torch.arange(len(val)))))
+    got = _upper_loss(job.task, state.x, state.y, val, batch, torch.device("cpu"))
+    assert got == pytest.approx(whole, rel=1e-6)

@@ -31,7 +31,7 @@ from rabo.auth import TlsFiles
 from rabo.engine import client_step
 from rabo.errors import ConfigError, ExitCode, RaboError
 from rabo.job import Job, resolve_device
-from rabo.runtime import peak_above_startup, prefer_low_memory
+from rabo.runtime import peak_above_startup, prefer_low_memory, release_free_memory
 from rabo_proto import PROTOCOL_VERSION
 from rabo_proto.codec import BufferPool, WireError
 from rabo_proto.status import RUN_COMPLETE, RUN_STOPPING, run_state
@@ -347,6 +347,7 @@ class Worker:
             # drop this round's payloads before the next one arrives, or the next round's
             # peak would carry them too
             del assignment, update, messages, first, call
+            release_free_memory()
         return False
 
     def _pause(self, seconds: float) -> None:

@@ -66,7 +66,9 @@ class BilevelTask(ABC):
     @abstractmethod
     def f(self, x: Mapping[str, torch.Tensor], y: Mapping[str, torch.Tensor], batch: Batch
           ) -> torch.Tensor:
-        """Upper-level loss f_i on a validation batch."""
+        """Upper-level loss f_i on a validation batch: a mean over the batch's samples (a
+        worker reports f over its whole validation split, evaluated in batches and averaged
+        by their sizes, so that its memory does not grow with its data)."""
 
     @abstractmethod
     def logits(self, x: Mapping[str, torch.Tensor], y: Mapping[str, torch.Tensor],
