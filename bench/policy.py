@@ -99,7 +99,10 @@ def run_policy(preset: str) -> dict[str, Any]:
                           f"{pt['measured_vs_estimate']:.2f}", file=sys.stderr, flush=True)
     ratios = [pt["measured_vs_estimate"] for pt in points]
     inside = sum(1 for v in ratios if LOW <= v <= HIGH)
+    from rabo.provenance import provenance
+
     return {"preset": preset, "points": points, "wall_s": time.perf_counter() - t0,
+            "provenance": provenance(),
             "rule": f"{LOW} <= measured / estimate <= {HIGH} at every point",
             "min": min(ratios), "max": max(ratios), "median": statistics.median(ratios),
             "inside": inside, "above": sum(1 for v in ratios if v > HIGH),

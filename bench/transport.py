@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from rabo import config
+from rabo.provenance import provenance
 from rabo.runtime import rss_bytes
 
 
@@ -298,6 +299,7 @@ def run_transport(params: float, workers: int, rounds: int, ratios: list[float],
         "coordinator_peak_model_copies": peak_above / (4 * num_params),
         "payload_fraction_by_ratio": by_ratio,
         "wire_method": "kernel tcp_info (sock_diag)" if wire else "unavailable",
+        "provenance": provenance(),
     }
 
 

@@ -16,6 +16,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
+from typing import Any
 
 from rabo.cliargs import add_config_args, add_overwrite_arg, lazy, load_config
 from rabo.errors import ExitCode, RaboError, exit_codes_help
@@ -87,11 +88,26 @@ def cmd_certs(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+class VersionAction(argparse.Action):
+    """``--version``, computed when asked for (it imports torch; ``rabo --help`` does not)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from rabo.provenance import version_text
+
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rabo", description="Resource-adaptive distributed bilevel optimization (RABO)",
         epilog=exit_codes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action=VersionAction,
+                        help="the version, git commit and torch build, then exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 

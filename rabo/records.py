@@ -8,6 +8,7 @@ messages, so its message and wire bytes are None and its transfer time 0).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -119,8 +120,13 @@ def summarize(cfg: Config, state: GlobalState, records: list[dict[str, Any]], wa
               extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """A run's summary.json: the last evaluated round's figures, the best accuracy, and what
     the transport adds (``extra``)."""
+    import datetime
+
+    from rabo.provenance import provenance
+
     evaluated = [r for r in records if r.get("test_acc") is not None]
     last = evaluated[-1] if evaluated else {}
+    started = datetime.datetime.fromtimestamp(time.time() - wall_s, datetime.timezone.utc)
     return {
         "rounds": state.round,
         "test_acc": last.get("test_acc"),
@@ -133,5 +139,7 @@ def summarize(cfg: Config, state: GlobalState, records: list[dict[str, Any]], wa
         "C_x_star": state.c_x_star,
         "wall_s": round(wall_s, 3),
         **(extra or {}),
+        # what produced the numbers: version, commit, torch build, host, command line
+        "provenance": {**provenance(), "started_at": started.isoformat(timespec="seconds")},
         "config": to_dict(cfg),
     }

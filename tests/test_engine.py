@@ -194,6 +194,26 @@ def test_simulate_cli_writes_the_run_folder(tmp_path: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_acc"] == rec["test_acc"] and summary["C_x_star"] >= 1
     assert summary["config"]["rounds"] == 2
+    prov = summary["provenance"]
+    import rabo
+    assert prov["rabo_version"] == rabo.__version__ and prov["torch_version"] == torch.__version__
+    assert prov["command"].split()[:2] == ["cli.py", "simulate"] and "--rounds 2" in prov["command"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent)
+    if head.returncode == 0:  # a checkout (CI clones one)
+        assert prov["git_commit"] == head.stdout.strip()
+        assert isinstance(prov["git_modified_files"], list)
+    assert prov["started_at"].endswith("+00:00") and prov["host"]
+
+
+def test_rabo_version_names_the_version_commit_and_torch_build() -> None:
+    import rabo
+
+    proc = subprocess.run([sys.executable, "-m", "rabo.cli", "--version"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"rabo {rabo.__version__} (")
+    assert f"torch {torch.__version__}" in proc.stdout
 
 
 def test_cli_bad_config_names_the_key(tmp_path: Path) -> None:

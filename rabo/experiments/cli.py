@@ -73,6 +73,9 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         path = write_report(out, target)
         print(f"rabo experiment report: wrote {path} from the JSON files in {out}")
         return 0
+    from rabo.provenance import provenance
+
+    provenance()  # the commit and local changes as the grid starts (rabo.experiments.common)
     preset = args.preset or ("tiny" if args.quick else "full" if args.full else "reduced")
     names = BENCH_GROUPS if args.name == "all" else (args.name,)
     store = None if args.no_store else common.RunStore(Path(args.store))

@@ -442,22 +442,24 @@ def machine() -> dict[str, Any]:
     with contextlib.suppress(OSError):
         info["loadavg_at_end"] = list(os.getloadavg())
     info.update(git_state())
+    from rabo.provenance import provenance
+
+    p = provenance()
+    info.update({"rabo_version": p["rabo_version"], "torch_cuda_build": p["torch_cuda_build"],
+                 "host": p["host"], "command_line": p["command"]})
     return info
 
 
 def git_state() -> dict[str, Any]:
-    """The commit the numbers come from, and whether tracked files had local changes."""
-    import subprocess
+    """The commit the numbers come from, and whether tracked files had local changes: read
+    when this process first asked (``rabo experiment`` asks as it starts, so edits made while
+    a grid runs do not change what its results say they came from)."""
+    from rabo.provenance import provenance
 
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=REPO, capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return {"git_commit": head or None,
-            "git_modified_files": sorted(line[3:] for line in dirty.splitlines())}
+    p = provenance()
+    commit = p["git_commit"]
+    return {"git_commit": commit[:7] if commit else None,
+            "git_modified_files": p["git_modified_files"]}
 
 
 @dataclass
