@@ -72,8 +72,16 @@ def make_ca(days: float = 365) -> tuple[x509.Certificate, ec.EllipticCurvePrivat
 
 
 def write_bundle(out: str | Path, workers: int = 4, hosts: list[str] | None = None,
-                 days: float = 365) -> Path:
+                 days: float = 365, force: bool = False) -> Path:
+    """A development CA, a coordinator certificate, ``workers`` worker certificates and a
+    token in ``out``. An existing CA there is not replaced unless ``force``: every
+    certificate it signed (on other machines, in Kubernetes Secrets) would stop verifying."""
     out = Path(out)
+    existing = [p.name for p in (out / "ca.crt", out / "ca.key") if p.exists()]
+    if existing and not force:
+        raise FileExistsError(f"{out} already holds a CA ({', '.join(existing)}); certificates "
+                              "it signed would no longer verify against a new one. Use another "
+                              "folder, or --force to replace it")
     out.mkdir(parents=True, exist_ok=True)
     ca_cert, ca_key = make_ca(days)
     _write(out / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM))

@@ -75,7 +75,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_certs(args: argparse.Namespace) -> int:
     from rabo.certs import write_bundle
 
-    out = write_bundle(args.out, workers=args.workers, hosts=args.hosts, days=args.days)
+    try:
+        out = write_bundle(args.out, workers=args.workers, hosts=args.hosts, days=args.days,
+                           force=args.force)
+    except FileExistsError as exc:
+        print(f"rabo certs: error: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
     print(f"wrote a development CA, a coordinator certificate, {args.workers} worker "
           f"certificates and a token to {out}")
     print(f"coordinator: --tls-cert {out}/coordinator.crt --tls-key {out}/coordinator.key "
@@ -128,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hosts", nargs="*", default=[],
                    help="extra DNS names / IPs for the coordinator certificate")
     p.add_argument("--days", type=float, default=365.0, help="validity")
+    p.add_argument("--force", action="store_true",
+                   help="replace a CA already in --out (what it signed stops verifying)")
     p.set_defaults(func=cmd_certs)
 
     p = sub.add_parser("report", help="a run folder as a table and PNG plots")
@@ -177,6 +184,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rabo: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (``rabo config | head``): stop quietly, as a tool killed by
+        # SIGPIPE would, and keep the interpreter's final flush from printing a traceback
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + 13  # SIGPIPE
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,6 +4,10 @@ commands that never read it."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from rabo.cli import main as rabo_main
@@ -103,3 +107,42 @@ def test_a_budget_too_small_for_every_client_is_an_error_not_a_traceback(capsys)
     assert rc == 2
     assert "no client fits the smallest ratio" in err and "clients.memory_budgets" in err
     assert "needs ~" in err  # the policy's reason for client 0
+
+
+def test_a_reader_that_goes_away_gets_no_traceback() -> None:
+    """``rabo config | head``: the pipe closes before rabo is done writing."""
+    proc = subprocess.Popen([sys.executable, "-m", "rabo.cli", "config", "--markdown"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the child writes anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_certs_refuse_to_replace_a_ca_without_force(tmp_path) -> None:
+    out = tmp_path / "pki"
+    run = [sys.executable, "-m", "rabo.cli", "certs", "--out", str(out), "--workers", "1"]
+    first = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    ca = (out / "ca.crt").read_bytes()
+    again = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2
+    assert "already holds a CA" in again.stderr and "--force" in again.stderr
+    assert (out / "ca.crt").read_bytes() == ca  # untouched
+    forced = subprocess.run([*run, "--force"], capture_output=True, text=True, timeout=120)
+    assert forced.returncode == 0, forced.stderr
+    assert (out / "ca.crt").read_bytes() != ca
+
+
+def test_a_data_dir_that_does_not_exist_is_an_error(tmp_path, monkeypatch) -> None:
+    from rabo.data.sources import resolve_root
+    from rabo.errors import DataError
+
+    missing = tmp_path / "no-such-dir"
+    monkeypatch.setenv("RABO_DATA_DIR", str(missing))
+    for dataset in ("mnist", "fashion-mnist"):
+        with pytest.raises(DataError, match=r"RABO_DATA_DIR=.*no-such-dir is not a directory "
+                                            r"\(it does not exist\)"):
+            resolve_root(dataset, None)
+    assert resolve_root("digits", None) == Path(".")  # reads no files: not consulted

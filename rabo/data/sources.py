@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import logging
 import os
 import random
 import zlib
@@ -27,6 +28,7 @@ import torch
 
 from rabo.errors import DataError
 
+log = logging.getLogger("rabo.data")
 DATASETS = ("mnist", "digits", "mnist1d", "mnist-full", "fashion-mnist", "cifar10")
 
 IDX_IMAGES_MAGIC = 2051
@@ -251,6 +253,12 @@ def resolve_root(dataset: str, root: str | None) -> Path:
     env = os.environ.get("RABO_DATA_DIR")
     if env:
         base = Path(env).expanduser()
+        if not base.is_dir():  # a typo must not train on other data without a word
+            raise DataError(f"RABO_DATA_DIR={env} is not a directory"
+                            + (" (it does not exist)" if not base.exists() else "")
+                            + f"; point it at the folder holding the {dataset} files, or unset "
+                            "it" + (" to use the bundled MNIST test set" if dataset == "mnist"
+                                    else ""))
         subdirs = {"mnist": ["mnist"], "mnist-full": ["mnist-full", "mnist"],
                    "fashion-mnist": ["fashion-mnist"], "cifar10": ["cifar10"]}[dataset]
         # The data set's own subdirectory wins over the base, so that fashion-mnist and
@@ -262,6 +270,8 @@ def resolve_root(dataset: str, root: str | None) -> Path:
                 return candidate
         if dataset != "mnist":
             return base  # the loader names the missing file
+        log.warning("RABO_DATA_DIR=%s holds no MNIST files (t10k-images-idx3-ubyte.gz; looked "
+                    "in it and its mnist/): using the bundled MNIST test set", env)
     if dataset == "mnist":
         tried = _bundled_mnist_candidates()
         for candidate in tried:
