@@ -56,6 +56,19 @@ def _security(args: argparse.Namespace):
                     tokens=load_tokens(args.token_file))
 
 
+def default_run_dir(kind: str, base: Path = Path("runs")) -> Path:
+    """A new folder ``runs/<kind>-<UTC time>`` (``-2``, ``-3``... if that one exists)."""
+    import datetime
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path = base / f"{kind}-{stamp}"
+    n = 2
+    while path.exists():
+        path = base / f"{kind}-{stamp}-{n}"
+        n += 1
+    return path
+
+
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from coordinator.server import serve
     from rabo import checkpoint, config
@@ -90,6 +103,9 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         cfg = load_config(args)
     check_address(args.bind or cfg.cluster.bind, "--bind" if args.bind else "cluster.bind",
                   listen=True)
+    if out is None:  # a run's results always land in a folder the user is told of
+        out = checkpoint.claim_run_dir(default_run_dir("coordinator"))
+        print(f"rabo coordinator: no --out given; the run folder is {out}", flush=True)
     server = serve(cfg, out, bind=args.bind, progress=grpc_progress(cfg.rounds),
                    security=_security(args), resume=resume_state,
                    health_port=args.health_port, metrics_port=args.metrics_port)
@@ -176,7 +192,9 @@ def cmd_local(args: argparse.Namespace) -> int:
             return ExitCode.USAGE
     from rabo.checkpoint import claim_run_dir
 
-    out = claim_run_dir(args.out, args.overwrite)
+    out = claim_run_dir(args.out, args.overwrite,
+                        resume="`rabo coordinator --resume {dir}` and workers started against "
+                               "it (rabo local starts new runs only)")
     print(f"rabo local: coordinator + {args.workers} worker processes on 127.0.0.1; task "
           f"{cfg.task}, {cfg.algorithm.upper()}, {cfg.estimator.name}, {cfg.rounds} rounds"
           + (f", worker memory budgets {', '.join(limits)}" if limits else ""), flush=True)
@@ -184,7 +202,13 @@ def cmd_local(args: argparse.Namespace) -> int:
         server = run_local(cfg, args.workers, out, limits, grpc_progress(cfg.rounds),
                            threads=args.threads)
     except KeyboardInterrupt:
-        print("rabo local: interrupted; workers stopped", file=sys.stderr)
+        from rabo.checkpoint import has_checkpoint
+
+        print("rabo local: interrupted; workers stopped"
+              + (f". The last checkpoint is in {out}: continue with `rabo coordinator --resume "
+                 f"{out}` and workers started against it (`rabo worker --coordinator ...`)"
+                 if has_checkpoint(out) else f"; no round was checkpointed in {out}"),
+              file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - reported with its message
         print(f"rabo local: error: {exc}", file=sys.stderr)
@@ -209,7 +233,8 @@ def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAct
     add_config_args(p)
     p.add_argument("--bind", metavar="HOST:PORT", default=env("RABO_BIND"),
                    help="listen address (env RABO_BIND; default config cluster.bind)")
-    p.add_argument("--out", metavar="DIR", help="run folder")
+    p.add_argument("--out", metavar="DIR",
+                   help="run folder (default: a new runs/coordinator-<UTC time> here)")
     add_overwrite_arg(p)
     p.add_argument("--resume", metavar="DIR",
                    help="continue the run in DIR from its newest good checkpoint (config from "

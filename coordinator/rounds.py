@@ -118,7 +118,12 @@ class RoundDriver(Transport):
                         f"{c.cfg.cluster.register_timeout_s:.0f}s (cluster.min_workers = "
                         f"{c.cfg.cluster.min_workers})")
                 c.cond.wait(0.5)
-        log.info("%d workers registered; starting %d rounds", want, c.cfg.rounds)
+            have = len(c.registry)
+        if c.finished:  # stopped (a signal, an error) before the run could start
+            log.info("stopped while waiting for workers: %d of %d registered, no round run",
+                     have, want)
+            return
+        log.info("%d workers registered; starting %d rounds", have, c.cfg.rounds)
 
     def open_round(self, q: int, tasks: list[Task] | None = None,
                    not_assigned: dict[str, str] | None = None) -> RoundTicket:

@@ -166,12 +166,14 @@ def lock_run_dir(directory: str | Path) -> Path:
     return directory
 
 
-def claim_run_dir(directory: str | Path, overwrite: bool = False) -> Path:
+def claim_run_dir(directory: str | Path, overwrite: bool = False,
+                  resume: str | None = "--resume {dir}") -> Path:
     """The folder of a run that starts from round 0, locked for this process
     (:func:`lock_run_dir`). A folder that holds another run's results is refused: its
     metrics would be cut or mixed, and rotation would delete the new checkpoints in favour of
     the old run's higher-numbered ones (a later --resume would then continue the old run).
-    ``overwrite`` removes those files first."""
+    ``overwrite`` removes those files first. ``resume``: how the calling command continues a
+    run (``{dir}`` is the folder), named in the refusal; None where it cannot."""
     directory = Path(directory)
     fresh = not directory.is_dir()
     lock_run_dir(directory)
@@ -180,9 +182,10 @@ def claim_run_dir(directory: str | Path, overwrite: bool = False) -> Path:
     found = [p for p in (*(directory / n for n in RUN_FILES), *_candidates(directory))
              if p.exists()]
     if found and not overwrite:
+        how = f"continue it with {resume.format(dir=directory)}, " if resume else ""
         raise CheckpointError(
             f"{directory} holds a run ({', '.join(sorted({p.name for p in found})[:4])}"
-            f"{', ...' if len(found) > 4 else ''}): continue it with --resume {directory}, "
+            f"{', ...' if len(found) > 4 else ''}): {how}"
             f"pick another folder, or pass --overwrite to replace it")
     for p in found:
         p.unlink(missing_ok=True)

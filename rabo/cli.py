@@ -32,7 +32,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from rabo.runner import format_progress, simulate
 
     cfg = load_config(args)
-    out = claim_run_dir(args.out, args.overwrite) if args.out else None
+    out = claim_run_dir(args.out, args.overwrite, resume=None) if args.out else None
     print(f"rabo simulate: task {cfg.task}, {cfg.algorithm.upper()}, estimator "
           f"{cfg.estimator.name}, {cfg.clients.count} clients, {cfg.rounds} rounds, "
           f"data {cfg.data.dataset} ({cfg.data.split})", flush=True)

@@ -403,7 +403,7 @@ def cmd_dist(args: argparse.Namespace) -> int:
     out = None
     if rank == 0 and args.out:
         try:
-            out = checkpoint.claim_run_dir(args.out, args.overwrite)
+            out = checkpoint.claim_run_dir(args.out, args.overwrite, resume=None)
         except RaboError as exc:  # the other ranks stop at the rendezvous timeout
             print(f"rabo dist: rank 0: error: {exc}", file=sys.stderr)
             return ExitCode.USAGE

@@ -146,3 +146,55 @@ def test_a_data_dir_that_does_not_exist_is_an_error(tmp_path, monkeypatch) -> No
                                             r"\(it does not exist\)"):
             resolve_root(dataset, None)
     assert resolve_root("digits", None) == Path(".")  # reads no files: not consulted
+
+
+def test_a_coordinator_without_out_names_its_run_folder_and_says_what_happened(tmp_path) -> None:
+    """No --out: a new folder under runs/ is made and printed, so that the checkpoint a
+    signal writes lands somewhere the user is told of; stopped while waiting for workers, the
+    log says so instead of announcing rounds."""
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "rabo.cli", "coordinator", "--bind",
+                             "127.0.0.1:0", "--set", "data.dataset=digits", "--set",
+                             "clients.count=2"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, GRPC_VERBOSITY="NONE"))
+    assert proc.stdout is not None
+    lines = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if "waiting for 2 workers" in line or not line:
+            break
+    assert any("waiting for 2 workers" in ln for ln in lines), lines
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    text = "".join(lines) + out
+    assert proc.returncode == 0, err
+    (folder,) = (tmp_path / "runs").iterdir()
+    assert folder.name.startswith("coordinator-")
+    rel = f"runs/{folder.name}"
+    assert f"no --out given; the run folder is {rel}" in text
+    assert f"checkpointed in {rel} (resume with --resume {rel})" in text
+    assert "stopped while waiting for workers: 0 of 2 registered, no round run" in err
+    assert "starting" not in err
+
+
+def test_the_used_folder_refusal_offers_only_what_the_command_can_do(tmp_path) -> None:
+    from rabo import checkpoint
+
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "metrics.jsonl").write_text('{"round": 1}\n')
+    simulate = subprocess.run([sys.executable, "-m", "rabo.cli", "simulate", "--out", str(used),
+                               "--set", "data.dataset=digits", "--rounds", "1"],
+                              capture_output=True, text=True, timeout=120)
+    assert simulate.returncode == 2
+    assert "holds a run" in simulate.stderr and "--overwrite" in simulate.stderr
+    assert "--resume" not in simulate.stderr  # rabo simulate cannot resume
+    with pytest.raises(checkpoint.CheckpointError, match=r"continue it with `rabo coordinator "
+                                                         r"--resume .*used` and workers"):
+        checkpoint.claim_run_dir(used, resume="`rabo coordinator --resume {dir}` and workers")

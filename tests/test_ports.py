@@ -46,11 +46,11 @@ def test_busy_main_health_and_metrics_ports_are_refused(first) -> None:
     other.stop(grace=0)
 
 
-def test_the_cli_says_one_line_naming_the_flag(first) -> None:
+def test_the_cli_says_one_line_naming_the_flag(first, tmp_path) -> None:
     proc = subprocess.run([sys.executable, "-m", "rabo.cli", "coordinator",
                            "--bind", f"127.0.0.1:{first.port}", "--set", "data.dataset=digits",
                            "--set", "clients.count=1"],
-                          capture_output=True, text=True, timeout=120,
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
                           env=dict(os.environ, GRPC_VERBOSITY="NONE"))
     assert proc.returncode != 0
     err = [ln for ln in proc.stderr.splitlines() if ln.strip()]

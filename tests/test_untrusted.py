@@ -151,7 +151,7 @@ def test_oversized_messages_are_refused_before_they_are_buffered(tmp_path) -> No
                                         f"cluster.max_message_bytes={1 << 30}"]), [])
     coord = subprocess.Popen([sys.executable, "-m", "rabo.cli", "coordinator", "--bind",
                               f"127.0.0.1:{port}", *sets], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, env=dict(os.environ,
+                             stderr=subprocess.DEVNULL, cwd=tmp_path, env=dict(os.environ,
                                                                  GRPC_VERBOSITY="NONE"))
     size = 200 << 20
     big = pb.RegisterRequest(name="x" * size, protocol=PROTOCOL_VERSION)
