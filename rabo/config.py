@@ -365,8 +365,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of "
-                              + ", ".join(repr(a) for a in allowed))
+            raise ConfigError(f"{key}: {value!r} is not allowed;"
+                              + _did_you_mean(value, [str(a) for a in allowed])
+                              + " choose one of " + ", ".join(repr(a) for a in allowed))
         return value
     if origin in (Union, types.UnionType):
         args = get_args(tp)
@@ -448,6 +449,14 @@ def _check_bounds(value: Any, meta: typing.Mapping[str, Any], key: str) -> None:
             raise ConfigError(f"{key}: {value} is out of range; allowed: {' and '.join(parts)}")
 
 
+def _did_you_mean(given: Any, choices: list[str]) -> str:
+    """' did you mean 'x'?' for the closest of ``choices`` to a misspelt ``given``, or ''."""
+    import difflib
+
+    close = difflib.get_close_matches(str(given), choices, n=1, cutoff=0.6)
+    return f" did you mean {close[0]!r}?" if close else ""
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -455,7 +464,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     for raw_key, value in data.items():
         key = f"{prefix}.{raw_key}" if prefix else str(raw_key)
         if raw_key not in fields:
-            raise ConfigError(f"{key}: unknown key; allowed keys here: " + ", ".join(fields))
+            raise ConfigError(f"{key}: unknown key;" + _did_you_mean(raw_key, list(fields))
+                              + " allowed keys here: " + ", ".join(fields))
         coerced = _coerce(value, hints[raw_key], key)
         _check_bounds(coerced, fields[raw_key].metadata, key)
         if isinstance(coerced, list):

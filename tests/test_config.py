@@ -31,7 +31,8 @@ def test_defaults_and_overrides() -> None:
     ("overrides", "message"),
     [
         (["bogus=1"], r"bogus: unknown key; allowed keys here: seed, rounds"),
-        (["estimator.nme=exact"], r"estimator.nme: unknown key; allowed keys here: name,"),
+        (["estimator.nme=exact"], r"estimator.nme: unknown key; did you mean .name.\? allowed "
+                                  r"keys here: name,"),
         (["estimator.name=magic"], r"estimator.name: 'magic' is not allowed; choose one of "
                                    r"'fd-central', 'fd-forward', 'exact', 'neumann'"),
         (["rounds=ten"], r"rounds: expected an integer, got 'ten'"),
@@ -102,3 +103,19 @@ def test_byte_sizes_and_lists() -> None:
         parse_byte_list("96MiB,12XB")
     with pytest.raises(ValueError, match="names no size"):
         parse_byte_list(" , ")
+
+
+def test_misspelt_keys_and_values_get_a_suggestion() -> None:
+    from rabo import config
+    from rabo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"estimater: unknown key; did you mean 'estimator'\?"):
+        config.load(None, ["estimater.name=exact"])
+    with pytest.raises(ConfigError, match=r"outer.lrr: unknown key; did you mean 'lr'\?"):
+        config.load(None, ["outer.lrr=0.1"])
+    with pytest.raises(ConfigError, match=r"'exakt' is not allowed; did you mean 'exact'\? "
+                                          r"choose one of"):
+        config.load(None, ["estimator.name=exakt"])
+    with pytest.raises(ConfigError) as info:  # nothing close: no guess
+        config.load(None, ["zzz=1"])
+    assert "did you mean" not in str(info.value)
