@@ -180,6 +180,13 @@ def cmd_local(args: argparse.Namespace) -> int:
         print(f"rabo local: error: --workers {args.workers} exceeds clients.count "
               f"{cfg.clients.count} (one data partition per worker)", file=sys.stderr)
         return ExitCode.USAGE
+    if args.workers < cfg.clients.count:
+        idle = list(range(args.workers, cfg.clients.count))
+        shown = ", ".join(map(str, idle[:8])) + (", ..." if len(idle) > 8 else "")
+        print(f"rabo local: warning: --workers {args.workers} < clients.count "
+              f"{cfg.clients.count}: the data partitions of clients {shown} get no worker and "
+              f"go untrained (start {cfg.clients.count} workers, or set "
+              f"clients.count={args.workers})", file=sys.stderr, flush=True)
     limits = [s.strip() for s in args.worker_memory_limits.split(",") if s.strip()] \
         if args.worker_memory_limits else cfg.clients.memory_budgets
     if args.worker_memory_limits:

@@ -198,3 +198,13 @@ def test_the_used_folder_refusal_offers_only_what_the_command_can_do(tmp_path) -
     with pytest.raises(checkpoint.CheckpointError, match=r"continue it with `rabo coordinator "
                                                          r"--resume .*used` and workers"):
         checkpoint.claim_run_dir(used, resume="`rabo coordinator --resume {dir}` and workers")
+
+
+def test_rabo_local_with_fewer_workers_than_clients_says_what_goes_untrained(tmp_path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "rabo.cli", "local", "--workers", "1", "--out",
+                           str(tmp_path / "run"), "--set", "data.dataset=digits", "--set",
+                           "clients.count=3", "--set", "model.hidden=[16]", "--rounds", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert ("--workers 1 < clients.count 3: the data partitions of clients 1, 2 get no worker "
+            "and go untrained (start 3 workers, or set clients.count=1)") in proc.stderr
