@@ -193,6 +193,8 @@ class RoundStats:
     dropped: tuple[int, ...] = ()
     clipped: int = 0  # update parts scaled down by aggregation.clip_rms
     early: int = 0  # updates averaged while the round's other transfers still ran
+    # which coordinates of x some update covered (None: every one, or no update at all)
+    x_covered: Mapping[str, torch.Tensor] | None = None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -486,8 +488,8 @@ class Aggregation:
         cov_x, cov_y = xa.stats(), ya.stats()
         avg_x = xa.average()
         opt = state.opt
+        covered = xa.covered() if cov_x.zero else None
         if cfg.algorithm == "rabo":
-            covered = xa.covered() if cov_x.zero else None
             x, opt = outer_step(cfg, state.x, avg_x, covered, state.opt)
         else:
             x = {k: state.x[k] + cfg.outer.server_lr * avg_x[k] for k in state.x}
@@ -502,7 +504,7 @@ class Aggregation:
         self.seconds += time.perf_counter() - start
         stats = RoundStats(self.round, cov_x, cov_y, norm(avg_x),
                            self._weighted_loss / max(self._samples, 1), self.seconds,
-                           clipped=clipped, early=early)
+                           clipped=clipped, early=early, x_covered=covered)
         return new_state, stats
 
 

@@ -38,6 +38,7 @@ from rabo.policy import Resources
 from rabo.records import WorkerRound, round_record
 
 log = logging.getLogger("rabo.rounds")
+UNCOVERED_ROUNDS = 20  # rounds in a row a coordinate of x is uncovered before the warning
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,11 @@ class RoundLoop:
     # start-up footprint (the ratio policy's calibration, policy.calibrate)
     peaks: dict[str, dict[float, int]] = field(default_factory=dict)
     stopped: bool = False  # the transport reported a stop from outside
+    # coordinates of x that no update covered in any round since ``_gap_start`` (a streak of
+    # rounds each leaving some coordinates uncovered); warned of once (UNCOVERED_ROUNDS)
+    _never: dict[str, Any] | None = None
+    _gap_start: int = 0
+    _gap_warned: bool = False
 
     def run(self) -> GlobalState:
         """Every remaining round; returns the final model (also ``self.state``)."""
@@ -187,6 +193,37 @@ class RoundLoop:
                 self.stopped = True
                 break
         return self.state
+
+    def _watch_coverage(self, q: int, covered: Any) -> None:
+        """Warn once when some coordinates of x were covered by no update in each of
+        ``UNCOVERED_ROUNDS`` rounds in a row: they never train (e.g. two workers at ratio 0.5
+        under static masks leave everything beyond the first half of each layer untouched)."""
+        if self._gap_warned:
+            return
+        if covered is None:  # everything covered this round: no coordinate's gap goes on
+            self._never = None
+            return
+        if self._never is None:
+            self._never, self._gap_start = {k: ~c for k, c in covered.items()}, q
+        else:
+            for k, c in covered.items():
+                self._never[k] &= ~c
+        if q - self._gap_start + 1 < UNCOVERED_ROUNDS:
+            return
+        idle = sum(int(t.sum()) for t in self._never.values())
+        if idle == 0:
+            self._never = None  # every coordinate was covered at some point: a new streak
+            return
+        total = sum(t.numel() for t in self._never.values())
+        cfg = self.job.cfg
+        fix = ("under static masks every submodel keeps the first units of each layer: use "
+               "mask.policy=rolling or random, or give some worker ratio 1"
+               if cfg.mask.policy == "static" else
+               "give some worker a larger ratio, or more workers")
+        log.warning("%d of %d coordinates of x (%.0f%%) were covered by no worker's submodel "
+                    "in rounds %d-%d and do not train; %s", idle, total, 100 * idle / total,
+                    self._gap_start, q, fix)
+        self._gap_warned = True
 
     def plan(self, q: int, members: list[Member]) -> tuple[list[Task], dict[str, str]]:
         """Round ``q``'s participants (seeded sample of ``members``), their ratios and plans;
@@ -253,6 +290,8 @@ class RoundLoop:
                 seen[plan.ratio] = max(seen.get(plan.ratio, 0), r.measured.peak_mem_bytes)
         self.state, stats = (engine.server_step(self.state, results, early.aggregation)
                              if results else engine.skip_round(self.state, q))
+        if results:
+            self._watch_coverage(q, stats.x_covered)
         t.publish(self.state)
         done_at = t.clock()
         cpu_s = time.process_time() - cpu0

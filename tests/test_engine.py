@@ -259,3 +259,26 @@ def test_the_reported_upper_loss_is_f_over_the_whole_validation_split(batch: int
                                                      torch.arange(len(val)))))
     got = _upper_loss(job.task, state.x, state.y, val, batch, torch.device("cpu"))
     assert got == pytest.approx(whole, rel=1e-6)
+
+
+def test_coordinates_no_submodel_covers_get_a_warning_once(caplog) -> None:
+    """Two workers at ratio 0.5 under static masks leave most of x untrained: said once,
+    with the fraction and the fix; rolling masks cover everything within a sweep: silent."""
+    import logging
+
+    from rabo.rounds import UNCOVERED_ROUNDS
+    from rabo.runner import simulate
+
+    base = ["data.dataset=digits", "model.hidden=[16, 16]", "clients.count=2",
+            "clients.ratios=[0.5, 0.5]", f"rounds={UNCOVERED_ROUNDS + 2}",
+            f"eval_every={UNCOVERED_ROUNDS + 2}"]
+    with caplog.at_level(logging.WARNING, logger="rabo.rounds"):
+        simulate(config.load(None, [*base, "mask.policy=static"]))
+    said = [r.getMessage() for r in caplog.records if "covered by no worker" in r.getMessage()]
+    assert len(said) == 1, said
+    assert f"in rounds 1-{UNCOVERED_ROUNDS} and do not train" in said[0]
+    assert "use mask.policy=rolling or random" in said[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rabo.rounds"):
+        simulate(config.load(None, [*base, "mask.policy=rolling"]))
+    assert not [r for r in caplog.records if "covered by no worker" in r.getMessage()]
