@@ -195,8 +195,11 @@ async def _start_grpc(cfg: Config, coord: Coordinator, security: Security, addre
                                            grpc.aio.Server | None, int]:
     """On the event loop: the main server (coordinator and health services) and the
     optional plaintext health server, bound and started."""
-    interceptors = [TokenInterceptor(security.tokens, lambda kind: coord.reject(f"auth-{kind}"))
-                    ] if security.tokens else []
+    def refused(kind: str) -> None:
+        coord.reject(f"auth-{kind}", f"{kind} (the worker's token file does not hold a token "
+                                     "this coordinator accepts)")
+
+    interceptors = [TokenInterceptor(security.tokens, refused)] if security.tokens else []
     server = grpc.aio.server(options=grpc_options(cfg), interceptors=interceptors)
     add_servicer(CoordinatorServicer(coord), server)
     health_servicer = health.aio.HealthServicer()

@@ -131,7 +131,7 @@ class CoordinatorServicer:
         try:
             return self.c.registry.authenticate(worker_id, credential, peer_identity(context))
         except RegistryError as exc:
-            self.c.reject("auth")
+            self.c.reject("auth", f"worker credential: {exc}", context.peer())
             await _abort(context, getattr(grpc.StatusCode, exc.code), str(exc))
 
     async def _refuse_finished(self, context: grpc.aio.ServicerContext) -> NoReturn:
@@ -165,16 +165,16 @@ class CoordinatorServicer:
             await self._refuse_finished(context)
         host = peer_host(context.peer())
         if not self.c.register_limiter.allow(host):
-            self.c.reject("register-rate")
-            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                         f"too many registrations from {host}; at most "
-                         f"{self.c.cfg.cluster.register_rate_per_s:g} per second")
+            why = (f"too many registrations from {host}; at most "
+                   f"{self.c.cfg.cluster.register_rate_per_s:g} per second")
+            self.c.reject("register-rate", why, context.peer())
+            await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, why)
         try:
             rec = self.c.registry.register(request.name, request.profile, request.client_id,
                                            context.peer(), peer_identity(context),
                                            request.instance)
         except RegistryError as exc:
-            self.c.reject("register")
+            self.c.reject("register", str(exc), context.peer())
             await _abort(context, getattr(grpc.StatusCode, exc.code), str(exc))
         if self.c.monitor:
             self.c.monitor.registrations.inc()

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +24,7 @@ from coordinator.monitoring import Monitor
 from coordinator.payloads import SharedPayloads
 from coordinator.registry import Registry
 from coordinator.security import RateLimiter
+from coordinator.untrusted import printable
 from rabo import checkpoint
 from rabo.config import Config, to_dict
 from rabo.engine import ClientPlan, GlobalState, Update
@@ -29,6 +32,11 @@ from rabo.errors import RaboError
 from rabo.job import Job
 from rabo.netstat import SocketCounters, TcpCounters, parse_peer
 from rabo.rounds import EarlyAggregate
+
+log = logging.getLogger("rabo.coordinator")
+# refusals of who may join, logged (rate-limited): tokens, credentials, registrations
+LOGGED_REFUSALS = ("auth", "register")
+REFUSAL_LOG_EVERY_S = 30.0
 
 
 class CoordinatorError(RaboError):
@@ -142,13 +150,31 @@ class Coordinator:
         self.counters = TcpCounters()
         self.port = 0  # the bound port, for the wire counters
         self.rejected: dict[str, int] = {}
+        self._refusal_log: dict[str, tuple[float, int]] = {}  # kind -> (last logged, held back)
         self.calls_open = 0  # coordinator calls in progress, all peers (the servicer counts)
 
-    def reject(self, kind: str) -> None:
+    def reject(self, kind: str, why: str = "", peer: str = "") -> None:
+        """Count a refused call; refusals of who may join (tokens, credentials, registrations)
+        are also logged: the first of a kind at once, then at most one line per kind every
+        ``REFUSAL_LOG_EVERY_S`` with the count held back, so a flood cannot fill the log."""
+        now = time.monotonic()
+        held = None
         with self.cond:
             self.rejected[kind] = self.rejected.get(kind, 0) + 1
+            if kind.startswith(LOGGED_REFUSALS):
+                last, quiet = self._refusal_log.get(kind, (-math.inf, 0))
+                if now - last >= REFUSAL_LOG_EVERY_S:
+                    held, self._refusal_log[kind] = quiet, (now, 0)
+                else:
+                    self._refusal_log[kind] = (last, quiet + 1)
         if self.monitor:
             self.monitor.rejected.labels(kind).inc()
+        if held is not None:
+            log.warning("refused %s%s: %s%s", "a registration" if kind.startswith("register")
+                        else "a call", f" from {printable(peer)}" if peer else "",
+                        printable(why or kind),
+                        f" ({held} more refused like it in the last "
+                        f"{REFUSAL_LOG_EVERY_S:.0f}s)" if held else "")
 
     def read_counters(self, peer: str) -> SocketCounters | None:
         addr = parse_peer(peer)

@@ -243,3 +243,29 @@ def test_taken_client_slot_is_refused() -> None:
             assert "client slot 7 does not exist" in err.value.details()
     finally:
         server.stop(0)
+
+
+def test_refused_registrations_are_logged_once_then_rate_limited(token_server, caplog) -> None:
+    import logging
+
+    from coordinator.state import REFUSAL_LOG_EVERY_S
+
+    caplog.set_level(logging.WARNING, logger="rabo.coordinator")
+    token_server.coord._refusal_log.clear()  # other tests' refusals do not hold this one back
+    for _ in range(5):
+        with open_channel(f"127.0.0.1:{token_server.port}", [], TlsFiles(), b"guess") as ch:
+            with pytest.raises(grpc.RpcError):
+                _register(pb_grpc.CoordinatorStub(ch))
+    said = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(said) == 1, said  # five refusals within the window: one line
+    assert "wrong token (the worker's token file does not hold a token" in said[0]
+    # after the window, the next line says how many were held back
+    kind = "auth-wrong token"
+    last, held = token_server.coord._refusal_log[kind]
+    assert held == 4
+    token_server.coord._refusal_log[kind] = (last - REFUSAL_LOG_EVERY_S, held)
+    with open_channel(f"127.0.0.1:{token_server.port}", [], TlsFiles(), b"guess") as ch:
+        with pytest.raises(grpc.RpcError):
+            _register(pb_grpc.CoordinatorStub(ch))
+    said = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(said) == 2 and "(4 more refused like it in the last 30s)" in said[1], said

@@ -132,3 +132,37 @@ def test_a_recovered_outage_restarts_the_give_up_clock() -> None:
     w2._session = lambda stub: next(script)(stub)  # type: ignore[method-assign]
     with grpc.insecure_channel("127.0.0.1:1") as channel:
         assert w2._run_on(channel, Backoff(), None) == 4
+
+
+# what gRPC says (its status details, captured from real failures) and what the worker makes
+# of it: the cause and the likely fix, with the target
+@pytest.mark.parametrize("details, tls, expect", [
+    ("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: Failed to "
+     "connect to remote host: Connection refused", False,
+     "connection refused at HOST:1: is the coordinator started"),
+    ("errors resolving nosuch.invalid:5000: [field:hostname lookup error:address lookup failed "
+     "for nosuch.invalid:5000: Domain name not found]", False,
+     "cannot resolve the coordinator's host in HOST:1 (DNS)"),
+    ("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:52909: Tls "
+     "handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: WRONG_VERSION_NUMBER", True,
+     "TLS handshake with HOST:1 failed: is the coordinator started with --tls-cert"),
+    ("Socket closed", False, "HOST:1 closed the connection: if it runs with TLS, give --tls-ca"),
+    ("something new", False, "coordinator at HOST:1 unreachable (UNAVAILABLE: something new)"),
+])
+def test_connection_failures_are_explained(details: str, tls: bool, expect: str) -> None:
+    from worker.client import explain_unreachable
+
+    assert explain_unreachable("UNAVAILABLE", details, "HOST:1", tls).startswith(expect)
+
+
+def test_a_worker_says_once_why_it_cannot_connect() -> None:
+    port = free_port()  # nothing listens there
+    proc = subprocess.run([sys.executable, "-m", "worker", "--coordinator", f"127.0.0.1:{port}",
+                           "--give-up-s", "4"], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, GRPC_VERBOSITY="NONE"))
+    assert proc.returncode != 0
+    said = [ln for ln in proc.stderr.splitlines() if "connection refused" in ln]
+    assert len(said) == 1, proc.stderr  # the first failure, then quiet until a minute passes
+    assert f"connection refused at 127.0.0.1:{port}: is the coordinator started" in said[0]
+    assert "WARNING" in said[0]
+    assert f"no coordinator at 127.0.0.1:{port} for" in proc.stderr  # and why it gave up

@@ -122,6 +122,28 @@ def pick_device(name: str) -> torch.device:
         raise WorkerExit(f"--device: {exc}", ExitCode.USAGE) from None
 
 
+def explain_unreachable(code: str, details: str, target: str, tls: bool) -> str:
+    """A gRPC failure to reach ``target``, in words that name the likely fix."""
+    d = details.lower()
+    if "resolv" in d or "dns" in d or "name not found" in d or "lookup" in d:
+        return f"cannot resolve the coordinator's host in {target} (DNS): check the name"
+    if "handshake" in d or "ssl" in d or "tls" in d or "certificate" in d:
+        if tls:
+            return (f"TLS handshake with {target} failed: is the coordinator started with "
+                    "--tls-cert, and does --tls-ca hold the CA that signed it?")
+        return f"{target} closed the connection during set-up: does it expect TLS (--tls-ca)?"
+    if "connection refused" in d:
+        return (f"connection refused at {target}: is the coordinator started, listening on "
+                "that address and port?")
+    if "socket closed" in d or "connection reset" in d or "end of stream" in d:
+        return (f"{target} closed the connection" + ("" if tls else
+                                                     ": if it runs with TLS, give --tls-ca"))
+    if "deadline" in d or "timeout" in d or "timed out" in d:
+        return (f"no answer from {target} in time: a wrong address, or a firewall dropping "
+                "the packets?")
+    return f"coordinator at {target} unreachable ({code}: {details})"
+
+
 class Worker:
     def __init__(self, opts: WorkerOptions, sleep: Callable[[float], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -149,6 +171,7 @@ class Worker:
         self.worker_id = ""
         self.credential = ""
         self._contact = 0.0  # monotonic time of the last answer from the coordinator
+        self._last_why, self._last_why_at, self._long_outage = "", -1e9, False
         # the same secret on every registration: a restarted coordinator gives our slot back
         self.instance = instance_secret(opts.state_file)
 
@@ -246,9 +269,11 @@ class Worker:
                     # our slot is still held by our previous (expiring) self, or
                     # registrations are rate limited: wait and try again
                     log.info("registration refused (%s); retrying in %.1fs", details, delay)
+                elif run_state(exc) == RUN_STOPPING:
+                    log.info("coordinator unreachable (%s: %s); retrying in %.1fs", code.name,
+                             details, delay)
                 else:
-                    log.info("coordinator unreachable (%s%s); retrying in %.1fs", code.name,
-                             f": {details}" if run_state(exc) == RUN_STOPPING else "", delay)
+                    self._unreachable(code, details, now - lost_since, delay)
                 self.sleep(delay)
                 continue
             except WorkerExit as exc:
@@ -257,6 +282,25 @@ class Worker:
             lost_since = None
         self._leave(stub)
         return 0
+
+    def _unreachable(self, code: Any, details: str, for_s: float, delay: float) -> None:
+        """Why the coordinator cannot be reached, said as a warning the first time (and when
+        the reason changes), at most once a minute after that, and once more after a minute
+        of failures; every retry in between goes to the debug log."""
+        why = explain_unreachable(code.name, details, self.opts.target, self.opts.tls.enabled)
+        now = self.clock()
+        if why != self._last_why or now - self._last_why_at >= 60.0:
+            log.warning("%s (retrying in %.1fs)", why, delay)
+            self._last_why, self._last_why_at = why, now
+        elif for_s >= 60.0 and not self._long_outage:
+            log.warning("no coordinator for %.0fs (%s); still retrying%s", for_s, why,
+                        f", giving up after {self.opts.give_up_s:.0f}s" if self.opts.give_up_s
+                        else "")
+            self._long_outage = True
+        else:
+            log.debug("%s (retrying in %.1fs)", why, delay)
+        if for_s < 60.0:
+            self._long_outage = False
 
     def _leave(self, stub: CoordinatorStub) -> None:
         if not self.worker_id:
