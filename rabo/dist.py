@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 
 from rabo import checkpoint
 from rabo.config import Config, to_dict
@@ -342,21 +343,17 @@ def cmd_dist(args: argparse.Namespace) -> int:
 
     for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         if key not in os.environ:
-            print(f"rabo dist: error: {key} is not set; launch with torchrun, e.g. "
-                  "torchrun --nproc-per-node 3 -m rabo.dist --config FILE", file=sys.stderr)
-            return ExitCode.USAGE
+            raise RaboError(f"{key} is not set; launch with torchrun, e.g. "
+                            "torchrun --nproc-per-node 3 -m rabo.dist --config FILE")
     try:
         rank, world, local_rank = (int(os.environ[k]) if k in os.environ else 0
                                    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     except ValueError:
         bad = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        print(f"rabo dist: error: RANK, WORLD_SIZE and LOCAL_RANK must be integers, got {bad}",
-              file=sys.stderr)
-        return ExitCode.USAGE
+        raise RaboError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers, got {bad}"
+                        ) from None
     if world < 2:
-        print("rabo dist: error: needs at least 2 processes (rank 0 coordinates)",
-              file=sys.stderr)
-        return ExitCode.USAGE
+        raise RaboError("needs at least 2 processes (rank 0 coordinates)")
     overrides = list(args.overrides)
     args.overrides = [*overrides, f"clients.count={world - 1}"]
     cfg = load_config(args)
@@ -364,26 +361,21 @@ def cmd_dist(args: argparse.Namespace) -> int:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     backend = pick_backend(backend, gpus, os.environ.get("LOCAL_WORLD_SIZE"))
     if backend == "nccl" and not torch.cuda.is_available():
-        print("rabo dist: error: --backend nccl needs CUDA; use gloo on CPU", file=sys.stderr)
-        return ExitCode.USAGE
+        raise RaboError("--backend nccl needs CUDA; use gloo on CPU")
     if backend == "nccl" and local_rank >= gpus:
         # NCCL refuses two ranks on one GPU ("Duplicate GPU detected"): say so up front
-        print(f"rabo dist: error: --backend nccl needs one GPU per rank on a node; "
-              f"LOCAL_RANK {local_rank} but this node has {gpus} GPU(s). Start at most "
-              f"{gpus} ranks here, or use --backend gloo (CUDA still computes)",
-              file=sys.stderr)
-        return ExitCode.USAGE
+        raise RaboError(f"--backend nccl needs one GPU per rank on a node; "
+                        f"LOCAL_RANK {local_rank} but this node has {gpus} GPU(s). Start at "
+                        f"most {gpus} ranks here, or use --backend gloo (CUDA still computes)")
     try:
         limit = parse_bytes(args.memory_limit) if args.memory_limit else None
     except ValueError as exc:
-        print(f"rabo dist: error: --memory-limit: {exc}", file=sys.stderr)
-        return ExitCode.USAGE
+        raise RaboError(f"--memory-limit: {exc}") from None
     if args.worker_memory_limits:
         try:
             limits = parse_byte_list(args.worker_memory_limits)
         except ValueError as exc:
-            print(f"rabo dist: error: --worker-memory-limits: {exc}", file=sys.stderr)
-            return ExitCode.USAGE
+            raise RaboError(f"--worker-memory-limits: {exc}") from None
         if rank > 0:
             limit = limits[(rank - 1) % len(limits)]
     if args.threads:
@@ -469,6 +461,7 @@ def pick_backend(requested: str, gpus: int, local_world_size: str | None) -> str
     return "nccl" if gpus and local_world_size and gpus >= int(local_world_size) else "gloo"
 
 
+@record  # torchrun's failure summary then shows a rank's real error, not only its exit code
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rabo.dist",
                                      description="RABO over torch.distributed (rank 0 "
@@ -481,6 +474,9 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_dist(args)
     except RaboError as exc:
         print(f"rabo dist: error: {exc}", file=sys.stderr)
+        # a clear error ends the rank with a status, not a traceback; torchrun's summary
+        # reads the message from the error file the elastic agent names
+        get_error_handler().record_exception(exc)
         return ExitCode.USAGE
 
 

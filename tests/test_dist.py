@@ -161,3 +161,18 @@ def test_auto_backend_is_the_same_choice_on_every_rank_of_a_node() -> None:
     # no LOCAL_WORLD_SIZE: gloo on every rank, whatever its LOCAL_RANK
     assert pick_backend("auto", 8, None) == "gloo"
     assert pick_backend("gloo", 8, "2") == "gloo" and pick_backend("nccl", 0, None) == "nccl"
+
+
+def test_a_ranks_clear_error_reaches_torchruns_error_file(tmp_path) -> None:
+    """The elastic agent names an error file per rank (TORCHELASTIC_ERROR_FILE) and prints
+    its message in torchrun's failure summary: a rank that stops on a clear error writes it."""
+    err = tmp_path / "error.json"
+    env = dict(os.environ, TORCHELASTIC_ERROR_FILE=str(err), RANK="0", WORLD_SIZE="1",
+               LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
+    proc = subprocess.run([sys.executable, "-m", "rabo.dist"], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 2
+    assert "rabo dist: error: needs at least 2 processes" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    message = json.loads(err.read_text())["message"]["message"]
+    assert message == "RaboError: needs at least 2 processes (rank 0 coordinates)"
