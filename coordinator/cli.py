@@ -18,6 +18,7 @@ from rabo.cliargs import (
     check_address,
     int_arg,
     load_config,
+    quiet,
 )
 from rabo.errors import ExitCode
 
@@ -39,6 +40,8 @@ def grpc_progress(total: int):
     from rabo.runner import format_progress
 
     def show(rec: dict[str, Any]) -> None:
+        if quiet():
+            return
         line = format_progress(rec, total)
         mib = (rec.get("wire_bytes") or rec.get("payload_bytes") or 0) / 2**20
         extra = f"  wire {mib:.1f} MiB"

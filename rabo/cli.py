@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 from typing import Any
 
-from rabo.cliargs import add_config_args, add_overwrite_arg, lazy, load_config
+from rabo.cliargs import add_config_args, add_overwrite_arg, lazy, load_config, quiet
 from rabo.errors import ExitCode, RaboError, exit_codes_help
 
 log = logging.getLogger("rabo")
@@ -36,8 +36,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(f"rabo simulate: task {cfg.task}, {cfg.algorithm.upper()}, estimator "
           f"{cfg.estimator.name}, {cfg.clients.count} clients, {cfg.rounds} rounds, "
           f"data {cfg.data.dataset} ({cfg.data.split})", flush=True)
-    result = simulate(cfg, out, progress=lambda r: print(format_progress(r, cfg.rounds),
-                                                         flush=True))
+    result = simulate(cfg, out, progress=None if quiet() else
+                      lambda r: print(format_progress(r, cfg.rounds), flush=True))
     s = result.summary
     print(f"done: test_acc {s['test_acc']:.4f}  upper_loss {s['upper_loss']:.4f}  "
           f"C_x* {s['C_x_star']}  ({s['wall_s']:.1f}s)")
@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rabo", description="Resource-adaptive distributed bilevel optimization (RABO)",
         epilog=exit_codes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="warnings and errors only, no per-round progress lines")
     parser.add_argument("--version", action=VersionAction,
                         help="the version, git commit and torch build, then exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -165,13 +167,41 @@ def build_parser() -> argparse.ArgumentParser:
             log.debug("rabo command plugin %s unavailable: %s", ep.name, exc)
             continue
         register(sub, bsub)
+    _verbosity_everywhere(sub)
     return parser
+
+
+def _verbosity_everywhere(sub: argparse._SubParsersAction) -> None:
+    """-v and -q after any subcommand too (``rabo simulate -v``), at every level of nesting;
+    SUPPRESS keeps a subcommand that was not given them from resetting the top level's."""
+    seen: set[int] = set()
+    stack = [sub]
+    while stack:
+        action = stack.pop()
+        for p in action.choices.values():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            taken = {s for a in p._actions for s in a.option_strings}
+            if "-v" not in taken and "--verbose" not in taken:
+                p.add_argument("-v", "--verbose", action="store_true",
+                               default=argparse.SUPPRESS, help="debug logging")
+            if "-q" not in taken and "--quiet" not in taken:
+                p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                               help="warnings and errors only, no per-round progress lines")
+            stack.extend(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    if args.verbose and args.quiet:
+        parser.error("-v and -q exclude each other")
+    from rabo.cliargs import set_quiet
+
+    set_quiet(args.quiet)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else
+                        logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from rabo.runtime import enable_stack_dumps
 

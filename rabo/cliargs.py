@@ -72,6 +72,19 @@ def add_overwrite_arg(p: argparse.ArgumentParser) -> None:
                    help="replace the results of an earlier run in --out (refused otherwise)")
 
 
+_QUIET = False
+
+
+def set_quiet(value: bool) -> None:
+    """``-q``: commands print no per-round progress lines (the final result still)."""
+    global _QUIET
+    _QUIET = bool(value)
+
+
+def quiet() -> bool:
+    return _QUIET
+
+
 def add_config_args(p: argparse.ArgumentParser, rounds: bool = True) -> None:
     """--config FILE, --set KEY=VALUE (repeatable) and --rounds R."""
     p.add_argument("--config", metavar="FILE", help="YAML config (default: built-in defaults)")

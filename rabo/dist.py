@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 
 from rabo import checkpoint
+from rabo.cliargs import quiet, set_quiet
 from rabo.config import Config, to_dict
 from rabo.distcli import add_dist_args
 from rabo.engine import Assignment, ClientPlan, GlobalState, Update, client_step
@@ -261,6 +262,8 @@ def run_coordinator(ctx: Context, out: Path | None, progress: bool = True) -> di
     writer = MetricsWriter(out) if out else None
 
     def show(rec: dict[str, Any]) -> None:
+        if quiet():  # rabo dist -q
+            return
         mib = (rec["wire_bytes"] or rec["payload_bytes"]) / 2**20
         print(format_progress(rec, cfg.rounds) + f"  wire {mib:.1f} MiB", flush=True)
 
@@ -467,8 +470,11 @@ def main(argv: list[str] | None = None) -> int:
                                      description="RABO over torch.distributed (rank 0 "
                                                  "coordinates); launch with torchrun")
     add_dist_args(parser)
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="warnings and errors only, no per-round progress lines")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
+    set_quiet(args.quiet)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return cmd_dist(args)

@@ -208,3 +208,22 @@ def test_rabo_local_with_fewer_workers_than_clients_says_what_goes_untrained(tmp
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert ("--workers 1 < clients.count 3: the data partitions of clients 1, 2 get no worker "
             "and go untrained (start 3 workers, or set clients.count=1)") in proc.stderr
+
+
+def test_quiet_and_verbose_go_after_the_subcommand_too() -> None:
+    from rabo.cli import build_parser
+
+    p = build_parser()
+    assert p.parse_args(["simulate", "-v"]).verbose and not p.parse_args(["simulate"]).verbose
+    assert p.parse_args(["-v", "simulate"]).verbose  # before it, as always
+    assert p.parse_args(["bench", "transport", "-q"]).quiet  # nested subcommands too
+    run = [sys.executable, "-m", "rabo.cli", "simulate", "--rounds", "3", "--set",
+           "data.dataset=digits", "--set", "model.hidden=[16]"]
+    loud = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    calm = subprocess.run([*run, "-q"], capture_output=True, text=True, timeout=120)
+    assert loud.returncode == calm.returncode == 0, calm.stderr
+    assert sum(ln.startswith("round ") for ln in loud.stdout.splitlines()) == 3
+    assert not [ln for ln in calm.stdout.splitlines() if ln.startswith("round ")]
+    assert "done: test_acc" in calm.stdout
+    both = subprocess.run([*run, "-q", "-v"], capture_output=True, text=True, timeout=120)
+    assert both.returncode == 2 and "-v and -q exclude each other" in both.stderr
