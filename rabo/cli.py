@@ -16,6 +16,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 from rabo.cliargs import add_config_args, add_overwrite_arg, lazy, load_config, quiet
@@ -62,13 +63,22 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from rabo.report import report
+    from rabo import report as rep
 
     try:
-        print(report(args.dir))
-    except FileNotFoundError:
-        print(f"rabo report: error: {args.dir} has no metrics.jsonl", file=sys.stderr)
+        runs = rep.load_runs(args.dirs)
+    except FileNotFoundError as exc:
+        print(f"rabo report: error: {exc}", file=sys.stderr)
         return ExitCode.USAGE
+    if len(runs) == 1 and not args.out:
+        print(rep.report(args.dirs[0]))
+    else:
+        out = Path(args.out or "rabo-report")
+        print(rep.compare_table(runs))
+        paths = rep.write_compare_plots(runs, out)
+        print("plots: " + ", ".join(str(p) for p in paths))
+    if args.csv:
+        print(f"metrics: {rep.write_csv(runs, args.csv)}")
     return 0
 
 
@@ -139,8 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace a CA already in --out (what it signed stops verifying)")
     p.set_defaults(func=cmd_certs)
 
-    p = sub.add_parser("report", help="a run folder as a table and PNG plots")
-    p.add_argument("dir", metavar="DIR", help="run folder holding metrics.jsonl")
+    p = sub.add_parser("report", help="run folders as tables and plots; several side by side")
+    p.add_argument("dirs", metavar="RUN", nargs="+",
+                   help="run folders holding metrics.jsonl; one: its table, plots in it; "
+                        "several: their final figures side by side and overlaid plots")
+    p.add_argument("--out", metavar="DIR",
+                   help="where the comparison plots go (default: rabo-report/ here)")
+    p.add_argument("--csv", metavar="FILE",
+                   help="also write every run's per-round figures to FILE as CSV")
     p.set_defaults(func=cmd_report)
 
     from rabo.experiments.cli import add_experiment_args, cmd_experiment

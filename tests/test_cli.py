@@ -227,3 +227,42 @@ def test_quiet_and_verbose_go_after_the_subcommand_too() -> None:
     assert "done: test_acc" in calm.stdout
     both = subprocess.run([*run, "-q", "-v"], capture_output=True, text=True, timeout=120)
     assert both.returncode == 2 and "-v and -q exclude each other" in both.stderr
+
+
+def test_report_compares_runs_and_exports_csv(tmp_path) -> None:
+    import csv
+    import json
+
+    runs = []
+    for seed in (0, 1):
+        out = tmp_path / f"seed{seed}"
+        proc = subprocess.run([sys.executable, "-m", "rabo.cli", "simulate", "-q", "--rounds", "3",
+                               "--out", str(out), "--set", "data.dataset=digits", "--set",
+                               "model.hidden=[16]", "--set", f"seed={seed}"],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        runs.append(out)
+    plots, table = tmp_path / "cmp", tmp_path / "m.csv"
+    proc = subprocess.run([sys.executable, "-m", "rabo.cli", "report", *map(str, runs), "--out",
+                           str(plots), "--csv", str(table)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for run in runs:  # the table's final accuracy is the run's, in percent
+        acc = json.loads((run / "summary.json").read_text())["test_acc"]
+        (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith(run.name + " ")]
+        assert f"{100 * acc:.2f}%" in line.split()
+    for name in ("compare.png", "compare.pdf", "compare_per_width.png", "compare_per_width.pdf"):
+        assert (plots / name).stat().st_size > 1000
+    assert (plots / "compare.pdf").read_bytes()[:5] == b"%PDF-"
+    from matplotlib import image
+
+    assert image.imread(plots / "compare.png").shape[0] > 100
+    rows = list(csv.DictReader(table.open()))
+    assert [(r["run"], int(r["round"])) for r in rows] == [
+        (run.name, q) for run in runs for q in (1, 2, 3)]
+    metrics = [json.loads(ln) for ln in (runs[0] / "metrics.jsonl").read_text().splitlines()]
+    assert float(rows[2]["test_acc"]) == metrics[2]["test_acc"]
+    assert int(rows[2]["cumulative_bytes"]) == sum(m["payload_bytes"] for m in metrics)
+    missing = subprocess.run([sys.executable, "-m", "rabo.cli", "report", str(tmp_path / "nope")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "has no metrics.jsonl" in missing.stderr
