@@ -19,12 +19,12 @@ STAMP       := $(VENV)/.installed
 
 install: $(STAMP)
 
-# Reinstall when the project's dependency list changes; otherwise this is a no-op.
-$(STAMP): pyproject.toml
+# Reinstall when the project's dependency list or its pins change; otherwise this is a no-op.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 test: install

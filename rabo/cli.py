@@ -53,6 +53,18 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.markdown:
         print(config.markdown(), end="")
         return 0
+    if args.init:
+        target = Path(args.init)
+        if target.exists() and not args.force:
+            print(f"rabo config: error: {target} exists; pass --force to replace it",
+                  file=sys.stderr)
+            return ExitCode.USAGE
+        cfg = load_config(args)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(config.starter_yaml(cfg))
+        print(f"rabo config: wrote {target}; run it with rabo simulate --config {target} "
+              f"or rabo local --config {target} --workers {cfg.clients.count}")
+        return 0
     if args.config or args.overrides:
         cfg = load_config(args)
         print(json.dumps(config.to_dict(cfg), indent=2))
@@ -137,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="show the config schema, or a resolved config")
     add_config_args(p, rounds=False)
     p.add_argument("--markdown", action="store_true", help="the schema as docs/config.md")
+    p.add_argument("--init", metavar="FILE",
+                   help="write a starter config (the defaults, or --config/--set applied), "
+                        "every key with its help as a comment")
+    p.add_argument("--force", action="store_true", help="with --init: replace FILE")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("certs", help="make a development CA, coordinator and worker certs")

@@ -559,6 +559,34 @@ def load(path: str | Path | None, overrides: typing.Iterable[str] = ()) -> Confi
         raise ConfigError(f"{where}{exc}") from None
 
 
+def starter_yaml(cfg: Config) -> str:
+    """``cfg`` as a YAML file a user can edit: every key, each with its help as a comment
+    (``rabo config --init``); loading it gives ``cfg`` back."""
+    import yaml
+
+    helps = {key: help_ for key, _, _, help_ in describe()}
+    lines = ["# A RABO config (rabo config --init). Every key is listed with what it does;",
+             "# docs/config.md has the same table. Run: rabo simulate --config THIS_FILE", ""]
+
+    def emit(data: dict[str, Any], prefix: str, indent: int) -> None:
+        for k, v in data.items():
+            key = f"{prefix}.{k}" if prefix else k
+            pad = "  " * indent
+            if isinstance(v, dict) and key not in helps:  # a section
+                lines.append(f"{pad}{k}:")
+                emit(v, key, indent + 1)
+                continue
+            text = yaml.safe_dump({k: v}, default_flow_style=True, width=10_000).strip()
+            text = text[1:-1] if text.startswith("{") and text.endswith("}") else text
+            note = helps.get(key, "")
+            lines.append(f"{pad}{text}" + (f"  # {note}" if note else ""))
+        if indent == 0:
+            lines.append("")
+
+    emit(to_dict(cfg), "", 0)
+    return "\n".join(lines)
+
+
 def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """(key, type, default, help) rows of the whole schema, for docs and ``rabo config``."""
     rows: list[tuple[str, str, str, str]] = []

@@ -119,3 +119,24 @@ def test_misspelt_keys_and_values_get_a_suggestion() -> None:
     with pytest.raises(ConfigError) as info:  # nothing close: no guess
         config.load(None, ["zzz=1"])
     assert "did you mean" not in str(info.value)
+
+
+def test_config_init_writes_a_commented_starter_that_loads_back(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from rabo import config
+
+    target = tmp_path / "mine.yaml"
+    run = [sys.executable, "-m", "rabo.cli", "config", "--init", str(target), "--set",
+           "estimator.name=exact", "--set", "clients.ratios=[1, 0.5]"]
+    proc = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = target.read_text()
+    assert "rounds: 30  # communication rounds Q" in text
+    assert "  name: exact  # " in text  # nested keys indented, each with its help
+    want = config.load(None, ["estimator.name=exact", "clients.ratios=[1, 0.5]"])
+    assert config.to_dict(config.load(target)) == config.to_dict(want)
+    again = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "exists; pass --force" in again.stderr
+    assert subprocess.run([*run, "--force"], capture_output=True, timeout=120).returncode == 0

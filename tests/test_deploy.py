@@ -604,8 +604,8 @@ def test_dockerignore_sends_only_the_package_sources() -> None:
     files = build_context()
     tops = {f.split("/")[0] for f in files}
     packages = {"rabo", "coordinator", "worker", "rabo_proto"}
-    assert {"pyproject.toml", "README.md", *packages} <= tops <= {
-        "pyproject.toml", "README.md", "LICENSE", *packages}, tops
+    assert {"pyproject.toml", "README.md", "constraints.txt", *packages} <= tops <= {
+        "pyproject.toml", "README.md", "LICENSE", "constraints.txt", *packages}, tops
     assert not any("__pycache__" in f or f.endswith(".pyc") for f in files)
     for pkg in ("rabo", "coordinator", "worker", "rabo_proto"):
         for p in (REPO / pkg).rglob("*"):
@@ -661,7 +661,8 @@ def test_dockerfile_runtime_stage() -> None:
     # no compilers anywhere, and the project without its dev extra
     text = DOCKERFILE.read_text()
     assert not re.search(r"\b(gcc|g\+\+|build-essential|apt-get install)\b", text)
-    installs = [rest for w, rest in builder if w == "RUN" and re.search(r"pip install \.", rest)]
+    installs = [rest for w, rest in builder
+                if w == "RUN" and re.search(r"pip install (-c constraints\.txt )?\.", rest)]
     assert installs and not any("[dev]" in r or "-e " in r for r in installs)
     assert not any("RABO_DATA_DIR" in rest or "mnist" in rest.lower() for _, rest in runtime)
 
@@ -719,7 +720,7 @@ def test_dockerfile_installs_the_dependencies_of_pyproject(tmp_path: Path) -> No
     script = script.replace("/tmp/", f"{tmp_path}/")
     proc, pip = _run_in_stage(script, builder, {}, tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert pip == [f"install -r {tmp_path}/requirements.txt"]
+    assert pip == [f"install -c constraints.txt -r {tmp_path}/requirements.txt"]
     assert (tmp_path / "requirements.txt").read_text().split("\n")[:-1] == deps
     for w, rest in dockerfile_instructions():
         if w == "RUN":
@@ -892,3 +893,35 @@ def test_pods_args_env_and_secrets_run_a_job(tmp_path: Path,
     assert (tmp_path / "run" / "summary.json").is_file()
     for p in processes[1:]:
         assert p.wait(timeout=60) == 0
+
+
+def test_the_constraints_pin_every_dependency_make_and_the_image_install() -> None:
+    """constraints.txt is what makes installs reproducible: every dependency and dev extra of
+    pyproject.toml but torch has exactly one pin there, each pin satisfies its requirement,
+    and make install, the Dockerfile and the image's build context all use the file."""
+    import tomllib
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = [Requirement(r) for r in [*project["dependencies"],
+                                       *project["optional-dependencies"]["dev"]]]
+    pins: dict[str, str] = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"not an exact pin: {line}"
+            assert canonicalize_name(name) not in pins, f"pinned twice: {name}"
+            pins[canonicalize_name(name)] = version
+    for req in wanted:
+        name = canonicalize_name(req.name)
+        if name == "torch":
+            assert name not in pins  # left to TORCH_SPEC (a CPU or a CUDA build)
+            continue
+        assert name in pins, f"{req.name} has no pin in constraints.txt"
+        assert req.specifier.contains(pins[name], prereleases=True), (req, pins[name])
+    assert "-c constraints.txt" in (REPO / "Makefile").read_text()
+    docker = DOCKERFILE.read_text()
+    assert docker.count("-c constraints.txt") == 2 and "constraints.txt ./" in docker
+    assert "!constraints.txt" in (REPO / ".dockerignore").read_text().splitlines()
