@@ -37,12 +37,14 @@ def _print_summary(summary: dict[str, Any], out: Path | None) -> None:
 
 
 def grpc_progress(total: int):
-    from rabo.runner import format_progress
+    from rabo.runner import ProgressLine
+
+    progress_line = ProgressLine(total)
 
     def show(rec: dict[str, Any]) -> None:
         if quiet():
             return
-        line = format_progress(rec, total)
+        line = progress_line(rec)
         mib = (rec.get("wire_bytes") or rec.get("payload_bytes") or 0) / 2**20
         extra = f"  wire {mib:.1f} MiB"
         if rec.get("left_out"):

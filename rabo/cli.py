@@ -30,15 +30,16 @@ log = logging.getLogger("rabo")
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from rabo.checkpoint import claim_run_dir
-    from rabo.runner import format_progress, simulate
+    from rabo.runner import ProgressLine, simulate
 
     cfg = load_config(args)
     out = claim_run_dir(args.out, args.overwrite, resume=None) if args.out else None
     print(f"rabo simulate: task {cfg.task}, {cfg.algorithm.upper()}, estimator "
           f"{cfg.estimator.name}, {cfg.clients.count} clients, {cfg.rounds} rounds, "
           f"data {cfg.data.dataset} ({cfg.data.split})", flush=True)
+    line = ProgressLine(cfg.rounds)
     result = simulate(cfg, out, progress=None if quiet() else
-                      lambda r: print(format_progress(r, cfg.rounds), flush=True))
+                      lambda r: print(line(r), flush=True))
     s = result.summary
     print(f"done: test_acc {s['test_acc']:.4f}  upper_loss {s['upper_loss']:.4f}  "
           f"C_x* {s['C_x_star']}  ({s['wall_s']:.1f}s)")

@@ -55,7 +55,7 @@ from rabo.policy import Resources
 from rabo.records import WorkerRound, summarize
 from rabo.resources import measure
 from rabo.rounds import EarlyAggregate, Exchange, Member, Returned, RoundLoop, Task, Transport
-from rabo.runner import format_progress
+from rabo.runner import ProgressLine
 from rabo.runtime import peak_above_startup, rss_bytes, tune_allocator
 from rabo.units import parse_byte_list, parse_bytes
 
@@ -261,11 +261,13 @@ def run_coordinator(ctx: Context, out: Path | None, progress: bool = True) -> di
     counters = RankCounters(endpoints) if ctx.backend == "gloo" else None
     writer = MetricsWriter(out) if out else None
 
+    progress_line = ProgressLine(cfg.rounds)
+
     def show(rec: dict[str, Any]) -> None:
         if quiet():  # rabo dist -q
             return
         mib = (rec["wire_bytes"] or rec["payload_bytes"]) / 2**20
-        print(format_progress(rec, cfg.rounds) + f"  wire {mib:.1f} MiB", flush=True)
+        print(progress_line(rec) + f"  wire {mib:.1f} MiB", flush=True)
 
     transport = DistTransport(ctx, counters)
     loop = RoundLoop(job, transport, job.engine.init_state(), writer=writer,

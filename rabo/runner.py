@@ -106,6 +106,39 @@ def simulate(cfg: Config, out_dir: str | Path | None = None,
     return RunResult(loop.state, loop.records, summary)
 
 
+def format_duration(seconds: float) -> str:
+    """12s, 3m05s, 1h02m."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+class ProgressLine:
+    """The per-round line with the run's pace: rounds per second (or seconds per round) since
+    the first round this process saw, and the time left at that pace. A resumed run counts from
+    where it resumed."""
+
+    def __init__(self, total_rounds: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.total, self.clock = total_rounds, clock
+        self._t0: float | None = None
+        self._q0 = 0
+
+    def __call__(self, rec: dict[str, Any]) -> str:
+        now = self.clock()
+        if self._t0 is None:  # the first round's own time is known: start the clock there
+            self._t0, self._q0 = now - float(rec.get("round_s") or 0.0), rec["round"] - 1
+        done = max(1, rec["round"] - self._q0)
+        per_round = max(1e-9, (now - self._t0) / done)
+        pace = (f"{1 / per_round:.2f} rounds/s" if per_round < 1 else
+                f"{format_duration(per_round)}/round")
+        left = self.total - rec["round"]
+        return (format_progress(rec, self.total)
+                + (f"  {pace}, ETA {format_duration(per_round * left)}" if left > 0 else ""))
+
+
 def format_progress(rec: dict[str, Any], total_rounds: int) -> str:
     """One terminal line per round."""
     ratios = ",".join(f"{c['ratio']:g}" for c in rec["clients"])

@@ -282,3 +282,19 @@ def test_coordinates_no_submodel_covers_get_a_warning_once(caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="rabo.rounds"):
         simulate(config.load(None, [*base, "mask.policy=rolling"]))
     assert not [r for r in caplog.records if "covered by no worker" in r.getMessage()]
+
+
+def test_progress_lines_carry_the_pace_and_the_time_left() -> None:
+    from rabo.runner import ProgressLine, format_duration
+
+    assert [format_duration(s) for s in (4.4, 65, 3725)] == ["4s", "1m05s", "1h02m"]
+    now = [100.0]
+    line = ProgressLine(10, clock=lambda: now[0])
+    rec = {"round": 5, "round_s": 2.0, "clients": [], "coverage_x_min": 1,
+           "coverage_x_mean": 1.0, "test_acc": None, "upper_loss": None}
+    # resumed at round 5: its own 2 s are the first measured round
+    assert line(rec).endswith("  2s/round, ETA 10s")
+    now[0] += 2.0
+    assert line({**rec, "round": 6}).endswith("  2s/round, ETA 8s")
+    now[0] += 8.0  # rounds 7..10 together in 8 s: 0.5 rounds/s, done
+    assert "ETA" not in line({**rec, "round": 10})
