@@ -383,6 +383,11 @@ def cmd_dist(args: argparse.Namespace) -> int:
             raise RaboError(f"--worker-memory-limits: {exc}") from None
         if rank > 0:
             limit = limits[(rank - 1) % len(limits)]
+    elif cfg.clients.memory_budgets and rank > 0 and limit is None:
+        # as rabo local does: the config's simulated budgets, cycled over the workers, so one
+        # config gives the same ratios on every transport
+        budgets = cfg.clients.memory_budgets
+        limit = parse_bytes(budgets[(rank - 1) % len(budgets)])
     if args.threads:
         torch.set_num_threads(args.threads)
     tune_allocator()

@@ -176,3 +176,22 @@ def test_a_ranks_clear_error_reaches_torchruns_error_file(tmp_path) -> None:
     assert "Traceback" not in proc.stderr
     message = json.loads(err.read_text())["message"]["message"]
     assert message == "RaboError: needs at least 2 processes (rank 0 coordinates)"
+
+
+@pytest.mark.slow
+def test_the_configs_memory_budgets_choose_the_ranks_ratios(tmp_path: Path) -> None:
+    """As with rabo local: clients.memory_budgets, cycled over the worker ranks, are their
+    budgets when no --worker-memory-limits is given, so one config gives the same ratios on
+    every transport."""
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [*TORCHRUN, "--nproc-per-node", "3", "--master-port", str(free_port()), "-m",
+         "rabo.dist", "--backend", "gloo", "--rounds", "2", "--out", str(out), "--threads", "1",
+         "--set", "data.dataset=digits", "--set", "model.hidden=[48, 32]",
+         "--set", "clients.memory_budgets=[8GiB, 1KiB]"],
+        capture_output=True, text=True, timeout=240, env=ENV)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert {c["worker_id"]: c["ratio"] for c in first["clients"]} == {"rank1": 1.0}
+    assert "rank2" in first["not_assigned"]  # 1 KiB fits no ratio
+    assert "smallest ratio" in first["not_assigned"]["rank2"]
