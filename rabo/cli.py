@@ -132,7 +132,7 @@ class VersionAction(argparse.Action):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rabo", description="Resource-adaptive distributed bilevel optimization (RABO)",
-        epilog=exit_codes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=exit_codes_help(), formatter_class=HelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="warnings and errors only, no per-round progress lines")
@@ -204,9 +204,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default, unless it has none or says it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and "default" not in text.lower()
+                and default is not None and default is not False and default != []
+                and default != "" and default is not argparse.SUPPRESS
+                and not isinstance(action, argparse._HelpAction)):
+            text += " (default: %(default)s)"
+        return text
+
+
 def _verbosity_everywhere(sub: argparse._SubParsersAction) -> None:
     """-v and -q after any subcommand too (``rabo simulate -v``), at every level of nesting;
-    SUPPRESS keeps a subcommand that was not given them from resetting the top level's."""
+    SUPPRESS keeps a subcommand that was not given them from resetting the top level's. Every
+    subcommand's help also shows each option's default (:class:`HelpFormatter`)."""
     seen: set[int] = set()
     stack = [sub]
     while stack:
@@ -215,6 +230,10 @@ def _verbosity_everywhere(sub: argparse._SubParsersAction) -> None:
             if id(p) in seen:
                 continue
             seen.add(id(p))
+            p.formatter_class = HelpFormatter
+            for a in p._actions:  # an option without help text still shows its default
+                if a.help is None and a.option_strings and a.default not in (None, ""):
+                    a.help = "default: %(default)s"
             taken = {s for a in p._actions for s in a.option_strings}
             if "-v" not in taken and "--verbose" not in taken:
                 p.add_argument("-v", "--verbose", action="store_true",

@@ -266,3 +266,31 @@ def test_report_compares_runs_and_exports_csv(tmp_path) -> None:
     missing = subprocess.run([sys.executable, "-m", "rabo.cli", "report", str(tmp_path / "nope")],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "has no metrics.jsonl" in missing.stderr
+
+
+def test_every_option_of_every_command_shows_its_default() -> None:
+    import argparse
+
+    from rabo.cli import build_parser
+
+    parsers, stack = [], [build_parser()]
+    while stack:
+        p = stack.pop()
+        parsers.append(p)
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                stack.extend(a.choices.values())
+    assert len(parsers) > 15  # simulate, local, coordinator, worker, benches, experiments ...
+    missing = []
+    for p in parsers:
+        text = " ".join(p.format_help().split())
+        for a in p._actions:
+            d = a.default
+            if (a.option_strings and a.help != argparse.SUPPRESS  # hidden: internal options
+                    and d not in (None, argparse.SUPPRESS, "", [])
+                    and d is not False and "default" not in (a.help or "").lower()
+                    and f"(default: {d})" not in text):
+                missing.append(f"{p.prog} {a.option_strings[0]}")
+    assert not missing, missing
+    worker = next(p for p in parsers if p.prog.endswith(" worker"))
+    assert "long-poll length (default: 5.0)" in " ".join(worker.format_help().split())
