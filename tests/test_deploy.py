@@ -50,22 +50,11 @@ def _pyproject() -> dict[str, Any]:
 # --------------------------------------------------------------------------- kubectl
 
 
-@cache
-def _kubectl() -> str | None:
-    """kubectl, installed with apt-get as deploy/k8s/check.sh does when it is missing."""
-    found = shutil.which("kubectl")
-    if found is None and shutil.which("apt-get") and os.geteuid() == 0:
-        subprocess.run(["apt-get", "install", "-y", "-q", "kubectl"], capture_output=True,
-                       timeout=300, check=False)
-        found = shutil.which("kubectl")
-    return found
-
-
 def kubectl() -> str:
-    found = _kubectl()
+    """kubectl, or a skip that says how to get it (the tests install nothing)."""
+    found = shutil.which("kubectl")
     if found is None:
-        pytest.skip("kubectl is not installed and `apt-get install -y kubectl` could not "
-                    "install it; install kubectl >= 1.27 to check deploy/k8s")
+        pytest.skip("kubectl is not installed; install kubectl >= 1.27 to check deploy/k8s")
     return found
 
 
@@ -148,14 +137,12 @@ def test_check_script_renders_and_validates_every_kustomization(tmp_path: Path) 
     kubectl()
     script = K8S / "check.sh"
     assert os.access(script, os.X_OK), "deploy/k8s/check.sh must be executable"
-    start = time.monotonic()
     # from another working directory: the script finds the repository by itself
     proc = subprocess.run([str(script)], cwd=tmp_path, capture_output=True, text=True,
                           timeout=180, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for name in (*(f"overlays/{o}" for o in OVERLAYS), "deploy/k8s/data", "secrets"):
         assert re.search(rf"^ok  \S*{re.escape(name)}:", proc.stdout, re.M), proc.stdout
-    assert time.monotonic() - start < 150  # CPU-bound validation; slower on a busy machine
 
 
 def test_check_script_fails_on_an_invalid_manifest(tmp_path: Path) -> None:
@@ -925,3 +912,22 @@ def test_the_constraints_pin_every_dependency_make_and_the_image_install() -> No
     docker = DOCKERFILE.read_text()
     assert docker.count("-c constraints.txt") == 2 and "constraints.txt ./" in docker
     assert "!constraints.txt" in (REPO / ".dockerignore").read_text().splitlines()
+
+
+def test_check_script_installs_nothing_and_says_what_is_missing(tmp_path: Path) -> None:
+    """Without kubernetes-validate anywhere, check.sh fails naming how to get it, instead of
+    installing packages on the user's machine."""
+    copy = tmp_path / "repo"
+    shutil.copytree(REPO / "deploy", copy / "deploy")  # no .venv next to it
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ("bash", "kubectl", "mktemp", "rm", "dirname", "cp", "mkdir", "tr", "cat"):
+        found = shutil.which(tool)
+        if found:
+            (bindir / tool).symlink_to(found)
+    env = {"PATH": str(bindir), "HOME": str(tmp_path)}
+    proc = subprocess.run([str(copy / "deploy" / "k8s" / "check.sh")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode != 0
+    assert "kubernetes-validate is missing: make install" in proc.stderr, proc.stderr
+    assert not (copy / ".venv").exists()

@@ -7,7 +7,8 @@
 #   K8S_VERSIONS="1.31.0" deploy/k8s/check.sh # other schema versions
 #
 # Needs kubectl (its built-in kustomize; kustomize v5, kubectl >= 1.27) and kubernetes-validate
-# (PyPI). Either is installed when missing: kubectl with apt-get, kubernetes-validate into .venv.
+# (PyPI; `make install` puts it in .venv). It installs nothing: a missing tool is an error that
+# says how to get it.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."       # the repository root
@@ -20,19 +21,9 @@ K8S_VERSIONS=${K8S_VERSIONS:-"1.30.0 1.37.0"}
 fail() { echo "check.sh: FAIL: $*" >&2; exit 1; }
 
 find_kubectl() {
-    if command -v kubectl >/dev/null 2>&1; then return 0; fi
-    echo "check.sh: kubectl not found; trying apt-get install -y kubectl" >&2
-    local sudo=""
-    if [ "$(id -u)" != 0 ]; then
-        command -v sudo >/dev/null 2>&1 && sudo="sudo -n" || true
-    fi
-    if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" = 0 ] || [ -n "$sudo" ]; }; then
-        $sudo apt-get install -y -q kubectl >&2 \
-            || { $sudo apt-get update -q >&2 && $sudo apt-get install -y -q kubectl >&2; } || true
-    fi
     command -v kubectl >/dev/null 2>&1 \
-        || fail "kubectl is missing and could not be installed with apt-get install -y kubectl;" \
-                "install kubectl >= 1.27 (https://kubernetes.io/docs/tasks/tools/) and rerun"
+        || fail "kubectl is missing: install kubectl >= 1.27" \
+                "(https://kubernetes.io/docs/tasks/tools/; e.g. apt-get install kubectl) and rerun"
 }
 
 find_validator() {
@@ -40,12 +31,8 @@ find_validator() {
              "$(command -v kubernetes-validate || true)"; do
         if [ -n "$v" ] && [ -x "$v" ]; then VALIDATE=$v; return 0; fi
     done
-    if [ -x "$ROOT/.venv/bin/python" ]; then
-        echo "check.sh: installing kubernetes-validate into .venv" >&2
-        "$ROOT/.venv/bin/python" -m pip install --quiet 'kubernetes-validate>=1.30' >&2 \
-            && VALIDATE=$ROOT/.venv/bin/kubernetes-validate && return 0
-    fi
-    fail "kubernetes-validate is missing: pip install kubernetes-validate (or make install)"
+    fail "kubernetes-validate is missing: make install (the dev extra has it), or" \
+         "pip install kubernetes-validate, or point KUBERNETES_VALIDATE at one"
 }
 
 find_kubectl
