@@ -931,3 +931,22 @@ def test_check_script_installs_nothing_and_says_what_is_missing(tmp_path: Path) 
     assert proc.returncode != 0
     assert "kubernetes-validate is missing: make install" in proc.stderr, proc.stderr
     assert not (copy / ".venv").exists()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_object_and_pod_carries_the_recommended_labels(overlay: str) -> None:
+    from rabo import __version__
+
+    want = {"app.kubernetes.io/name": "rabo", "app.kubernetes.io/instance": "rabo",
+            "app.kubernetes.io/version": __version__, "app.kubernetes.io/part-of": "rabo",
+            "app.kubernetes.io/managed-by": "kustomize"}
+    for doc in render(overlay):
+        labels = doc["metadata"].get("labels", {})
+        assert want.items() <= labels.items(), (doc["kind"], doc["metadata"]["name"], labels)
+        template = doc.get("spec", {}).get("template")
+        if template:
+            pod = template["metadata"]["labels"]
+            assert want.items() <= pod.items(), (doc["metadata"]["name"], pod)
+            # selectors stay as they were: a Deployment's selector cannot change in place
+            selector = doc["spec"]["selector"]["matchLabels"]
+            assert "app.kubernetes.io/version" not in selector
