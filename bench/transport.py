@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import socket
 import statistics
 import subprocess
@@ -34,7 +33,7 @@ from typing import Any
 
 from rabo import config
 from rabo.provenance import provenance
-from rabo.runtime import rss_bytes
+from rabo.runtime import peak_memory_bytes, reset_peak_memory, rss_bytes
 
 
 def add_transport_args(p: argparse.ArgumentParser) -> None:
@@ -225,11 +224,12 @@ def run_transport(params: float, workers: int, rounds: int, ratios: list[float],
     cfg = echo_job_config(params, workers, rounds, ratios, chunk_bytes, deadline_s=600)
     hidden, cycled = cfg.model.hidden[0], list(cfg.clients.ratios or ())
     rss_start = rss_bytes()
+    reset_peak_memory()  # the high-water mark from here (Linux: /proc/self/clear_refs)
     server = serve(cfg, None, bind="127.0.0.1:0", linger_s=1.0)
     run_echo_workers(server, workers)
     # peak resident set of this process (the coordinator; the workers are other processes)
     # during the rounds, above what it held before the coordinator started
-    peak_above = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_start)
+    peak_above = max(0, peak_memory_bytes() - rss_start)
     records = server.driver.records
     if os.environ.get("RABO_BENCH_DEBUG"):
         for r in records:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -230,6 +231,7 @@ class RoundDriver(Transport):
         c = self.c
         cfg = c.cfg
         loop = self.loop
+        started_at = time.time()
         if c.out_dir:
             # rounds past the starting point are re-run: drop their old lines (all of them on
             # a fresh start in a used folder, e.g. a pod restarted before its first checkpoint)
@@ -237,7 +239,8 @@ class RoundDriver(Transport):
         if c.state.round:
             log.info("resuming after round %d", c.state.round)
         if c.state.round >= cfg.rounds:  # e.g. a restarted pod of a finished run
-            self.summary = summarize(cfg, c.state, loop.records, 0.0, {"transport": "grpc"})
+            self.summary = summarize(cfg, c.state, loop.records, 0.0, {"transport": "grpc"},
+                                     started_at=started_at)
             self.finish(f"the run was already complete ({c.state.round} rounds)",
                         complete=True)
             return
@@ -257,7 +260,7 @@ class RoundDriver(Transport):
                                   "rejected_messages": dict(c.rejected),
                                   "workers_left_out": sum(len(r.get("left_out", []))
                                                           for r in loop.records),
-                                  "round_retries": self.retries})
+                                  "round_retries": self.retries}, started_at=started_at)
         if c.out_dir:
             self.save_checkpoint()
             checkpoint.save(c.out_dir, c.state, {"config": to_dict(cfg)})

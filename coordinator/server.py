@@ -149,6 +149,9 @@ def serve(cfg: Config, out_dir: str | Path | None = None, bind: str | None = Non
     ``Server.wait()`` blocks until the run is over. ``resume`` continues from a checkpointed
     state (its round is the last completed one)."""
     tune_allocator(arenas=1)  # before the gRPC server's threads start
+    from rabo.provenance import provenance
+
+    provenance()  # the checkout as the run starts (edits made while it runs do not count)
     security = security or Security()
     job = job or Job.from_config(cfg)
     out = Path(out_dir) if out_dir is not None else None
@@ -196,8 +199,10 @@ async def _start_grpc(cfg: Config, coord: Coordinator, security: Security, addre
     """On the event loop: the main server (coordinator and health services) and the
     optional plaintext health server, bound and started."""
     def refused(kind: str) -> None:
-        coord.reject(f"auth-{kind}", f"{kind} (the worker's token file does not hold a token "
-                                     "this coordinator accepts)")
+        why = ("missing token (the worker sent none: start it with --token-file or "
+               "RABO_TOKEN)" if kind.startswith("missing") else
+               "wrong token (the worker's token is not one this coordinator accepts)")
+        coord.reject(f"auth-{kind}", why)
 
     interceptors = [TokenInterceptor(security.tokens, refused)] if security.tokens else []
     server = grpc.aio.server(options=grpc_options(cfg), interceptors=interceptors)

@@ -170,11 +170,12 @@ class Coordinator:
         if self.monitor:
             self.monitor.rejected.labels(kind).inc()
         if held is not None:
-            log.warning("refused %s%s: %s%s", "a registration" if kind.startswith("register")
-                        else "a call", f" from {printable(peer)}" if peer else "",
-                        printable(why or kind),
-                        f" ({held} more refused like it in the last "
-                        f"{REFUSAL_LOG_EVERY_S:.0f}s)" if held else "")
+            # a stale worker credential is what every worker presents once after a
+            # coordinator restart (it then registers again): worth a note, not a warning
+            log.log(logging.INFO if kind == "auth" else logging.WARNING, "refused %s%s: %s%s",
+                    "a registration" if kind.startswith("register") else "a call",
+                    f" from {printable(peer)}" if peer else "", printable(why or kind),
+                    f" ({held} more refused like it since the last report)" if held else "")
 
     def read_counters(self, peer: str) -> SocketCounters | None:
         addr = parse_peer(peer)

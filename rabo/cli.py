@@ -267,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("rabo: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
+        if not _stdout_gone():
+            raise  # a socket's broken pipe (a dead peer) is a real error
         # the reader went away (``rabo config | head``): stop quietly, as a tool killed by
         # SIGPIPE would, and keep the interpreter's final flush from printing a traceback
         import os
@@ -274,6 +276,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 128 + 13  # SIGPIPE
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on it)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -78,6 +78,7 @@ class Context:
     backend: str
     comm_device: torch.device  # where tensors travel (cuda for nccl)
     compute_device: torch.device
+    started_at: float = 0.0  # time.time() when this rank started (summary.json provenance)
 
 
 # --------------------------------------------------------------------------- packing
@@ -281,7 +282,7 @@ def run_coordinator(ctx: Context, out: Path | None, progress: bool = True) -> di
     state, records = loop.state, loop.records
     summary = summarize(cfg, state, records, time.perf_counter() - start,
                         {"transport": transport.name, "world_size": ctx.world,
-                         "wire_bytes_total": wire_total(records)})
+                         "wire_bytes_total": wire_total(records)}, started_at=ctx.started_at)
     if out:
         checkpoint.save(out, state, {"config": to_dict(cfg)})
         write_json(out / "summary.json", summary)
@@ -345,6 +346,10 @@ def run_worker(ctx: Context, memory_limit: int | None) -> None:
 
 def cmd_dist(args: argparse.Namespace) -> int:
     from rabo.cliargs import load_config
+    from rabo.provenance import provenance
+
+    started_at = time.time()
+    provenance()  # the checkout as the run starts (edits made while it runs do not count)
 
     for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         if key not in os.environ:
@@ -422,7 +427,8 @@ def cmd_dist(args: argparse.Namespace) -> int:
         return 1
     try:
         check_same_config(cfg, rank, world, comm)
-        ctx = Context(cfg, Job.from_config(cfg), rank, world, backend, comm, compute)
+        ctx = Context(cfg, Job.from_config(cfg), rank, world, backend, comm, compute,
+                      started_at)
         if rank == 0:
             print(f"rabo dist: {world - 1} workers over torch.distributed ({backend}); task "
                   f"{cfg.task}, {cfg.algorithm.upper()}, {cfg.rounds} rounds", flush=True)

@@ -39,7 +39,6 @@ INET_DIAG_REQ_BYTECODE = 1
 INET_DIAG_BC_S_GE, INET_DIAG_BC_S_LE, INET_DIAG_BC_D_GE, INET_DIAG_BC_D_LE = 2, 3, 4, 5
 TCP_ESTABLISHED = 1
 _KNOWN_MAX = 4096  # connections whose local address is remembered
-INET_DIAG_NOCOOKIE = 0xFFFFFFFF
 HEADER_BYTES_PER_SEGMENT = 14 + 20 + 32  # Ethernet + IPv4 + TCP with timestamp option
 
 # offsets in struct tcp_info (linux/tcp.h), stable since Linux 4.2 / 4.6
@@ -96,8 +95,8 @@ class TcpCounters:
         self._lock = threading.Lock()
         self._seq = 0
         # (local port, remote address, remote port) -> the socket's full address, once found
-        self._known: dict[tuple[int, IPAddress, int], tuple[int, IPAddress, int, IPAddress, int]
-                          ] = {}
+        self._known: dict[tuple[int, IPAddress, int],
+                          tuple[int, IPAddress, int, IPAddress, int, int, bytes]] = {}
 
     def read(self, local_port: int, peer: tuple[str, int]) -> SocketCounters | None:
         """Counters of the established connection local_port <-> peer, or None.
@@ -130,19 +129,20 @@ class TcpCounters:
                     if e.sport == local_port and e.dport == port and e.dst == dst:
                         if len(self._known) >= _KNOWN_MAX:
                             self._known.clear()
-                        self._known[key] = (fam, e.src, local_port, dst, port)
+                        self._known[key] = (fam, e.src, local_port, dst, port, e.iface,
+                                            e.cookie)
                         return _decode(e.info)
         except OSError:
             return None
         return None
 
-    def _get(self, family: int, src: IPAddress, sport: int, dst: IPAddress, dport: int
-             ) -> DiagEntry | None:
+    def _get(self, family: int, src: IPAddress, sport: int, dst: IPAddress, dport: int,
+             iface: int, cookie: bytes) -> DiagEntry | None:
         with self._lock:
             self._seq += 1
             seq = self._seq
         with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as s:
-            return sock_diag_get(s, family, src, sport, dst, dport, seq)
+            return sock_diag_get(s, family, src, sport, dst, dport, seq, iface, cookie)
 
     def connections(self) -> list[Connection] | None:
         """Every established TCP connection of this process, with its counters."""
@@ -193,7 +193,8 @@ class TcpCounters:
 
 
 class DiagEntry(NamedTuple):
-    """One TCP socket from a sock_diag dump; ``info`` is its raw ``struct tcp_info``."""
+    """One TCP socket from a sock_diag dump; ``info`` is its raw ``struct tcp_info``;
+    ``iface`` and ``cookie`` (raw, 8 bytes) identify it in a later exact lookup."""
 
     state: int
     src: ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -202,6 +203,8 @@ class DiagEntry(NamedTuple):
     dport: int
     inode: int
     info: bytes
+    iface: int = 0
+    cookie: bytes = b"\xff" * 8
 
 
 def port_filter(local_port: int, remote_port: int) -> bytes:
@@ -247,16 +250,19 @@ def sock_diag_dump(sock: socket.socket, family: int, states: int, seq: int,
 
 
 def sock_diag_get(sock: socket.socket, family: int, src: IPAddress, sport: int,
-                  dst: IPAddress, dport: int, seq: int) -> DiagEntry | None:
-    """The one TCP socket with local address ``src:sport`` and remote ``dst:dport``, or None
-    (a request without ``NLM_F_DUMP``: the kernel looks the socket up in its hash table)."""
+                  dst: IPAddress, dport: int, seq: int, iface: int = 0,
+                  cookie: bytes = b"\xff" * 8) -> DiagEntry | None:
+    """The one TCP socket with local address ``src:sport`` and remote ``dst:dport`` (bound to
+    ``iface``, for link-local peers), or None (a request without ``NLM_F_DUMP``: the kernel
+    looks the socket up in its hash table). With the ``cookie`` a dump reported, a newer
+    socket on the same addresses and ports is not taken for that one."""
     width = 4 if family == socket.AF_INET else 16
     req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 1 << (INET_DIAG_INFO - 1), 0,
                       0xFFFFFFFF)
     req += struct.pack("!HH", sport, dport)
     req += src.packed.ljust(16, b"\0")[:16] if width == 4 else src.packed
     req += dst.packed.ljust(16, b"\0")[:16] if width == 4 else dst.packed
-    req += struct.pack("=III", 0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
+    req += struct.pack("=I", iface) + (cookie if len(cookie) == 8 else b"\xff" * 8)
     sock.sendto(struct.pack("=IHHII", 16 + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, seq, 0)
                 + req, (0, 0))
     data = sock.recv(1 << 16)
@@ -305,7 +311,9 @@ def _parse_diag(body: bytes, family: int) -> DiagEntry | None:
         if alen < 4:
             break
         if atype == INET_DIAG_INFO:
-            return DiagEntry(body[1], src, sport, dst, dport, inode, body[pos + 4:pos + alen])
+            (iface,) = struct.unpack_from("=I", body, 40)
+            return DiagEntry(body[1], src, sport, dst, dport, inode, body[pos + 4:pos + alen],
+                             iface, body[44:52])
         pos += (alen + 3) & ~3
     return None
 

@@ -3,8 +3,9 @@ from (and whether tracked files had local changes), torch's version and build, t
 the host and the command line. Every ``summary.json`` carries it (``rabo.records.summarize``),
 and ``rabo --version`` prints it.
 
-Read once per process, at the first call (a run's first summary, written when its first round
-ends), so that edits to the checkout while a run goes on do not change what it reports.
+Read once per process, at the first call: ``simulate``, the coordinator's ``serve``, ``rabo
+dist`` and ``rabo experiment`` call it as they start, so that edits to the checkout while a
+run goes on do not change what it reports.
 """
 
 from __future__ import annotations
@@ -43,10 +44,12 @@ def torch_build() -> dict[str, Any]:
     import torch
 
     cuda = getattr(torch.version, "cuda", None)
+    # the device name only where CUDA is already initialised: asking for it would create a
+    # CUDA context on GPU 0 in a process (a coordinator, a grid's parent) that needs none
+    named = torch.cuda.is_available() and torch.cuda.is_initialized()
     return {"torch_version": torch.__version__, "torch_cuda_build": cuda,
             "cuda_available": bool(torch.cuda.is_available()),
-            "cuda_device": (torch.cuda.get_device_name(0) if torch.cuda.is_available()
-                            else None)}
+            "cuda_device": torch.cuda.get_device_name(0) if named else None}
 
 
 @functools.lru_cache(maxsize=1)

@@ -117,7 +117,8 @@ def round_record(stats: RoundStats, state: GlobalState, wall_s: float, round_s: 
 
 
 def summarize(cfg: Config, state: GlobalState, records: list[dict[str, Any]], wall_s: float,
-              extra: dict[str, Any] | None = None) -> dict[str, Any]:
+              extra: dict[str, Any] | None = None, started_at: float | None = None
+              ) -> dict[str, Any]:
     """A run's summary.json: the last evaluated round's figures, the best accuracy, and what
     the transport adds (``extra``)."""
     import datetime
@@ -126,7 +127,10 @@ def summarize(cfg: Config, state: GlobalState, records: list[dict[str, Any]], wa
 
     evaluated = [r for r in records if r.get("test_acc") is not None]
     last = evaluated[-1] if evaluated else {}
-    started = datetime.datetime.fromtimestamp(time.time() - wall_s, datetime.timezone.utc)
+    # when the run (this process's part of it) started: set-up and the wait for workers
+    # included; callers pass it, the rounds' wall time is only a fallback
+    started = datetime.datetime.fromtimestamp(
+        started_at if started_at is not None else time.time() - wall_s, datetime.timezone.utc)
     return {
         "rounds": state.round,
         "test_acc": last.get("test_acc"),

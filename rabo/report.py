@@ -120,6 +120,9 @@ def run_name(run_dir: Path, taken: set[str]) -> str:
     name = run_dir.name or str(run_dir)
     if name in taken:
         name = f"{run_dir.parent.name}/{run_dir.name}"
+    base, n = name, 2
+    while name in taken:  # a third clash, or the same folder twice
+        name, n = f"{base} ({n})", n + 1
     taken.add(name)
     return name
 

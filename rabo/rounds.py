@@ -194,12 +194,18 @@ class RoundLoop:
                 break
         return self.state
 
-    def _watch_coverage(self, q: int, covered: Any) -> None:
-        """Warn once when some coordinates of x were covered by no update in each of
-        ``UNCOVERED_ROUNDS`` rounds in a row: they never train (e.g. two workers at ratio 0.5
-        under static masks leave everything beyond the first half of each layer untouched)."""
-        if self._gap_warned:
+    def _watch_coverage(self, q: int, stats: Any) -> None:
+        """Warn once when, under static masks, some coordinates of x were covered by no update
+        in each of ``UNCOVERED_ROUNDS`` rounds in a row: with static masks what a round covers
+        depends only on who takes part and at which ratio, so such coordinates are not being
+        trained (e.g. two workers at ratio 0.5 leave everything beyond the first half of each
+        layer untouched). Rolling and random masks move over the whole model with time (a
+        sweep can take many rounds), so a gap there is not a sign of anything."""
+        if self._gap_warned or self.job.cfg.mask.policy != "static":
             return
+        if stats.coverage_x.total == 0:  # nothing aggregated (all updates dropped): no news
+            return
+        covered = stats.x_covered
         if covered is None:  # everything covered this round: no coordinate's gap goes on
             self._never = None
             return
@@ -215,14 +221,11 @@ class RoundLoop:
             self._never = None  # every coordinate was covered at some point: a new streak
             return
         total = sum(t.numel() for t in self._never.values())
-        cfg = self.job.cfg
-        fix = ("under static masks every submodel keeps the first units of each layer: use "
-               "mask.policy=rolling or random, or give some worker ratio 1"
-               if cfg.mask.policy == "static" else
-               "give some worker a larger ratio, or more workers")
         log.warning("%d of %d coordinates of x (%.0f%%) were covered by no worker's submodel "
-                    "in rounds %d-%d and do not train; %s", idle, total, 100 * idle / total,
-                    self._gap_start, q, fix)
+                    "in rounds %d-%d, so they were not trained: under static masks every "
+                    "submodel keeps the first units of each layer; use mask.policy=rolling or "
+                    "random, or have a worker at ratio 1 take part", idle, total,
+                    100 * idle / total, self._gap_start, q)
         self._gap_warned = True
 
     def plan(self, q: int, members: list[Member]) -> tuple[list[Task], dict[str, str]]:
@@ -291,7 +294,7 @@ class RoundLoop:
         self.state, stats = (engine.server_step(self.state, results, early.aggregation)
                              if results else engine.skip_round(self.state, q))
         if results:
-            self._watch_coverage(q, stats.x_covered)
+            self._watch_coverage(q, stats)
         t.publish(self.state)
         done_at = t.clock()
         cpu_s = time.process_time() - cpu0

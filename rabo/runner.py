@@ -78,6 +78,10 @@ def simulate(cfg: Config, out_dir: str | Path | None = None,
              progress: Callable[[dict[str, Any]], None] | None = None,
              job: Job | None = None) -> RunResult:
     """Run ``cfg.rounds`` rounds in this process; write the run folder when ``out_dir``."""
+    from rabo.provenance import provenance
+
+    started_at = time.time()
+    provenance()  # the checkout as the run starts (edits made while it runs do not count)
     job = job or Job.from_config(cfg)
     device = resolve_device(cfg.device)
     transport = InProcess(job, device)
@@ -100,7 +104,7 @@ def simulate(cfg: Config, out_dir: str | Path | None = None,
         if writer:
             writer.close()
     summary = summarize(cfg, loop.state, loop.records, time.perf_counter() - start,
-                        {"transport": "in-process"})
+                        {"transport": "in-process"}, started_at=started_at)
     if out_dir is not None:
         write_json(Path(out_dir) / "summary.json", summary)
     return RunResult(loop.state, loop.records, summary)

@@ -128,7 +128,9 @@ def test_a_real_workers_reported_peaks_do_not_creep_from_round_to_round(tmp_path
     peaks = [c["peak_mem_bytes"] for r in server.driver.records for c in r["clients"]]
     assert len(peaks) == 8 and min(peaks) > 0
     steady = peaks[1:]  # round 1 runs before the allocator and the receive pool settle
-    assert max(steady[3:]) <= 1.08 * steady[0], [p >> 20 for p in peaks]
+    # 1.12: room for another glibc or torch build; the creep this guards against was 1.19x
+    # by round 8 and kept growing
+    assert max(steady[3:]) <= 1.12 * steady[0], [p >> 20 for p in peaks]
 
 
 def test_the_policy_bench_prints_measured_against_estimated_peaks(tmp_path) -> None:

@@ -139,3 +139,19 @@ def test_ipv6_connections_are_read_too() -> None:
     finally:
         for s in (cli, conn, srv):
             s.close()
+
+
+def test_a_lookup_whose_socket_cookie_no_longer_matches_falls_back_to_a_dump(pair) -> None:
+    """The cookie a dump reported pins the lookup to that socket: a socket that is not it
+    (here: the same addresses with a cookie the kernel never issued) is not answered from
+    the lookup, and the dump finds the live one again."""
+    port, peer, cli, conn = pair
+    counters = TcpCounters()
+    first = counters.read(port, peer)
+    assert first is not None
+    (key, known), = counters._known.items()
+    counters._known[key] = (*known[:-1], b"\x01" * 8)
+    _transfer(cli, conn, 1000)
+    again = counters.read(port, peer)
+    assert again is not None and again.bytes_received == first.bytes_received + 1000
+    assert counters._known[key][-1] == known[-1]  # relearned from the dump

@@ -141,6 +141,8 @@ def explain_unreachable(code: str, details: str, target: str, tls: bool) -> str:
     if "deadline" in d or "timeout" in d or "timed out" in d:
         return (f"no answer from {target} in time: a wrong address, or a firewall dropping "
                 "the packets?")
+    if code != "UNAVAILABLE":  # the coordinator answered, with a retryable failure
+        return f"a call to the coordinator at {target} failed ({code}: {details})"
     return f"coordinator at {target} unreachable ({code}: {details})"
 
 
@@ -238,6 +240,7 @@ class Worker:
                     # answers came since the last outage began: this is a new one
                     lost_since = None
                     backoff.reset()
+                    self._last_why = ""
                 if code in FORGOTTEN:
                     if not self.worker_id:
                         # refused while registering: our token or certificate, not a session
@@ -280,6 +283,7 @@ class Worker:
                 log.error("%s", exc)
                 return exc.code
             lost_since = None
+            self._last_why = ""  # in contact again: the next outage is reported afresh
         self._leave(stub)
         return 0
 
