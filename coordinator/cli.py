@@ -114,16 +114,17 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     server = serve(cfg, out, bind=args.bind, progress=grpc_progress(cfg.rounds),
                    security=_security(args), resume=resume_state,
                    health_port=args.health_port, metrics_port=args.metrics_port)
-    print(f"rabo coordinator: listening on {args.bind or cfg.cluster.bind} (port {server.port}"
-          + (f", health on {server.health_port}" if server.health_port else "")
-          + f"), waiting for {cfg.cluster.workers or cfg.clients.count} workers", flush=True)
     stopping = threading.Event()
 
     def handler(signum: int, _frame: Any) -> None:
         stopping.set()
 
+    # before the line that says we are up: a supervisor (or a test) may signal right after it
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    print(f"rabo coordinator: listening on {args.bind or cfg.cluster.bind} (port {server.port}"
+          + (f", health on {server.health_port}" if server.health_port else "")
+          + f"), waiting for {cfg.cluster.workers or cfg.clients.count} workers", flush=True)
     done = False
     while not stopping.is_set():
         if not done and server.wait(0.5):
