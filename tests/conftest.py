@@ -12,3 +12,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def mnist_available() -> bool:
+    """Whether the bundled MNIST test set can be found (a clone without ../shared lacks it)."""
+    from rabo.data.sources import resolve_root
+    from rabo.errors import DataError
+
+    try:
+        resolve_root("mnist", None)
+    except DataError:
+        return False
+    return True

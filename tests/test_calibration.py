@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from conftest import mnist_available
 from grpc_util import connect, fetch, update_stream, zero_update
 
 from coordinator.server import serve
@@ -114,6 +115,7 @@ def test_an_implausible_reported_peak_leaves_the_estimate_in_charge() -> None:
     assert all("(estimate)" in why for why in reasons)
 
 
+@pytest.mark.skipif(not mnist_available(), reason="the bundled MNIST test set is not present")
 def test_a_real_workers_reported_peaks_do_not_creep_from_round_to_round(tmp_path) -> None:
     """What the coordinator calibrates with must be what the worker needs, not what its
     allocator has left lying around: with one malloc arena and the heap trimmed between rounds

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import mnist_available
 
 from rabo import config
-from rabo.data import resolve_root
-from rabo.errors import DataError
 from rabo.runner import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,16 +16,8 @@ MARGIN_OVER_EXCLUSION = 0.01  # measured 0.023 and 0.0245 (seeds 0 and 1)
 GAP_TO_FULL = 0.025  # measured 0.0105 and 0.0025
 
 
-def _mnist_available() -> bool:
-    try:
-        resolve_root("mnist", None)
-    except DataError:
-        return False
-    return True
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _mnist_available(), reason="the bundled MNIST test set is not present")
+@pytest.mark.skipif(not mnist_available(), reason="the bundled MNIST test set is not present")
 def test_small_clients_improve_the_model_past_the_warm_up() -> None:
     """The project's central claim at reduced size (configs/mnist-10clients.yaml: 10 clients at
     ratios 1, 1/2, 1/4, 1/8, rolling masks, consistent scaler), past the warm-up: training
