@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
             log.debug("rabo command plugin %s unavailable: %s", ep.name, exc)
             continue
         register(sub, bsub)
-    _verbosity_everywhere(sub)
+    _polish_subcommands(sub)
     return parser
 
 
@@ -218,7 +218,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-def _verbosity_everywhere(sub: argparse._SubParsersAction) -> None:
+def _polish_subcommands(sub: argparse._SubParsersAction) -> None:
     """-v and -q after any subcommand too (``rabo simulate -v``), at every level of nesting;
     SUPPRESS keeps a subcommand that was not given them from resetting the top level's. Every
     subcommand's help also shows each option's default (:class:`HelpFormatter`)."""

@@ -138,11 +138,14 @@ class TcpCounters:
 
     def _get(self, family: int, src: IPAddress, sport: int, dst: IPAddress, dport: int,
              iface: int, cookie: bytes) -> DiagEntry | None:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as s:
+            return sock_diag_get(s, family, src, sport, dst, dport, self._next_seq(), iface,
+                                 cookie)
+
+    def _next_seq(self) -> int:
         with self._lock:
             self._seq += 1
-            seq = self._seq
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as s:
-            return sock_diag_get(s, family, src, sport, dst, dport, seq, iface, cookie)
+            return self._seq
 
     def connections(self) -> list[Connection] | None:
         """Every established TCP connection of this process, with its counters."""
@@ -185,9 +188,7 @@ class TcpCounters:
 
     def _dump(self, family: int, ports: tuple[int, int] | None = None
               ) -> Iterator[DiagEntry]:
-        with self._lock:
-            self._seq += 1
-            seq = self._seq
+        seq = self._next_seq()
         with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as s:
             yield from sock_diag_dump(s, family, 1 << TCP_ESTABLISHED, seq, ports)
 
@@ -256,12 +257,11 @@ def sock_diag_get(sock: socket.socket, family: int, src: IPAddress, sport: int,
     ``iface``, for link-local peers), or None (a request without ``NLM_F_DUMP``: the kernel
     looks the socket up in its hash table). With the ``cookie`` a dump reported, a newer
     socket on the same addresses and ports is not taken for that one."""
-    width = 4 if family == socket.AF_INET else 16
     req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 1 << (INET_DIAG_INFO - 1), 0,
                       0xFFFFFFFF)
-    req += struct.pack("!HH", sport, dport)
-    req += src.packed.ljust(16, b"\0")[:16] if width == 4 else src.packed
-    req += dst.packed.ljust(16, b"\0")[:16] if width == 4 else dst.packed
+    # inet_diag_sockid: ports, then 16-byte address fields (an IPv4 address in the first 4)
+    req += struct.pack("!HH", sport, dport) + src.packed.ljust(16, b"\0")
+    req += dst.packed.ljust(16, b"\0")
     req += struct.pack("=I", iface) + (cookie if len(cookie) == 8 else b"\xff" * 8)
     sock.sendto(struct.pack("=IHHII", 16 + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, seq, 0)
                 + req, (0, 0))

@@ -37,16 +37,8 @@ def tune_allocator(keep_bytes: int = 1 << 30, arenas: int | None = None) -> bool
     global _tuned
     if _tuned or not sys.platform.startswith("linux"):
         return _tuned
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, keep_bytes)) and bool(
-            libc.mallopt(_M_TRIM_THRESHOLD, 2 * keep_bytes))
-        if ok and arenas is not None:
-            ok = bool(libc.mallopt(_M_ARENA_MAX, int(arenas)))
-    except (OSError, AttributeError):
-        return False
-    _tuned = ok
-    return ok
+    _tuned = _mallopt(keep_bytes, 2 * keep_bytes, arenas)
+    return _tuned
 
 
 def prefer_low_memory(mmap_bytes: int = 1 << 20, arenas: int | None = 1) -> bool:
@@ -65,15 +57,7 @@ def prefer_low_memory(mmap_bytes: int = 1 << 20, arenas: int | None = 1) -> bool
     """
     if not sys.platform.startswith("linux"):
         return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_bytes)) and bool(
-            libc.mallopt(_M_TRIM_THRESHOLD, 16 * mmap_bytes))
-        if ok and arenas is not None:
-            ok = bool(libc.mallopt(_M_ARENA_MAX, int(arenas)))
-        return ok
-    except (OSError, AttributeError):
-        return False
+    return _mallopt(mmap_bytes, 16 * mmap_bytes, arenas)
 
 
 def release_free_memory() -> bool:
@@ -81,13 +65,35 @@ def release_free_memory() -> bool:
     releases free pages inside the heap, not only at its top). A worker calls it between
     rounds: what a round freed then leaves its resident set, and the next round's peak starts
     from what the worker really holds. About a millisecond. False where this is not glibc."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
+def _glibc() -> Any:
+    """glibc, or None where this is not Linux or the C library is another one."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        return True
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - both exist in glibc only
     except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def _mallopt(mmap_threshold: int, trim_threshold: int, arenas: int | None) -> bool:
+    """The thresholds, and the arena cap when given; False where glibc refuses or is absent."""
+    libc = _glibc()
+    if libc is None:
         return False
+    ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
+        libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+    if ok and arenas is not None:
+        ok = bool(libc.mallopt(_M_ARENA_MAX, int(arenas)))
+    return ok
 
 
 PARENT_ENV = "RABO_DIE_WITH_PARENT"
