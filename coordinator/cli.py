@@ -15,6 +15,7 @@ from rabo.cliargs import (
     PORT,
     add_config_args,
     add_overwrite_arg,
+    add_tracking_args,
     check_address,
     int_arg,
     load_config,
@@ -25,7 +26,8 @@ from rabo.errors import ExitCode
 log = logging.getLogger("rabo.coordinator")
 
 
-def _print_summary(summary: dict[str, Any], out: Path | None) -> None:
+def _print_summary(summary: dict[str, Any], out: Path | None,
+                   tensorboard: Path | None = None) -> None:
     acc = summary.get("test_acc")
     wire = summary.get("wire_bytes_total")
     print(f"done: {summary['rounds']} rounds, test_acc "
@@ -34,6 +36,8 @@ def _print_summary(summary: dict[str, Any], out: Path | None) -> None:
           f"{summary['wall_s']:.1f}s", flush=True)
     if out is not None:
         print(f"run folder: {out} (metrics.jsonl, summary.json, checkpoint.pt, plots)")
+    if tensorboard:
+        print(f"tensorboard: tensorboard --logdir {tensorboard}")
 
 
 def grpc_progress(total: int):
@@ -134,7 +138,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
                 server.stop()
                 return 1
             if server.driver.summary:
-                _print_summary(server.driver.summary, out)
+                _print_summary(server.driver.summary, out, args.tensorboard)
             if not args.keep_serving:
                 server.stop()
                 return 0
@@ -234,7 +238,7 @@ def cmd_local(args: argparse.Namespace) -> int:
         for wid, why in first.get("not_assigned", {}).items():
             print(f"  worker {wid}: {why}")
     plots = write_plots(out)
-    _print_summary(server.driver.summary, out)
+    _print_summary(server.driver.summary, out, args.tensorboard)
     if plots:
         print("plots: " + ", ".join(str(p) for p in plots))
     return 0
@@ -249,6 +253,7 @@ def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAct
     p.add_argument("--out", metavar="DIR",
                    help="run folder (default: a new runs/coordinator-<UTC time> here)")
     add_overwrite_arg(p)
+    add_tracking_args(p)
     p.add_argument("--resume", metavar="DIR",
                    help="continue the run in DIR from its newest good checkpoint (config from "
                         "DIR unless --config is given; with --config and no checkpoint in DIR, "
@@ -283,6 +288,7 @@ def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAct
                    help="torch threads per worker (0: CPUs / workers)")
     p.add_argument("--out", metavar="DIR", required=True, help="run folder")
     add_overwrite_arg(p)
+    add_tracking_args(p)
     p.set_defaults(func=cmd_local)
 
 

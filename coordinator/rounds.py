@@ -245,7 +245,7 @@ class RoundDriver(Transport):
                         complete=True)
             return
         self.wait_for_workers()
-        loop.writer = MetricsWriter(c.out_dir, append=True) if c.out_dir else None
+        loop.writer = MetricsWriter.for_run(c.out_dir, append=True)
         start = c.clock()
         try:
             loop.run()

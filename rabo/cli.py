@@ -19,7 +19,14 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from rabo.cliargs import add_config_args, add_overwrite_arg, lazy, load_config, quiet
+from rabo.cliargs import (
+    add_config_args,
+    add_overwrite_arg,
+    add_tracking_args,
+    lazy,
+    load_config,
+    quiet,
+)
 from rabo.errors import ExitCode, RaboError, exit_codes_help
 
 log = logging.getLogger("rabo")
@@ -45,6 +52,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
           f"C_x* {s['C_x_star']}  ({s['wall_s']:.1f}s)")
     if out is not None:
         print(f"run folder: {out} (metrics.jsonl, summary.json)")
+    if args.tensorboard:
+        print(f"tensorboard: tensorboard --logdir {args.tensorboard}")
     return 0
 
 
@@ -145,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.add_argument("--out", metavar="DIR", help="run folder (metrics.jsonl, summary.json)")
     add_overwrite_arg(p)
+    add_tracking_args(p)
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("config", help="show the config schema, or a resolved config")
@@ -245,6 +255,9 @@ def _polish_subcommands(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from rabo.tracking import use_tensorboard
+
+    use_tensorboard(None)  # a second main() in one process (tests) starts from none
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.verbose and args.quiet:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from rabo.errors import RaboError
@@ -70,6 +72,35 @@ def check_address(text: str, what: str, listen: bool = False) -> str:
 def add_overwrite_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results of an earlier run in --out (refused otherwise)")
+
+
+def tensorboard_arg(text: str) -> Path | None:
+    """An argparse ``type`` for ``--tensorboard DIR`` (and env RABO_TENSORBOARD; empty: off):
+    refuses the flag where TensorBoard is not installed, before the run starts, and tells
+    :mod:`rabo.tracking` to log there. It does so as the flag is parsed (argparse converts the
+    flag, or else the variable, once per parse) so that the flag reaches the run's metrics
+    writer whichever entry point parsed it (``rabo``, ``python -m rabo.dist``) and wherever
+    the transport builds that writer."""
+    from rabo import tracking
+
+    if not text:
+        tracking.use_tensorboard(None)
+        return None
+    missing = tracking.tensorboard_missing()
+    if missing:
+        raise argparse.ArgumentTypeError(f"{missing} (flag or env RABO_TENSORBOARD)")
+    tracking.use_tensorboard(text)
+    return Path(text)
+
+
+def add_tracking_args(p: argparse.ArgumentParser) -> None:
+    """``--tensorboard DIR``, for every command that runs rounds."""
+    p.add_argument("--tensorboard", metavar="DIR", type=tensorboard_arg,
+                   default=os.environ.get("RABO_TENSORBOARD"),
+                   help="also log each round's scalars (round/*: accuracy, losses, time, "
+                        "bytes, coverage; client/<id>/*: ratio, bytes, compute, memory) for "
+                        "TensorBoard in DIR; a resumed run continues there. Needs "
+                        "pip install 'rabo[tracking]' (env RABO_TENSORBOARD; default: off)")
 
 
 _QUIET = False

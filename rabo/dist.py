@@ -260,7 +260,7 @@ def run_coordinator(ctx: Context, out: Path | None, progress: bool = True) -> di
     cfg, job = ctx.cfg, ctx.job
     endpoints = _gather_endpoints(ctx, torch.zeros(MAX_ENDPOINTS, 2, dtype=torch.float64))
     counters = RankCounters(endpoints) if ctx.backend == "gloo" else None
-    writer = MetricsWriter(out) if out else None
+    writer = MetricsWriter.for_run(out)
 
     progress_line = ProgressLine(cfg.rounds)
 

@@ -6,13 +6,20 @@ from __future__ import annotations
 import argparse
 import os
 
-from rabo.cliargs import add_config_args, add_overwrite_arg, int_arg, seconds_arg
+from rabo.cliargs import (
+    add_config_args,
+    add_overwrite_arg,
+    add_tracking_args,
+    int_arg,
+    seconds_arg,
+)
 
 
 def add_dist_args(p: argparse.ArgumentParser) -> None:
     add_config_args(p)
     p.add_argument("--out", metavar="DIR", help="run folder (written by rank 0)")
     add_overwrite_arg(p)
+    add_tracking_args(p)  # rank 0 logs
     p.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto",
                    help="auto: nccl where this node has a GPU for each of its ranks, else gloo")
     p.add_argument("--memory-limit", default=os.environ.get("RABO_MEMORY_LIMIT"),

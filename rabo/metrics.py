@@ -11,9 +11,10 @@ import math
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from rabo.errors import RaboError
+from rabo.tracking import RecordSink, configured_sink
 
 log = logging.getLogger("rabo.metrics")
 
@@ -29,20 +30,48 @@ def _clean(value: Any) -> Any:
 
 
 class MetricsWriter:
-    """Appends one JSON line per round and flushes it, so a crashed run keeps its rounds."""
+    """Appends one JSON line per round and flushes it, so a crashed run keeps its rounds; and
+    hands each record to ``tracking`` (a :class:`rabo.tracking.RecordSink`, e.g. TensorBoard)
+    when given. ``out_dir`` None: no ``metrics.jsonl``, the tracking only."""
 
-    def __init__(self, out_dir: str | Path, append: bool = False) -> None:
-        self.dir = Path(out_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.dir / "metrics.jsonl"
-        self._file = self.path.open("a" if append else "w")
+    def __init__(self, out_dir: str | Path | None, append: bool = False,
+                 tracking: RecordSink | None = None) -> None:
+        self.dir: Path | None = None
+        self.path: Path | None = None
+        self.tracking = tracking
+        self._file: TextIO | None = None
+        if out_dir is not None:
+            self.dir = Path(out_dir)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.path = self.dir / "metrics.jsonl"
+            self._file = self.path.open("a" if append else "w")
+
+    @classmethod
+    def for_run(cls, out_dir: str | Path | None, append: bool = False) -> MetricsWriter | None:
+        """The writer of a run: ``metrics.jsonl`` in ``out_dir`` (when given) and the tracking
+        this process was told to use (``--tensorboard``, :func:`rabo.tracking.configured_sink`);
+        None when there is neither. Every transport builds its writer here, so every command
+        gets the same tracking. Raises :class:`rabo.tracking.TrackingUnavailable` when the
+        tracker's package is missing."""
+        sink = configured_sink()
+        if out_dir is None and sink is None:
+            return None
+        return cls(out_dir, append, tracking=sink)
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(_clean(record), sort_keys=False) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(_clean(record), sort_keys=False) + "\n")
+            self._file.flush()
+        if self.tracking is not None:
+            self.tracking.write(record)
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            if self._file is not None:
+                self._file.close()
+        finally:
+            if self.tracking is not None:
+                self.tracking.close()
 
     def __enter__(self) -> MetricsWriter:
         return self

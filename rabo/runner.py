@@ -94,7 +94,7 @@ def simulate(cfg: Config, out_dir: str | Path | None = None,
                               + (f"; client 0: {why}" if why else ""))
     if out_dir is not None:
         lock_run_dir(out_dir)  # one run per folder (a second gets an error naming the pid)
-    writer = MetricsWriter(out_dir) if out_dir is not None else None
+    writer = MetricsWriter.for_run(out_dir)
     loop = RoundLoop(job, transport, job.engine.init_state(), writer=writer,
                      progress=progress, device=device)
     start = time.perf_counter()
