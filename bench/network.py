@@ -397,6 +397,8 @@ class WorkerResult:
     transfer_s: list[float]
     transfer_s_mean: float
     throughput_mbit: float | None  # accounted L2 bytes over the summed transfer seconds
+    ratios: list[float] = field(default_factory=list)  # per round it took part in
+    round_s: list[float] = field(default_factory=list)  # its compute + transfer per round
 
 
 @dataclass
@@ -414,15 +416,27 @@ class JobResult:
     hidden: int
     sampler_polls: int
     notes: list[str]
+    round_s: list[float] = field(default_factory=list)  # per round, opened to aggregated
+    # (wall_s since the first round opened, test accuracy) per evaluated round
+    timeline: list[tuple[float, float]] = field(default_factory=list)
 
 
-def job_overrides(n_workers: int, rounds: int, hidden: int, ratios: Sequence[float]
+def job_overrides(n_workers: int, rounds: int, hidden: int, ratios: Sequence[float] | None
                   ) -> list[str]:
-    ratio_list = ",".join(f"{r:g}" for r in ratios)
+    """The bench's job; ``ratios`` None: the ratio policy chooses (no ``clients.ratios``)."""
+    fixed = [f"clients.ratios=[{','.join(f'{r:g}' for r in ratios)}]"] if ratios else []
     return ["data.dataset=digits", f"model.hidden=[{hidden},{hidden}]",
-            f"clients.count={n_workers}", f"clients.ratios=[{ratio_list}]", f"rounds={rounds}",
+            f"clients.count={n_workers}", *fixed, f"rounds={rounds}",
             "inner.steps=1", "data.batch_size=32", "outer.optimizer=sgd",
             "cluster.register_timeout_s=120"]
+
+
+def policy_overrides(policy: str, deadline_s: float) -> list[str]:
+    """``memory``: the ratio policy on memory alone (equal workers all get the largest
+    ratio); ``link``: step plus transfer time must fit ``deadline_s`` (policy.link)."""
+    if policy == "link":
+        return ["policy.link=true", f"policy.deadline_s={deadline_s:g}"]
+    return []
 
 
 def payload_estimate(hidden: int, ratio: float = 1.0) -> int:
@@ -490,21 +504,23 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 def run_job(topo: Topology, *, rounds: int = 3, hidden: int = 512,
-            ratios: Sequence[float] = (1.0,), out_dir: str | Path,
+            ratios: Sequence[float] | None = (1.0,), out_dir: str | Path,
             timeout_s: float | None = None, extra_overrides: Sequence[str] = (),
-            python: str = sys.executable) -> JobResult:
+            python: str = sys.executable, worker_args: Sequence[str] = ()) -> JobResult:
     """Runs the coordinator in ``topo.coord_ns`` and worker i in ``topo.links[i].ns`` until the
     coordinator exits, then compares each worker's accounting with its veth's counters.
-    Every process it started is gone when it returns or raises."""
+    ``ratios`` None: the ratio policy chooses. Every process it started is gone when it
+    returns or raises."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n = len(topo.links)
-    ratio_of = [float(ratios[i % len(ratios)]) for i in range(n)]
+    ratio_of = [float(ratios[i % len(ratios)]) if ratios else 1.0 for i in range(n)]
     if timeout_s is None:
         slowest = max(payload_estimate(hidden, r) * 1.1 * 8 / (lk.mbit * 1e6)
                       for lk, r in zip(topo.links, ratio_of, strict=True))
         timeout_s = 120.0 + rounds * (3 * slowest + 5)
-    overrides = job_overrides(n, rounds, hidden, ratio_of) + list(extra_overrides)
+    overrides = job_overrides(n, rounds, hidden, ratio_of if ratios else None) \
+        + list(extra_overrides)
     run_dir = out / "run"
     coord_argv = [python, "-m", "rabo.cli", "coordinator", "--bind", f"0.0.0.0:{PORT}",
                   "--out", str(run_dir), "--overwrite"]
@@ -534,7 +550,8 @@ def run_job(topo: Topology, *, rounds: int = 3, hidden: int = 512,
                 before.append(iface_counters(lk.ns, lk.worker_if))
                 w = _spawn(lk.ns, [python, "-m", "worker", "--coordinator",
                                    f"{lk.coord_addr}:{PORT}", "--client-id", str(lk.index),
-                                   "--threads", "1", "--name", f"netbench-{lk.index}"],
+                                   "--threads", "1", "--name", f"netbench-{lk.index}",
+                                   *worker_args],
                            out / f"worker-{lk.index}.log")
                 procs.append(w)
                 workers.append(w)
@@ -628,12 +645,18 @@ def _collect(topo: Topology, run_dir: Path, rounds: int, hidden: int, ratio_of: 
             connection_agreement=(cl2 / iface if cl2 is not None and iface else None),
             connections=len(conns), retrans_bytes=retrans, qdisc_drops=drops,
             transfer_s=transfer, transfer_s_mean=total_t / len(transfer) if transfer else 0.0,
-            throughput_mbit=acc_l2 * 8 / total_t / 1e6 if total_t > 0 else None))
+            throughput_mbit=acc_l2 * 8 / total_t / 1e6 if total_t > 0 else None,
+            ratios=[float(c.get("ratio") or 0.0) for c in mine],
+            round_s=[float(c.get("compute_s") or 0.0) + float(c.get("transfer_s") or 0.0)
+                     for c in mine]))
     done = sorted({rec.get("round") for rec in records})
     return JobResult(workers=results, rounds=rounds, rounds_completed=len(done),
                      round_retries=int(summary.get("round_retries") or 0), summary=summary,
                      out_dir=str(out), wall_s=wall, burst=topo.burst, latency_ms=topo.latency_ms,
-                     shaped=topo.shaped, hidden=hidden, sampler_polls=sampler.polls, notes=notes)
+                     shaped=topo.shaped, hidden=hidden, sampler_polls=sampler.polls, notes=notes,
+                     round_s=[float(rec.get("round_s") or 0.0) for rec in records],
+                     timeline=[(float(rec["wall_s"]), float(rec["test_acc"])) for rec in records
+                               if rec.get("test_acc") is not None])
 
 
 # --------------------------------------------------------------------------- command
@@ -660,7 +683,14 @@ def add_network_args(p: argparse.ArgumentParser) -> None:
                         "and round at ratio 1)")
     p.add_argument("--ratios", default="1", type=lambda s: _floats(s, "--ratios"),
                    help="width ratio per worker, cycled (default 1: every worker moves the "
-                        "same bytes)")
+                        "same bytes); with --policy fixed only")
+    p.add_argument("--policy", choices=("fixed", "memory", "link"), default="fixed",
+                   help="fixed: the --ratios; memory: the ratio policy on memory alone (equal "
+                        "workers, --memory-limit 4GiB each); link: runs the memory job and then "
+                        "the same job with policy.link and policy.deadline_s=--deadline, and "
+                        "compares round time and accuracy at equal wall time (default fixed)")
+    p.add_argument("--deadline", type=float, default=2.0, metavar="S",
+                   help="policy.deadline_s of the --policy link job (default 2)")
     p.add_argument("--burst", type=int, default=DEFAULT_BURST,
                    help=f"tbf bucket in bytes (default {DEFAULT_BURST}: one frame, so tbf cuts "
                         "every GSO packet into frames)")
@@ -694,6 +724,98 @@ def format_table(res: JobResult) -> str:
     return "\n".join(rows)
 
 
+EQUAL_MEMORY = "4GiB"  # every worker's --memory-limit under --policy memory|link
+
+
+def accuracy_at(timeline: Sequence[tuple[float, float]], wall_s: float) -> float | None:
+    """Test accuracy of the last evaluated round that ended by ``wall_s``."""
+    seen = [acc for t, acc in timeline if t <= wall_s + 1e-9]
+    return seen[-1] if seen else None
+
+
+@dataclass
+class PolicyComparison:
+    memory: JobResult
+    link: JobResult
+    deadline_s: float
+    round_s_memory: float  # median round time, the rounds after the first
+    round_s_link: float
+    speedup: float  # round_s_memory / round_s_link
+    equal_wall_s: float  # the shorter run's wall time at its last round
+    acc_memory: float | None  # test accuracy at equal_wall_s
+    acc_link: float | None
+    slowest_link_round_s: float  # the link job's slowest worker round after the probe
+
+
+def _median(xs: Sequence[float]) -> float:
+    ys = sorted(xs)
+    if not ys:
+        return 0.0
+    mid = len(ys) // 2
+    return ys[mid] if len(ys) % 2 else 0.5 * (ys[mid - 1] + ys[mid])
+
+
+def compare_policies(topo: Topology, *, rounds: int, hidden: int, deadline_s: float,
+                     out_dir: Path, timeout_s: float | None = None,
+                     extra_overrides: Sequence[str] = ()) -> PolicyComparison:
+    """The same job under the memory-only policy (``rounds`` rounds) and under policy.link
+    with a deadline, on the same links; the link job runs as many rounds as fit the memory
+    job's wall time at the deadline (at least ``rounds``), so that the two can be compared at
+    equal rounds (round time, rounds after the first: the link job's probe round) and at
+    equal wall time (accuracy)."""
+    jobs: dict[str, JobResult] = {}
+    for policy in ("memory", "link"):
+        n = rounds
+        if policy == "link" and jobs["memory"].timeline:
+            n = max(rounds, int(jobs["memory"].timeline[-1][0] / deadline_s))
+        jobs[policy] = run_job(
+            topo, rounds=n, hidden=hidden, ratios=None, out_dir=out_dir / policy,
+            timeout_s=timeout_s, worker_args=["--memory-limit", EQUAL_MEMORY],
+            extra_overrides=[*policy_overrides(policy, deadline_s), *extra_overrides])
+    mem, link = jobs["memory"], jobs["link"]
+    rm, rl = _median(mem.round_s[1:]), _median(link.round_s[1:])
+    equal = min(mem.timeline[-1][0] if mem.timeline else 0.0,
+                link.timeline[-1][0] if link.timeline else 0.0)
+    slowest = max((t for w in link.workers for t in w.round_s[1:]), default=0.0)
+    return PolicyComparison(mem, link, deadline_s, rm, rl, rm / rl if rl > 0 else float("nan"),
+                            equal, accuracy_at(mem.timeline, equal),
+                            accuracy_at(link.timeline, equal), slowest)
+
+
+def format_comparison(c: PolicyComparison) -> str:
+    def pct(a: float | None) -> str:
+        return "-" if a is None else f"{100 * a:.1f}%"
+
+    def spread(xs: Sequence[float], fmt: str) -> str:
+        """First value, then the distinct values of the rest (round 1 is the link probe)."""
+        if not xs:
+            return "-"
+        rest = sorted(set(xs[1:]))
+        tail = (f"{rest[0]:{fmt}}" if len(rest) == 1 else
+                f"{min(rest):{fmt}}..{max(rest):{fmt}}") if rest else ""
+        return f"{xs[0]:{fmt}}, then {tail}" if tail else f"{xs[0]:{fmt}}"
+
+    rows = [f"{'worker':>6} {'Mbit/s':>7} {'memory: ratio':>18} {'link: ratio':>20} "
+            f"{'memory: round_s':>20} {'link: round_s':>20}  (round 1, then the rest)"]
+    for wm, wl in zip(c.memory.workers, c.link.workers, strict=True):
+        rows.append(f"{wm.index:>6} {wm.bandwidth_mbit:>7g} {spread(wm.ratios, 'g'):>18} "
+                    f"{spread(wl.ratios, 'g'):>20} {spread(wm.round_s, '.2f'):>20} "
+                    f"{spread(wl.round_s, '.2f'):>20}")
+    rows += [
+        f"median round time after round 1: memory {c.round_s_memory:.2f}s, link "
+        f"{c.round_s_link:.2f}s: {c.speedup:.1f}x shorter (deadline {c.deadline_s:g}s; the "
+        f"link job's slowest worker round after its probe {c.slowest_link_round_s:.2f}s)",
+        f"wall time: memory {c.memory.wall_s:.1f}s, link {c.link.wall_s:.1f}s for "
+        f"{c.memory.rounds_completed} and {c.link.rounds_completed} rounds",
+        f"test accuracy at equal wall time ({c.equal_wall_s:.1f}s, the shorter run's last "
+        f"round): memory {pct(c.acc_memory)}, link {pct(c.acc_link)}"
+        f" ({sum(1 for t, _ in c.link.timeline if t <= c.equal_wall_s + 1e-9)} rounds); at "
+        f"the end: memory "
+        f"{pct(c.memory.timeline[-1][1] if c.memory.timeline else None)}, link "
+        f"{pct(c.link.timeline[-1][1] if c.link.timeline else None)}"]
+    return "\n".join(rows)
+
+
 def cmd_bench_network(args: argparse.Namespace) -> int:
     bandwidths = args.bandwidths if isinstance(args.bandwidths, list) \
         else _floats(str(args.bandwidths), "--bandwidths")
@@ -717,11 +839,24 @@ def cmd_bench_network(args: argparse.Namespace) -> int:
         print(f"rabo bench network: coordinator + {len(bandwidths)} workers in their own network "
               f"namespaces, one veth pair each, {links}, digits MLP "
               f"64-{args.hidden}-{args.hidden}-10, {args.rounds} rounds", flush=True)
+    def terminated(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM: stop and clean up as after Ctrl-C
+
+    previous = signal.signal(signal.SIGTERM, terminated)
     try:
         with topology(bandwidths, burst=args.burst, latency_ms=args.latency_ms,
                       shape=not args.no_tbf) as topo:
-            res = run_job(topo, rounds=args.rounds, hidden=args.hidden, ratios=ratios,
-                          out_dir=out, timeout_s=args.timeout, extra_overrides=args.overrides)
+            if args.policy == "link":
+                comp = compare_policies(topo, rounds=args.rounds, hidden=args.hidden,
+                                        deadline_s=args.deadline, out_dir=out,
+                                        timeout_s=args.timeout, extra_overrides=args.overrides)
+                res = comp.link
+            else:
+                res = run_job(topo, rounds=args.rounds, hidden=args.hidden,
+                              ratios=ratios if args.policy == "fixed" else None, out_dir=out,
+                              timeout_s=args.timeout, extra_overrides=args.overrides,
+                              worker_args=([] if args.policy == "fixed"
+                                           else ["--memory-limit", EQUAL_MEMORY]))
         res.notes.extend(topo.cleanup_errors)
     except KeyboardInterrupt:
         print("rabo bench network: interrupted; processes and namespaces removed",
@@ -731,8 +866,23 @@ def cmd_bench_network(args: argparse.Namespace) -> int:
         print(f"rabo bench network: error: {exc}", file=sys.stderr)
         return 1
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if tmp is not None:
             tmp.cleanup()
+    if args.policy == "link":
+        if args.json:
+            import datetime
+
+            out_json = {"command": "rabo bench network " + " ".join(sys.argv[3:])
+                        if sys.argv[1:3] == ["bench", "network"] else "rabo bench network",
+                        "generated": datetime.datetime.now(datetime.timezone.utc).strftime(
+                            "%Y-%m-%d %H:%M UTC"), **asdict(comp)}
+            print(json.dumps(out_json, indent=2, default=str))
+        else:
+            print(format_comparison(comp))
+            for note in res.notes:
+                print(f"note: {note}")
+        return 0
     if args.json:
         print(json.dumps(asdict(res), indent=2, default=str))
         return 0

@@ -70,12 +70,16 @@ class Registry:
 
     def __init__(self, slots: int, expire_after_s: float,
                  clock: Callable[[], float] = time.monotonic,
-                 slots_file: Path | None = None) -> None:
+                 slots_file: Path | None = None, stream_quiet_s: float = 15.0) -> None:
         """``slots_file``: where the slot of each worker instance is kept (in the run folder),
         so that a coordinator resumed from that folder gives every returning worker its slot
-        back; read if it exists."""
+        back; read if it exists. ``stream_quiet_s``: how long an open transfer stream of a
+        worker keeps it alive without moving a byte (see :meth:`streaming`)."""
         self.slots = slots
         self.expire_after_s = expire_after_s
+        self.stream_quiet_s = stream_quiet_s
+        # worker id -> (open transfer streams, when one of them last moved bytes)
+        self._streams: dict[str, tuple[int, float]] = {}
         self.clock = clock
         self._lock = threading.Lock()
         self._workers: dict[str, WorkerRecord] = {}
@@ -158,9 +162,35 @@ class Registry:
                 return
             rec.last_seen = self.clock()
             if profile is not None and profile.ByteSize():
+                if profile.loading and not rec.profile.loading:
+                    # ready once, ready for this registration: a heartbeat the worker built
+                    # while it was still loading can arrive after its ready one
+                    fresh = pb.ResourceProfile()
+                    fresh.CopyFrom(profile)
+                    fresh.loading = False
+                    profile = fresh
                 rec.profile = profile
             if peer:
                 rec.peer = peer
+
+    def streaming(self, worker_id: str, delta: int = 0) -> None:
+        """A transfer stream of ``worker_id`` opened (``delta`` 1), closed (-1) or moved bytes
+        (0). While one is open and has moved bytes within ``stream_quiet_s``, the worker is
+        not expired for missed heartbeats: on a slow link its heartbeats' answers queue behind
+        its own assignment on the one HTTP/2 connection (seconds of data sit in the send
+        buffer at 1 Mbit/s), so silence there is not a sign of death while the transfer
+        lives. A worker gone mid-transfer stops moving bytes, and expires as usual once the
+        stream has been quiet that long."""
+        with self._lock:
+            n, _ = self._streams.get(worker_id, (0, 0.0))
+            n += delta
+            if n <= 0:
+                self._streams.pop(worker_id, None)
+            else:
+                self._streams[worker_id] = (n, self.clock())
+            rec = self._workers.get(worker_id)
+            if rec is not None:
+                rec.last_seen = max(rec.last_seen, self.clock())
 
     def remove(self, worker_id: str) -> bool:
         with self._lock:
@@ -181,7 +211,12 @@ class Registry:
             return len(self._workers)
 
     def _expire_locked(self) -> None:
-        cutoff = self.clock() - self.expire_after_s
+        now = self.clock()
+        for wid, (_, moved_at) in self._streams.items():
+            rec = self._workers.get(wid)
+            if rec is not None and now - moved_at < self.stream_quiet_s:
+                rec.last_seen = max(rec.last_seen, now)  # its transfer lives (streaming)
+        cutoff = now - self.expire_after_s
         dead = [wid for wid, w in self._workers.items() if w.last_seen < cutoff]
         for wid in dead:
             del self._workers[wid]

@@ -59,8 +59,10 @@ class RoundDriver(Transport):
         return self.c.clock()
 
     def members(self, q: int) -> list[Member]:
+        """The live workers that have built their job (a loading worker's profile does not
+        count its data yet: it takes part from the round after its ready heartbeat)."""
         return [Member(w.worker_id, w.client_id, resources_of(w.profile))
-                for w in self.c.registry.live()]
+                for w in self.c.registry.live() if not w.profile.loading]
 
     def exchange(self, q: int, state: GlobalState, tasks: list[Task],
                  not_assigned: dict[str, str], early: EarlyAggregate) -> Exchange | None:
@@ -106,20 +108,24 @@ class RoundDriver(Transport):
         c = self.c
         want = c.cfg.cluster.workers or c.cfg.clients.count
         give_up = c.clock() + c.cfg.cluster.register_timeout_s
+        def ready() -> int:  # registered and done building the job (ResourceProfile.loading)
+            return sum(1 for w in c.registry.live() if not w.profile.loading)
+
         with c.cond:
-            while len(c.registry) < want and not c.finished:
+            while ready() < want and not c.finished:
                 if c.clock() >= give_up:
-                    have = len(c.registry)
+                    have = ready()
                     if have >= c.cfg.cluster.min_workers:
-                        log.warning("starting with %d of %d workers after %.0fs", have, want,
-                                    c.cfg.cluster.register_timeout_s)
+                        log.warning("starting with %d of %d workers after %.0fs (%d "
+                                    "registered)", have, want,
+                                    c.cfg.cluster.register_timeout_s, len(c.registry))
                         return
                     raise CoordinatorError(
-                        f"only {have} of {want} workers registered within "
-                        f"{c.cfg.cluster.register_timeout_s:.0f}s (cluster.min_workers = "
-                        f"{c.cfg.cluster.min_workers})")
+                        f"only {have} of {want} workers registered and ready within "
+                        f"{c.cfg.cluster.register_timeout_s:.0f}s ({len(c.registry)} "
+                        f"registered; cluster.min_workers = {c.cfg.cluster.min_workers})")
                 c.cond.wait(0.5)
-            have = len(c.registry)
+            have = ready()
         if c.finished:  # stopped (a signal, an error) before the run could start
             log.info("stopped while waiting for workers: %d of %d registered, no round run",
                      have, want)

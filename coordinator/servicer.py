@@ -278,18 +278,28 @@ class CoordinatorServicer:
         encoded, header = await asyncio.to_thread(self._prepare, state, task, wid, ticket)
         task.payload_down = encoded.total_bytes
         sent = message_bytes(header)
-        yield header
-        for chunk in encoded.chunks():  # raw messages: the bytes themselves
-            task.last_progress = c.clock()  # the previous message has been taken by gRPC
-            size = len(chunk) + GRPC_FRAME_BYTES
-            sent += size
-            task.moved += size
-            yield chunk
-        trailer = pb.AssignmentMessage(trailer=encoded.trailer())
-        sent += message_bytes(trailer)
-        yield trailer
-        task.last_progress = c.clock()
+        c.registry.streaming(task.worker_id, +1)
+        try:
+            yield header
+            for chunk in encoded.chunks():  # raw messages: the bytes themselves
+                self._progress(task)  # the previous message has been taken by gRPC
+                size = len(chunk) + GRPC_FRAME_BYTES
+                sent += size
+                task.moved += size
+                yield chunk
+            trailer = pb.AssignmentMessage(trailer=encoded.trailer())
+            sent += message_bytes(trailer)
+            yield trailer
+            self._progress(task)
+        finally:
+            c.registry.streaming(task.worker_id, -1)
         task.message_down = sent
+
+    def _progress(self, task: WorkerTask) -> None:
+        """Bytes of ``task`` moved: its transfer is alive, and so is its worker
+        (:meth:`Registry.streaming`)."""
+        task.last_progress = self.c.clock()
+        self.c.registry.streaming(task.worker_id)
 
     def _prepare(self, state: GlobalState, task: WorkerTask, wid: str, ticket: RoundTicket
                  ) -> tuple[Any, pb.AssignmentMessage]:
@@ -375,7 +385,11 @@ class CoordinatorServicer:
             await _abort(context, refusal[1], refusal[2])
         assert t is not None and task is not None
         try:
-            update, assembler = await self._receive(h, task, request_iterator, t)
+            c.registry.streaming(task.worker_id, +1)
+            try:
+                update, assembler = await self._receive(h, task, request_iterator, t)
+            finally:
+                c.registry.streaming(task.worker_id, -1)
             with c.cond:
                 state = c.state
             await asyncio.to_thread(c.job.engine.check_magnitude, state, task.plan, update)
@@ -443,7 +457,7 @@ class CoordinatorServicer:
             size = len(data) + GRPC_FRAME_BYTES
             received += size
             task.moved += size
-            task.last_progress = self.c.clock()
+            self._progress(task)
         tensors = await asyncio.to_thread(assembler.finish, assembler.trailer,
                                           check_finite=True)
         task.message_up = received

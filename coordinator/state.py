@@ -136,7 +136,8 @@ class Coordinator:
         self.clock = clock
         c = cfg.cluster
         self.registry = Registry(cfg.clients.count, c.heartbeat_s * c.heartbeat_misses, clock,
-                                 out_dir / checkpoint.SLOTS if out_dir is not None else None)
+                                 out_dir / checkpoint.SLOTS if out_dir is not None else None,
+                                 stream_quiet_s=c.stall_timeout_s)
         self.register_limiter = RateLimiter(c.register_rate_per_s, 4 * c.register_rate_per_s,
                                             clock)
         self.cond = Signal()

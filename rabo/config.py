@@ -234,6 +234,11 @@ class PolicyConfig:
                         gt=0, le=1)
     deadline_s: float = opt(0.0, "estimated local-step time must fit this (0: no deadline)",
                             ge=0)
+    link: bool = opt(False, "[ext] with deadline_s: the estimated step time plus the time the "
+                     "round's slices take over the worker's link (its seconds per byte, "
+                     "smoothed over the rounds it ran) must fit the deadline; until a worker's "
+                     "link is measured it gets the smallest ratio that fits its memory (gRPC "
+                     "and torch.distributed workers; docs/method.md)")
     calibrate: bool = opt(False, "[ext] once a worker has reported its measured peak memory "
                           "at a ratio, its memory figures come from its measurements (the "
                           "analytic estimate scaled by measured / estimated at the nearest "

@@ -72,7 +72,8 @@ class Job:
         else:
             choice = choose_ratio(self.task, self.hyper, resources, cfg.policy.ladder,
                                   cfg.policy.safety, cfg.policy.deadline_s,
-                                  self.step_batch(client_id), measured)
+                                  self.step_batch(client_id), measured, link=cfg.policy.link,
+                                  element_bytes=self.hyper.wire.itemsize)
             ratio, why = choice.ratio, choice.reason
         if cfg.clients.mode == "exclusion" and ratio is not None and ratio < 1.0:
             return None, f"excluded: fits only ratio {ratio:g} (clients.mode: exclusion)"

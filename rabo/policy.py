@@ -1,10 +1,12 @@
-"""Resource-adaptive ratio selection [recon, ALGORITHM.md section 4].
+"""Resource-adaptive ratio selection [recon, ALGORITHM.md section 4; links: ext].
 
 Per worker and per round, the largest ratio in the ladder whose estimated peak training memory
 fits the worker's budget times a safety factor and, when a deadline is set, whose estimated
-step time fits it. The estimates are analytic (counted tensors and FLOPs of the submodel) and
-the time estimate is scaled by the worker's own measured throughput, so the same code serves the
-gRPC coordinator, the torch.distributed rank 0 and the simulator.
+step time fits it (with ``policy.link``: step time plus the time its slices take over the
+worker's link, from the link's measured seconds per byte). The estimates are analytic (counted
+tensors and FLOPs of the submodel) and the time estimate is scaled by the worker's own measured
+throughput, so the same code serves the gRPC coordinator, the torch.distributed rank 0 and the
+simulator.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ class Resources:
 
     memory_budget_bytes: int  # memory it may spend on training state
     flops_per_s: float = 0.0  # measured throughput; 0: unknown (no time check)
+    # the link's smoothed seconds per payload byte, both directions (LinkEstimate); 0: not
+    # measured yet
+    link_s_per_byte: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -35,9 +40,11 @@ class Choice:
     reason: str
     memory_bytes: int = 0  # estimate at the chosen ratio
     step_s: float = 0.0
-    # what kept it from the next larger ratio: "memory", "compute" (the deadline), or
+    # what kept it from the next larger ratio: "memory", "compute" (the deadline), "link"
+    # (the transfer time made it miss the deadline; "probe": the link is not measured yet), or
     # "none" (the ladder's largest fits)
     bound: str = "none"
+    transfer_s: float = 0.0  # estimated transfer time at the chosen ratio (policy.link)
 
 
 def gradient_evaluations(hp: ClientHyper) -> float:
@@ -122,37 +129,109 @@ def payload_bytes(task: BilevelTask, ratio: float) -> int:
     return BYTES_PER_ELEMENT * (task.x_plan(mask, 0).numel() + 2 * task.y_plan(mask).numel())
 
 
+def transfer_bytes(task: BilevelTask, ratio: float, element_bytes: int = BYTES_PER_ELEMENT
+                   ) -> int:
+    """Bytes one round moves over a worker's link at ``ratio``: the x, y and v slices down and
+    an update of the same shape up, at ``element_bytes`` per element (wire.dtype)."""
+    return 2 * payload_bytes(task, ratio) * element_bytes // BYTES_PER_ELEMENT
+
+
+# weight of a new sample in the link estimate (an exponentially weighted mean of seconds per
+# byte, as TCP smooths its round-trip time, with a faster gain: a link seen once is known)
+LINK_GAIN = 0.5
+# transfers shorter than this are latency, not bandwidth: they update the estimate only while
+# it has no sample at all (a worker's first, small, probe round)
+LINK_MIN_SAMPLE_S = 0.02
+
+
+@dataclass
+class LinkEstimate:
+    """A worker's link, from the rounds it ran: seconds per payload byte (down plus up), the
+    exponentially weighted mean of each round's ``transfer_s / bytes`` with gain
+    ``LINK_GAIN``. Seconds per byte, not bytes per second, so that the estimate of a round's
+    transfer time is unbiased in time, the quantity the deadline bounds. The round's
+    ``transfer_s`` is what it spent outside its step (assignment sent to update received, less
+    the worker's compute), so latency, serialisation and queueing count as they do for the
+    round."""
+
+    s_per_byte: float = 0.0
+    samples: int = 0
+
+    def add(self, nbytes: int, transfer_s: float) -> None:
+        if nbytes <= 0 or not transfer_s > 0 or not math.isfinite(transfer_s):
+            return  # nothing moved or not measured (in-process clients)
+        if self.samples and transfer_s < LINK_MIN_SAMPLE_S:
+            return
+        sample = transfer_s / nbytes
+        self.s_per_byte = sample if not self.samples else \
+            (1 - LINK_GAIN) * self.s_per_byte + LINK_GAIN * sample
+        self.samples += 1
+
+    @property
+    def mbit_per_s(self) -> float:
+        return 8e-6 / self.s_per_byte if self.s_per_byte > 0 else 0.0
+
+
 def choose_ratio(task: BilevelTask, hp: ClientHyper, resources: Resources,
                  ladder: list[float], safety: float, deadline_s: float, batch: int,
-                 measured: Mapping[float, int] | None = None) -> Choice:
+                 measured: Mapping[float, int] | None = None, link: bool = False,
+                 element_bytes: int = BYTES_PER_ELEMENT) -> Choice:
     """The largest fitting ratio of ``ladder`` (tried from large to small), or why none fits.
-    ``measured``: the worker's measured peaks per ratio (:func:`calibrated_memory`)."""
+    ``measured``: the worker's measured peaks per ratio (:func:`calibrated_memory`).
+    ``link`` (with a deadline): the estimated step plus transfer time (``transfer_bytes`` at
+    ``element_bytes`` per element times ``resources.link_s_per_byte``) must fit the deadline;
+    a worker whose link is not measured yet gets the smallest ratio that fits its memory (a
+    probe round: the fewest bytes, whatever its link)."""
     budget = resources.memory_budget_bytes * safety
     smallest_mem = None
     bound, larger = "none", ""
-    for ratio in sorted(ladder, reverse=True):
+    probe = link and deadline_s > 0 and resources.link_s_per_byte <= 0
+    for ratio in [min(ladder)] if probe else sorted(ladder, reverse=True):
         mem, source = calibrated_memory(task, hp, ratio, batch, measured)
         smallest_mem = mem
         if mem > budget:
-            if bound == "none":
-                bound, larger = "memory", f"; ratio {ratio:g} needs ~{format_bytes(mem)}"
+            bound, larger = "memory", f"; ratio {ratio:g} needs ~{format_bytes(mem)}"
             continue
+        if probe:
+            return Choice(ratio, f"ratio {ratio:g}: ~{format_bytes(mem)} ({source}) of "
+                          f"{format_bytes(budget)} usable; the smallest that fits, as the link "
+                          f"is not measured yet (policy.link)", mem, 0.0, "probe")
         step_s = 0.0
         if resources.flops_per_s > 0:
             step_s = estimate_flops(task, hp, ratio, batch) / resources.flops_per_s
             if deadline_s > 0 and step_s > deadline_s:
-                if bound == "none":
-                    bound, larger = "compute", (f"; ratio {ratio:g} needs ~{step_s:.2f}s per "
-                                                f"step, over the {deadline_s:g}s deadline")
+                bound, larger = "compute", (f"; ratio {ratio:g} needs ~{step_s:.2f}s per "
+                                            f"step, over the {deadline_s:g}s deadline")
                 continue
+        transfer_s = 0.0
+        if link and resources.link_s_per_byte > 0:
+            transfer_s = transfer_bytes(task, ratio, element_bytes) * resources.link_s_per_byte
+            if deadline_s > 0 and step_s + transfer_s > deadline_s:
+                mbit = 8e-6 / resources.link_s_per_byte
+                bound, larger = "link", (
+                    f"; ratio {ratio:g} needs ~{step_s + transfer_s:.2f}s ({step_s:.2f}s "
+                    f"step + {transfer_s:.2f}s transfer at {mbit:.3g} Mbit/s), over the "
+                    f"{deadline_s:g}s deadline")
+                continue
+        timing = (f", ~{step_s + transfer_s:.2f}s step + transfer of the {deadline_s:g}s "
+                  "deadline"
+                  if link and deadline_s > 0 else "")
         return Choice(ratio, f"ratio {ratio:g}: ~{format_bytes(mem)} ({source}) of "
-                      f"{format_bytes(budget)} usable{larger}", mem, step_s, bound)
+                      f"{format_bytes(budget)} usable{timing}{larger}", mem, step_s, bound,
+                      transfer_s)
     why = (f"the smallest ratio {min(ladder):g} needs ~{format_bytes(smallest_mem or 0)} but "
            f"only {format_bytes(budget)} of {format_bytes(resources.memory_budget_bytes)} "
            f"may be used (safety {safety:g})")
-    if deadline_s > 0 and resources.flops_per_s > 0 and smallest_mem is not None \
-            and smallest_mem <= budget:
-        step = estimate_flops(task, hp, min(ladder), batch) / resources.flops_per_s
-        why = (f"the smallest ratio {min(ladder):g} needs ~{step:.2f}s per step, "
-               f"over the {deadline_s:g}s deadline")
+    if deadline_s > 0 and smallest_mem is not None and smallest_mem <= budget:
+        r = min(ladder)
+        step = (estimate_flops(task, hp, r, batch) / resources.flops_per_s
+                if resources.flops_per_s > 0 else 0.0)
+        if link and resources.link_s_per_byte > 0:
+            transfer = transfer_bytes(task, r, element_bytes) * resources.link_s_per_byte
+            why = (f"the smallest ratio {r:g} needs ~{step + transfer:.2f}s ({step:.2f}s step "
+                   f"+ {transfer:.2f}s transfer at {8e-6 / resources.link_s_per_byte:.3g} "
+                   f"Mbit/s), over the {deadline_s:g}s deadline")
+        else:
+            why = (f"the smallest ratio {r:g} needs ~{step:.2f}s per step, "
+                   f"over the {deadline_s:g}s deadline")
     return Choice(None, why)

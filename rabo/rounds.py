@@ -34,7 +34,7 @@ from rabo.errors import RaboError, UpdateRejected
 from rabo.evaluation import due, evaluate_round
 from rabo.job import Job
 from rabo.metrics import MetricsWriter
-from rabo.policy import Resources
+from rabo.policy import LinkEstimate, Resources
 from rabo.records import WorkerRound, round_record
 
 log = logging.getLogger("rabo.rounds")
@@ -176,6 +176,8 @@ class RoundLoop:
     # per member name, per ratio: the largest peak memory its worker reported above its
     # start-up footprint (the ratio policy's calibration, policy.calibrate)
     peaks: dict[str, dict[float, int]] = field(default_factory=dict)
+    # per member name: its link's seconds per byte, from the rounds it ran (policy.link)
+    links: dict[str, LinkEstimate] = field(default_factory=dict)
     stopped: bool = False  # the transport reported a stop from outside
     # coordinates of x that no update covered in any round since ``_gap_start`` (a streak of
     # rounds each leaving some coordinates uncovered); warned of once (UNCOVERED_ROUNDS)
@@ -239,8 +241,12 @@ class RoundLoop:
         not_assigned: dict[str, str] = {}
         for cid in participants:
             m = by_client[cid]
+            resources = m.resources
+            link = self.links.get(m.name)
+            if resources is not None and link is not None:
+                resources = dataclasses.replace(resources, link_s_per_byte=link.s_per_byte)
             ratio, reason = m.fixed if m.fixed is not None else self.job.ratio_for(
-                cid, m.resources, self.peaks.get(m.name))
+                cid, resources, self.peaks.get(m.name))
             if ratio is None:
                 not_assigned[m.name] = f"not assigned: {reason}"
                 log.warning("round %d: %s not assigned: %s", q, m.name, reason)
@@ -291,6 +297,10 @@ class RoundLoop:
                     and r.measured.peak_mem_bytes > 0):
                 seen = self.peaks.setdefault(r.task.name, {})
                 seen[plan.ratio] = max(seen.get(plan.ratio, 0), r.measured.peak_mem_bytes)
+            if self.job.cfg.policy.link and r.update is not None:
+                self.links.setdefault(r.task.name, LinkEstimate()).add(
+                    r.measured.payload_down_bytes + r.measured.payload_up_bytes,
+                    r.measured.transfer_s)
         self.state, stats = (engine.server_step(self.state, results, early.aggregation)
                              if results else engine.skip_round(self.state, q))
         if results:

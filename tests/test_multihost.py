@@ -134,3 +134,57 @@ def test_accounting_matches_veth_counters_on_rate_limited_links(netns_ok: None,
     floor_s = slow.payload_bytes / rounds * 8 / 10e6
     assert slow.transfer_s_mean >= 0.8 * floor_s, report
     assert slow.transfer_s_mean > fast.transfer_s_mean, report
+
+
+def test_link_policy_gives_slow_links_smaller_ratios_within_the_deadline(netns_ok: None,
+                                                                         tmp_path) -> None:
+    """Four workers with equal memory at 100, 20, 5 and 1 Mbit/s; policy.link with a 2 s
+    deadline. The first round probes every link at the smallest ratio; from then on each
+    worker's ratio follows its measured link, and the 1 Mbit/s worker's rounds stay near the
+    deadline (at ratio 1 its bytes alone would take about 19 s on that link)."""
+    rounds, deadline = 4, 2.0
+    bandwidths = [100.0, 20.0, 5.0, 1.0]
+    with netbench.topology(bandwidths) as topo:
+        res = netbench.run_job(
+            topo, rounds=rounds, hidden=512, ratios=None, out_dir=tmp_path, timeout_s=300,
+            worker_args=["--memory-limit", netbench.EQUAL_MEMORY],
+            extra_overrides=netbench.policy_overrides("link", deadline))
+    _assert_gone(topo)
+    assert res.rounds_completed == rounds and res.round_retries == 0
+    report = netbench.format_table(res)
+    by_rate = sorted(res.workers, key=lambda w: -w.bandwidth_mbit)
+    for w in by_rate:
+        assert len(w.ratios) == rounds, report  # nobody left out: the run loses no round
+        assert w.ratios[0] == 0.0625, (w.index, w.ratios)  # the probe round
+    last = [w.ratios[-1] for w in by_rate]
+    assert last == sorted(last, reverse=True), last  # slower link, never a larger ratio
+    fastest, slowest = by_rate[0], by_rate[-1]
+    assert slowest.ratios[-1] < fastest.ratios[-1], last
+    assert fastest.ratios[-1] == 1.0, last  # 100 Mbit/s carries ratio 1 in well under 2 s
+    # the floor the link sets on the slow worker at ratio 1: its payload at 1 Mbit/s
+    floor_full_s = netbench.payload_estimate(512) * 8 / 1e6
+    assert floor_full_s > 8 * deadline
+    for t in slowest.round_s[1:]:
+        assert t <= 2 * deadline, (slowest.round_s, report)
+    for rec in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1:]:
+        assert "transfer at" in rec  # each reason names the step + transfer estimate
+
+
+def test_a_worker_uploading_over_a_slow_link_is_not_expired(netns_ok: None, tmp_path) -> None:
+    """Heartbeats every second, a worker expired after 3 misses, and an assignment and an
+    update that take about 6 s each over a 1 Mbit/s link: the heartbeats' answers queue behind
+    the transfer on the one HTTP/2 connection, yet the worker stays registered, because its
+    open transfer moving bytes counts as a sign of life. Every round keeps its update, and
+    the worker registers once."""
+    rounds = 2
+    with netbench.topology([1.0]) as topo:
+        res = netbench.run_job(topo, rounds=rounds, hidden=384, ratios=[1.0], out_dir=tmp_path,
+                               timeout_s=200, extra_overrides=[
+                                   "cluster.heartbeat_s=1", "cluster.heartbeat_misses=3"])
+    _assert_gone(topo)
+    (w,) = res.workers
+    assert res.rounds_completed == rounds and res.round_retries == 0
+    assert w.rounds == rounds, netbench.format_table(res)
+    assert min(w.transfer_s) > 6.0  # the transfers really outlasted the expiry time
+    log = (tmp_path / "coordinator.log").read_text()
+    assert log.count("registered worker") == 1, log

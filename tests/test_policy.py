@@ -7,7 +7,15 @@ import pytest
 from rabo import config
 from rabo.engine import ClientHyper
 from rabo.models import build_model
-from rabo.policy import Resources, choose_ratio, estimate_flops, estimate_memory
+from rabo.policy import (
+    LINK_GAIN,
+    LinkEstimate,
+    Resources,
+    choose_ratio,
+    estimate_flops,
+    estimate_memory,
+    transfer_bytes,
+)
 from rabo.tasks import HyperRepresentation
 
 LADDER = [1.0, 0.5, 0.25, 0.125, 0.0625]
@@ -60,6 +68,52 @@ def test_deadline_excludes_slow_ratios(setup) -> None:
     assert choice.ratio == 0.25 and choice.step_s <= deadline
     none = choose_ratio(task, hp, Resources(2**40, 1.0), LADDER, 0.8, 1e-3, 64)
     assert none.ratio is None and "deadline" in none.reason
+
+
+def test_link_estimate_smooths_seconds_per_byte() -> None:
+    est = LinkEstimate()
+    est.add(0, 1.0)  # nothing moved: no sample
+    est.add(1000, 0.0)  # not measured (in-process)
+    est.add(1000, float("nan"))
+    assert est.samples == 0 and est.s_per_byte == 0.0 and est.mbit_per_s == 0.0
+    est.add(1000, 0.01)  # the first sample is taken whatever its size (the probe round)
+    assert est.s_per_byte == pytest.approx(1e-5) and est.mbit_per_s == pytest.approx(0.8)
+    est.add(10_000, 0.001)  # later, a transfer too short to say anything about bandwidth
+    assert est.samples == 1
+    est.add(1_000_000, 2.0)
+    assert est.s_per_byte == pytest.approx((1 - LINK_GAIN) * 1e-5 + LINK_GAIN * 2e-6)
+
+
+def test_link_policy_probes_then_fits_step_plus_transfer(setup) -> None:
+    task, hp = setup
+    big = 2**40
+    # the link is not measured yet: the smallest ratio, whatever the memory allows
+    probe = choose_ratio(task, hp, Resources(big, 1e9), LADDER, 0.8, 2.0, 64, link=True)
+    assert probe.ratio == min(LADDER) and probe.bound == "probe"
+    assert "not measured yet" in probe.reason
+    # no deadline: the link does not matter, nor without policy.link
+    assert choose_ratio(task, hp, Resources(big, 1e9), LADDER, 0.8, 0.0, 64,
+                        link=True).ratio == 1.0
+    slow = Resources(big, 0.0, 8e-6 / 1.0)  # 1 Mbit/s
+    assert choose_ratio(task, hp, slow, LADDER, 0.8, 2.0, 64).ratio == 1.0
+    # the largest ratio whose transfer fits: just above the transfer time of 0.25
+    deadline = transfer_bytes(task, 0.25) * slow.link_s_per_byte * 1.01
+    choice = choose_ratio(task, hp, slow, LADDER, 0.8, deadline, 64, link=True)
+    assert choice.ratio == 0.25 and choice.bound == "link"
+    assert choice.transfer_s <= deadline
+    assert "transfer at 1 Mbit/s" in choice.reason and "ratio 0.5 needs" in choice.reason
+    # 16-bit slices halve the bytes: the same link then carries the next ratio's... at 2x
+    half = choose_ratio(task, hp, slow, LADDER, 0.8, deadline, 64, link=True, element_bytes=2)
+    assert half.ratio == 0.25 and half.transfer_s == pytest.approx(choice.transfer_s / 2)
+    assert transfer_bytes(task, 0.5, 2) == transfer_bytes(task, 0.5) // 2
+    # the compute counts too: with a step that takes most of the deadline, a smaller ratio
+    flops = estimate_flops(task, hp, 0.25, 64)
+    busy = Resources(big, flops / (0.9 * deadline), slow.link_s_per_byte)
+    assert choose_ratio(task, hp, busy, LADDER, 0.8, deadline, 64, link=True).ratio < 0.25
+    # a link so slow that even the smallest ratio misses the deadline: not assigned, and why
+    crawl = Resources(big, 0.0, 8e-6 / 0.001)
+    none = choose_ratio(task, hp, crawl, LADDER, 0.8, 1.0, 64, link=True)
+    assert none.ratio is None and "transfer at 0.001 Mbit/s" in none.reason
 
 
 def test_simulated_memory_budgets_map_to_ratios() -> None:

@@ -164,6 +164,9 @@ class Worker:
         self.flops: float | None = None
         self.baseline_rss = psutil.Process().memory_info().rss
         self._jobs: dict[str, Job] = {}
+        # from registering until the job is built: the profile's budget does not yet count
+        # the data (ResourceProfile.loading)
+        self._loading = True
         self._call: Any = None  # the in-flight long poll, cancelled on a signal
         self.rounds_done = 0
         # assignments land in buffers kept from earlier rounds (no page faults per round)
@@ -197,6 +200,7 @@ class Worker:
         held = max(0, psutil.Process().memory_info().rss - self.baseline_rss)
         p = build_profile(self.device, self.opts.memory_limit, self.opts.threads, None,
                           self.flops, held_bytes=held)
+        p.loading = self._loading
         self.flops = p.flops_per_s
         return p
 
@@ -318,6 +322,7 @@ class Worker:
     def _session(self, stub: CoordinatorStub) -> bool:
         """Register (if needed) and work; True when the coordinator says the run is over."""
         if not self.worker_id:
+            self._loading = True
             reply = stub.Register(pb.RegisterRequest(
                 name=self.opts.name, profile=self.profile(), client_id=self.opts.client_id,
                 protocol=PROTOCOL_VERSION, instance=self.instance), timeout=30.0)
@@ -330,6 +335,8 @@ class Worker:
                                   daemon=True, name="rabo-heartbeat")
             hb.start()
             self.job = self._job(reply.config_json)
+            self._loading = False
+            self._ready(stub)
             log.info("registered as %s, client %d", self.worker_id, self.client_id)
         last_round = 0
         last_wait = ""
@@ -422,6 +429,18 @@ class Worker:
             # the training state of earlier rounds as start-up
             self.baseline_rss = psutil.Process().memory_info().rss
         return job
+
+    def _ready(self, stub: CoordinatorStub) -> None:
+        """Tell the coordinator the job is built: a profile whose budget counts the data it
+        holds now, before the first fetch, so that the first round's ratio is chosen from it
+        (the registration's profile was taken before the data was loaded). A failure is left
+        to the heartbeats, which carry the same profile."""
+        try:
+            stub.Heartbeat(pb.HeartbeatRequest(
+                worker_id=self.worker_id, credential=self.credential, profile=self.profile()),
+                timeout=max(2.0, self.heartbeat_s))
+        except grpc.RpcError as exc:
+            log.debug("ready heartbeat failed: %s", exc.code())  # type: ignore[attr-defined]
 
     def _heartbeats(self, stub: CoordinatorStub, worker_id: str) -> None:
         while not self.stop.wait(self.heartbeat_s):

@@ -71,6 +71,12 @@ def build_report(results: dict[str, dict[str, Any]], rel: str) -> str:
                      f"bound by kernel launches, so its time hardly depends on the ratio; "
                      f"the allocator's peak is exact.\n\n" + text)
         heads += h
+    if "bench_network_link" in results:
+        from rabo.experiments import links
+
+        text, h = links.section(results["bench_network_link"])
+        parts.append(text)
+        heads += h
     if "robust" in results:
         from rabo.experiments import robust
 

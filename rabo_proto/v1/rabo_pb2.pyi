@@ -66,7 +66,7 @@ class PayloadTrailer(_message.Message):
     def __init__(self, crc32c: _Optional[int] = ...) -> None: ...
 
 class ResourceProfile(_message.Message):
-    __slots__ = ("hostname", "logical_cpus", "usable_cpus", "memory_total_bytes", "memory_available_bytes", "memory_limit_bytes", "memory_budget_bytes", "device", "gpu_name", "gpu_total_bytes", "gpu_free_bytes", "flops_per_s", "threads", "budget_source")
+    __slots__ = ("hostname", "logical_cpus", "usable_cpus", "memory_total_bytes", "memory_available_bytes", "memory_limit_bytes", "memory_budget_bytes", "device", "gpu_name", "gpu_total_bytes", "gpu_free_bytes", "flops_per_s", "threads", "budget_source", "loading")
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     LOGICAL_CPUS_FIELD_NUMBER: _ClassVar[int]
     USABLE_CPUS_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class ResourceProfile(_message.Message):
     FLOPS_PER_S_FIELD_NUMBER: _ClassVar[int]
     THREADS_FIELD_NUMBER: _ClassVar[int]
     BUDGET_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    LOADING_FIELD_NUMBER: _ClassVar[int]
     hostname: str
     logical_cpus: int
     usable_cpus: float
@@ -95,7 +96,8 @@ class ResourceProfile(_message.Message):
     flops_per_s: float
     threads: int
     budget_source: str
-    def __init__(self, hostname: _Optional[str] = ..., logical_cpus: _Optional[int] = ..., usable_cpus: _Optional[float] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., device: _Optional[str] = ..., gpu_name: _Optional[str] = ..., gpu_total_bytes: _Optional[int] = ..., gpu_free_bytes: _Optional[int] = ..., flops_per_s: _Optional[float] = ..., threads: _Optional[int] = ..., budget_source: _Optional[str] = ...) -> None: ...
+    loading: bool
+    def __init__(self, hostname: _Optional[str] = ..., logical_cpus: _Optional[int] = ..., usable_cpus: _Optional[float] = ..., memory_total_bytes: _Optional[int] = ..., memory_available_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., device: _Optional[str] = ..., gpu_name: _Optional[str] = ..., gpu_total_bytes: _Optional[int] = ..., gpu_free_bytes: _Optional[int] = ..., flops_per_s: _Optional[float] = ..., threads: _Optional[int] = ..., budget_source: _Optional[str] = ..., loading: _Optional[bool] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("name", "profile", "client_id", "protocol", "instance")
