@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
 
 from bench.measure import in_child, measure
 from rabo.errors import ExitCode
+
+ROOT = Path(__file__).resolve().parents[1]
 
 ESTIMATORS = ("fd-central", "fd-forward", "exact", "neumann")
 WORKLOADS: dict[str, dict[str, Any]] = {
@@ -161,23 +164,47 @@ def measure_workload(workload: str, repeats: int, device: str, batch: int
 # --------------------------------------------------------------------------- (c) FLOPs
 
 
-def flops_per_ratio(ladder: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125, 0.0625)
-                    ) -> dict[str, dict[str, float]]:
-    from rabo.models import build_model
+FLOPS_MODELS = {
+    # name: (what it is, how to build it)
+    "mlp": "MLP 784-2048-2048-2048-10",
+    "resnet": "configs/resnet-mnist-wide.yaml",
+    "vit": "configs/vit-mnist.yaml",
+}
 
-    model = build_model("mlp", (1, 28, 28), 10, [2048, 2048, 2048])
-    hidden_layers = [n for n, lay in model.layout.items()
-                     if n.endswith(".weight") and all(a is not None for a in lay.axes)]
-    names = [n[:-7] for n in hidden_layers]
-    full = model.layer_flops(1.0)
-    full_hidden = sum(full[n] for n in names)
-    out = {}
-    for r in ladder:
-        fl = model.layer_flops(r)
-        hidden = sum(fl[n] for n in names)
-        out[f"{r:g}"] = {"hidden_flops": hidden, "hidden_vs_full": hidden / full_hidden,
-                         "r_squared": r * r, "total_flops": sum(fl.values()),
-                         "total_vs_full": sum(fl.values()) / sum(full.values())}
+
+def _flops_model(name: str) -> Any:
+    from rabo import config
+    from rabo.models import build_model, model_from_config
+
+    if name == "mlp":
+        return build_model("mlp", (1, 28, 28), 10, [2048, 2048, 2048])
+    cfg = config.load(ROOT / FLOPS_MODELS[name])
+    return model_from_config(cfg.model, (1, 28, 28), 10)
+
+
+def flops_per_ratio(ladder: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125, 0.0625),
+                    models: tuple[str, ...] = tuple(FLOPS_MODELS)
+                    ) -> dict[str, dict[str, dict[str, float]]]:
+    """Per model and ratio r: the FLOPs of the layers pruned on both sides (their inputs and
+    their outputs are pruned units, found as the layers whose FLOPs at r = 1/2 are a quarter of
+    full) against r^2, and of all layers against the full model's."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name in models:
+        model = _flops_model(name)
+        full, half = model.layer_flops(1.0), model.layer_flops(0.5)
+        both = [n for n in full if full[n] and abs(half[n] / full[n] - 0.25) < 0.01]
+        full_both = sum(full[n] for n in both)
+        rows = {}
+        for r in ladder:
+            fl = model.layer_flops(r)
+            pruned = sum(fl[n] for n in both)
+            rows[f"{r:g}"] = {"pruned_flops": pruned, "pruned_vs_full": pruned / full_both,
+                              "r_squared": r * r,
+                              "off_r_squared": pruned / full_both / (r * r) - 1,
+                              "total_flops": sum(fl.values()),
+                              "total_vs_full": sum(fl.values()) / sum(full.values())}
+        out[name] = {"model": FLOPS_MODELS[name], "layers": len(both),  # type: ignore[dict-item]
+                     "of_layers": len(full), "ratios": rows}  # type: ignore[dict-item]
     return out
 
 
@@ -244,10 +271,13 @@ def main(args: argparse.Namespace) -> int:
             pm = r["peak_mem_vs_exact"]
             print(f"    {w:8} {name:11} {r['time_s'] * 1e3:7.1f}ms {r['time_vs_exact']:8.2f} "
                   f"{r['peak_bytes'] / 2**20:8.1f}MiB {pm if pm is None else f'{pm:8.2f}'}")
-    print("(c) hidden-to-hidden FLOPs per ratio (MLP 784-2048-2048-2048-10)")
-    for r, fl in result["flops_per_ratio"].items():
-        print(f"    r={r:7} hidden {fl['hidden_flops']:.3e} = {fl['hidden_vs_full']:.4f} of "
-              f"full (r^2 = {fl['r_squared']:.4f}); all layers {fl['total_vs_full']:.4f}")
+    print("(c) FLOPs per ratio of the layers pruned on both sides, against r^2")
+    for name, m in result["flops_per_ratio"].items():
+        print(f"    {name} ({m['model']}): {m['layers']} of {m['of_layers']} layers")
+        for r, fl in m["ratios"].items():
+            print(f"      r={r:7} pruned {fl['pruned_flops']:.3e} = {fl['pruned_vs_full']:.4f} of "
+                  f"full (r^2 = {fl['r_squared']:.4f}, {100 * fl['off_r_squared']:+.1f}%); "
+                  f"all layers {fl['total_vs_full']:.4f}")
     print("targets")
     for c in checks:
         print(f"    {'met ' if c['met'] else 'MISS'} {c['workload']} {c['estimator']} "
