@@ -61,6 +61,30 @@ def test_cgroup_v1(tmp_path: Path) -> None:
     assert lim.cpu_quota == 0.5
 
 
+def test_usage_is_the_working_set_without_inactive_file_pages(tmp_path: Path) -> None:
+    """Page cache the kernel reclaims before an OOM kill (inactive file pages, e.g. libraries
+    and data read from a cold cache) is not counted against the budget, as kubelet counts a
+    container's working set."""
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text("0::/pod/ctr\n")
+    _write(tmp_path / "v2", {
+        "cgroup.controllers": "memory\n", "pod/memory.max": "1073741824\n",
+        "pod/ctr/memory.current": str(548 * 2**20) + "\n",
+        "pod/ctr/memory.stat": f"anon {217 * 2**20}\nfile {328 * 2**20}\n"
+                               f"active_file 0\ninactive_file {327 * 2**20}\n"})
+    assert read_cgroup(proc, tmp_path / "v2").memory_usage == 221 * 2**20
+    proc.write_text("12:memory:/pod\n")
+    _write(tmp_path / "v1", {
+        "memory/pod/memory.limit_in_bytes": "1073741824\n",
+        "memory/pod/memory.usage_in_bytes": str(548 * 2**20) + "\n",
+        # the group's own inactive_file is not what counts: total_ (with its children) is
+        "memory/pod/memory.stat": f"inactive_file 1\ntotal_inactive_file {327 * 2**20}\n"})
+    assert read_cgroup(proc, tmp_path / "v1").memory_usage == 221 * 2**20
+    # a stat that cannot be read: the usage as it is
+    (tmp_path / "v1/memory/pod/memory.stat").write_text("garbage\n")
+    assert read_cgroup(proc, tmp_path / "v1").memory_usage == 548 * 2**20
+
+
 def test_no_cgroup(tmp_path: Path) -> None:
     lim = read_cgroup(tmp_path / "missing", tmp_path / "cg")
     assert (lim.version, lim.memory_limit, lim.cpu_quota) == (0, None, None)
