@@ -178,7 +178,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 def cmd_local(args: argparse.Namespace) -> int:
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before gRPC's core starts logging
     from coordinator.local import run_local
-    from rabo.report import write_plots
+    from rabo.report import plots_line
 
     overrides = [f"cluster.workers={args.workers}"]
     args.overrides = list(args.overrides) + overrides
@@ -237,11 +237,24 @@ def cmd_local(args: argparse.Namespace) -> int:
             print(f"  client {w['client_id']}: ratio {w['ratio']:g}  ({w['reason']})")
         for wid, why in first.get("not_assigned", {}).items():
             print(f"  worker {wid}: {why}")
-    plots = write_plots(out)
+    plots = plots_line(out)  # or why there are none: matplotlib is an extra
     _print_summary(server.driver.summary, out, args.tensorboard)
     if plots:
-        print("plots: " + ", ".join(str(p) for p in plots))
+        print(plots)
     return 0
+
+
+def metrics_port_arg(text: str) -> int:
+    """An argparse ``type`` for ``--metrics-port`` (and env RABO_METRICS_PORT): a port, refused
+    before the coordinator starts where prometheus-client (an extra) is missing."""
+    port: int = int_arg(**PORT, env="RABO_METRICS_PORT")(text)
+    if port:
+        from coordinator.monitoring import prometheus_missing
+
+        missing = prometheus_missing()
+        if missing:
+            raise argparse.ArgumentTypeError(f"{missing} (flag or env RABO_METRICS_PORT)")
+    return port
 
 
 def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAction) -> None:
@@ -266,9 +279,9 @@ def register(sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAct
     p.add_argument("--health-port", type=int_arg(**PORT, env="RABO_HEALTH_PORT"),
                    default=env("RABO_HEALTH_PORT"),
                    help="plaintext health-only port (env RABO_HEALTH_PORT)")
-    p.add_argument("--metrics-port", type=int_arg(**PORT, env="RABO_METRICS_PORT"),
-                   default=env("RABO_METRICS_PORT"),
-                   help="Prometheus /metrics port (env RABO_METRICS_PORT)")
+    p.add_argument("--metrics-port", type=metrics_port_arg, default=env("RABO_METRICS_PORT"),
+                   help="Prometheus /metrics port (env RABO_METRICS_PORT); needs "
+                        "pip install 'rabo[metrics]'")
     add_security_args(p, server=True)
     p.set_defaults(func=cmd_coordinator)
 

@@ -1,14 +1,44 @@
-"""Prometheus metrics of the coordinator (``cluster.metrics_port`` / ``--metrics-port``)."""
+"""Prometheus metrics of the coordinator (``cluster.metrics_port`` / ``--metrics-port``).
+
+prometheus-client is an optional dependency (``pip install 'rabo[metrics]'``): it is imported
+only when a :class:`Monitor` is made, which the coordinator does only for a metrics port, so
+a coordinator without one (and every worker) runs without the package.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from rabo.errors import RaboError
+
+INSTALL_HINT = "pip install 'rabo[metrics]'"
+
+
+class MetricsUnavailable(RaboError):
+    """A metrics port was asked for where prometheus-client is not installed."""
+
+
+def prometheus_missing() -> str | None:
+    """Why the metrics endpoint cannot be served here (None: prometheus-client is installed).
+    Cheap: it looks the package up without importing it."""
+    try:
+        found = importlib.util.find_spec("prometheus_client") is not None
+    except (ImportError, ValueError):
+        found = False
+    return None if found else f"the prometheus-client package is not installed ({INSTALL_HINT})"
 
 
 class Monitor:
+    """The coordinator's Prometheus metrics. Raises :class:`MetricsUnavailable` without
+    prometheus-client."""
+
     def __init__(self) -> None:
+        try:
+            from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        except ImportError as exc:
+            raise MetricsUnavailable(prometheus_missing() or f"the prometheus-client package "
+                                     f"does not import ({exc}); {INSTALL_HINT}") from None
         r = self.registry = CollectorRegistry()
         self.round = Gauge("rabo_round", "Last completed round", registry=r)
         self.workers = Gauge("rabo_workers_live", "Registered, non-expired workers", registry=r)
@@ -34,6 +64,8 @@ class Monitor:
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         """Listen on ``port``; OSError when it is taken."""
+        from prometheus_client import start_http_server
+
         self._http: Any = start_http_server(port, addr=addr, registry=self.registry)
 
     def close(self) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from coordinator.monitoring import Monitor
+from coordinator.monitoring import MetricsUnavailable, Monitor
 from coordinator.rounds import RoundDriver
 from coordinator.security import TokenInterceptor, server_credentials
 from coordinator.servicer import RECEIVE_HEADROOM, CoordinatorServicer
@@ -148,6 +148,14 @@ def serve(cfg: Config, out_dir: str | Path | None = None, bind: str | None = Non
     """Start the coordinator: the gRPC server and the round driver thread. Returns at once;
     ``Server.wait()`` blocks until the run is over. ``resume`` continues from a checkpointed
     state (its round is the last completed one)."""
+    mport = cfg.cluster.metrics_port if metrics_port is None else metrics_port
+    monitor = None
+    if mport:  # first: without its package (an extra) this fails before anything has started
+        try:
+            monitor = Monitor()
+        except MetricsUnavailable as exc:
+            key = "cluster.metrics_port" if metrics_port is None else "--metrics-port"
+            raise CoordinatorError(f"{key} {mport}: {exc}") from None
     tune_allocator(arenas=1)  # before the gRPC server's threads start
     from rabo.provenance import provenance
 
@@ -157,10 +165,7 @@ def serve(cfg: Config, out_dir: str | Path | None = None, bind: str | None = Non
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         checkpoint.lock_run_dir(out)  # one run per folder (a second gets an error naming the pid)
-    monitor = None
-    mport = cfg.cluster.metrics_port if metrics_port is None else metrics_port
-    if mport:
-        monitor = Monitor()
+    if monitor is not None:
         try:
             monitor.serve(mport)
         except OSError as exc:

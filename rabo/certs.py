@@ -4,6 +4,10 @@ For tests and first deployments; production deployments bring their own PKI. Fil
 ``ca.crt``/``ca.key``, ``coordinator.crt``/``coordinator.key`` (server and client auth; SANs:
 localhost, 127.0.0.1, rabo-coordinator and ``--hosts``), ``worker-N.crt``/``worker-N.key``
 (client auth, CN worker-N), and ``token`` (a random shared token, mode 0600).
+
+It needs the ``cryptography`` package, an optional dependency (``pip install 'rabo[certs]'``):
+TLS itself is grpc's, so a worker or coordinator that is given certificates never imports
+this module. Without the package, importing it raises :class:`CertsUnavailable`.
 """
 
 from __future__ import annotations
@@ -14,10 +18,25 @@ import os
 import secrets
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from rabo.errors import RaboError
+
+INSTALL_HINT = "pip install 'rabo[certs]'"
+
+
+class CertsUnavailable(RaboError, ImportError):
+    """``rabo certs`` ran where the cryptography package is not installed."""
+
+
+try:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+except ImportError as exc:
+    raise CertsUnavailable(
+        f"the cryptography package is not installed ({INSTALL_HINT})"
+        if exc.name == "cryptography" else
+        f"the cryptography package does not import ({exc}); {INSTALL_HINT}") from exc
 
 
 def _name(cn: str) -> x509.Name:

@@ -14,7 +14,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,23 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def needs_plots(command: str, func: Callable[[argparse.Namespace], int]
+                ) -> Callable[[argparse.Namespace], int]:
+    """``func``, refused before it does any work where matplotlib (an extra) is missing: for
+    the commands that exist to plot (``rabo report``, ``rabo experiment ...``)."""
+    def run(args: argparse.Namespace) -> int:
+        from rabo.experiments.plots import matplotlib_missing
+
+        missing = matplotlib_missing()
+        if missing:
+            print(f"rabo {command}: error: {missing}", file=sys.stderr)
+            return ExitCode.USAGE
+        return func(args)
+
+    run.__name__ = getattr(func, "__name__", command)
+    return run
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from rabo import report as rep
 
@@ -105,8 +122,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from rabo.certs import write_bundle
-
+    try:
+        from rabo.certs import write_bundle
+    except RaboError as exc:  # rabo.certs.CertsUnavailable: its extra is not installed
+        print(f"rabo certs: error: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
     try:
         out = write_bundle(args.out, workers=args.workers, hosts=args.hosts, days=args.days,
                            force=args.force)
@@ -184,13 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the comparison plots go (default: rabo-report/ here)")
     p.add_argument("--csv", metavar="FILE",
                    help="also write every run's per-round figures to FILE as CSV")
-    p.set_defaults(func=cmd_report)
+    p.set_defaults(func=needs_plots("report", cmd_report))
 
     from rabo.experiments.cli import add_experiment_args, cmd_experiment
 
     p = sub.add_parser("experiment", help="experiments on the paper's claims; their report")
     add_experiment_args(p)
-    p.set_defaults(func=cmd_experiment)
+    p.set_defaults(func=needs_plots("experiment", cmd_experiment))  # report too: it replots
 
     from rabo.distcli import add_dist_args
 

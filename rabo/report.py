@@ -39,7 +39,10 @@ def table(records: list[dict[str, Any]]) -> str:
 
 
 def write_plots(run_dir: str | Path) -> list[Path]:
-    """Write the PNG plots next to the metrics; returns their paths ([] without metrics)."""
+    """Write the PNG plots next to the metrics; returns their paths ([] without metrics).
+    Raises :class:`rabo.experiments.plots.PlotsUnavailable` without matplotlib."""
+    from rabo.experiments.plots import pyplot
+
     run_dir = Path(run_dir)
     try:
         records = read_metrics(run_dir)
@@ -47,10 +50,7 @@ def write_plots(run_dir: str | Path) -> list[Path]:
         return []
     if not records:
         return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     evaluated = [r for r in records if r.get("test_acc") is not None]
     cumulative, total = [], 0.0
@@ -98,6 +98,19 @@ def write_plots(run_dir: str | Path) -> list[Path]:
     plt.close(fig)
     paths.append(p)
     return paths
+
+
+def plots_line(run_dir: str | Path) -> str | None:
+    """For a command that plots on the side (``rabo local``): write the run's plots and
+    return the line that names them, or the line that says why they were skipped (matplotlib
+    is an extra); None when there was nothing to plot."""
+    from rabo.experiments.plots import matplotlib_missing
+
+    missing = matplotlib_missing()
+    if missing:
+        return f"plots skipped: {missing}"
+    paths = write_plots(run_dir)
+    return "plots: " + ", ".join(str(p) for p in paths) if paths else None
 
 
 def report(run_dir: str | Path) -> str:
@@ -203,11 +216,11 @@ def write_compare_plots(runs: list[tuple[str, list[dict[str, Any]]]], out: str |
     """The runs overlaid: test accuracy and upper loss against rounds, accuracy against the
     bytes moved and the wall time, and each run's final accuracy per width where recorded;
     PNG and PDF each."""
-    from matplotlib.ticker import MaxNLocator, PercentFormatter
-
     from rabo.experiments.plots import pyplot
 
     plt = pyplot()
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     kinds = sorted({_final(r)["bytes_kind"] for _, r in runs})

@@ -302,7 +302,11 @@ class _Raw:
 
 def _make_mnist1d(seed: int) -> _Raw:
     """Generate MNIST-1D locally, leaving the global ``random``/numpy RNG states untouched."""
-    from mnist1d.data import get_dataset_args, make_dataset
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as exc:
+        raise DataError(f"data.dataset mnist1d: the mnist1d package is not installed ({exc}); "
+                        "pip install 'rabo[mnist1d]'") from None
 
     args = get_dataset_args()
     if hasattr(args, "seed"):

@@ -1,11 +1,21 @@
-"""Matplotlib helpers shared by the experiments (Agg backend, PNG files)."""
+"""Matplotlib helpers shared by the experiments and ``rabo report`` (Agg backend, PNG files).
+
+matplotlib is an optional dependency (``pip install 'rabo[plots]'``; a worker never plots):
+:func:`pyplot` is the one place it is imported, and :func:`matplotlib_missing` lets a command
+that exists to plot refuse before it does any work, and one that plots on the side skip them.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from rabo.errors import RaboError
+
+INSTALL_HINT = "pip install 'rabo[plots]'"
 
 COLORS = {
     "RABO": "C0", "RAFBO": "C1", "full": "C2", "exclusion": "C3", "RABO static": "C4",
@@ -16,12 +26,29 @@ COLORS = {
 }
 
 
+class PlotsUnavailable(RaboError):
+    """A plot was asked for where matplotlib is not installed (or does not import)."""
+
+
+def matplotlib_missing() -> str | None:
+    """Why plots cannot be drawn here (None: matplotlib is installed). Cheap: it looks the
+    package up without importing it."""
+    try:
+        found = importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):
+        found = False
+    return None if found else f"matplotlib is not installed ({INSTALL_HINT})"
+
+
 def pyplot() -> Any:
-    import matplotlib
+    """matplotlib.pyplot on the Agg backend; :class:`PlotsUnavailable` without matplotlib."""
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise PlotsUnavailable(f"matplotlib does not import ({exc}); {INSTALL_HINT}") from None
     return plt
 
 
