@@ -53,6 +53,11 @@ bench: install
 	$(BIN)/rabo experiment coverage $(BENCH_FLAG)
 	$(BIN)/rabo experiment communication $(BENCH_FLAG)
 	$(BIN)/rabo bench system $(BENCH_FLAG)
+	@# links as a resource (needs root and network namespaces; skipped where they cannot be made)
+	if $(BIN)/rabo bench network --policy link --bandwidths 100,20,5,1 --rounds 6 --deadline 2 \
+		--json > $(RESULTS)/bench_network_link.json.tmp; then \
+		mv $(RESULTS)/bench_network_link.json.tmp $(RESULTS)/bench_network_link.json; \
+	else rm -f $(RESULTS)/bench_network_link.json.tmp; echo "bench network: skipped"; fi
 	$(BIN)/rabo experiment report
 
 # What make bench leaves out to stay within its budget (about 25 minutes on 2 cores): the
@@ -69,9 +74,11 @@ proto: install
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. --pyi_out=. \
 		proto/rabo_proto/v1/rabo.proto
 
-# Render every kustomize overlay and validate it against the Kubernetes schemas.
+# Render every kustomization under deploy/k8s and validate it (Kubernetes and vendored CRD
+# schemas, worker totals, per-worker certificates; no cluster). It installs nothing beyond
+# make install's .venv, and runs check.sh with the validator and Python from there.
 k8s-check: install
-	deploy/k8s/check.sh
+	KUBERNETES_VALIDATE=$(BIN)/kubernetes-validate CHECK_PYTHON=$(BIN)/python deploy/k8s/check.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache

@@ -1,17 +1,22 @@
 """The container image and the Kubernetes manifests (deploy/), checked without Docker or a cluster.
 
 The kustomizations are rendered with ``kubectl kustomize`` and read as data: probes, ports,
-secrets and their mount paths, the NetworkPolicy, worker pools against the job's
-``clients.count``, and the container arguments against the real ``rabo`` parser. The
-Dockerfile is parsed: its COPY sources against the build context that ``.dockerignore`` leaves,
-its torch selection run under ``sh`` with a stand-in ``pip``, and the context itself built into
-a wheel and run, as ``pip install .`` in the image would. ``deploy/k8s/check.sh`` validates
-the rendered YAML against the Kubernetes schemas.
+secrets and their mount paths, the NetworkPolicy, worker pools, Jobs and JobSets against the
+job's ``clients.count``, and the container arguments against the real ``rabo`` and ``torchrun``
+parsers; the shell snippets in the pods (the per-worker certificate step, a torch.distributed
+worker's node rank) run under ``sh``. The Dockerfile is parsed: its COPY sources against the
+build context that ``.dockerignore`` leaves, its torch selection run under ``sh`` with a
+stand-in ``pip``, and the context itself built into a wheel and run, as ``pip install .`` in
+the image would. ``deploy/k8s/check.sh`` validates the rendered YAML against the Kubernetes
+schemas and the vendored CRD schemas (``deploy/k8s/check_manifests.py``, whose checks are also
+run here against broken copies of the renders).
 """
 
 from __future__ import annotations
 
 import base64
+import copy
+import importlib.util
 import json
 import os
 import re
@@ -22,8 +27,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -37,7 +44,11 @@ from rabo.units import parse_bytes
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "k8s"
 DOCKERFILE = REPO / "deploy" / "docker" / "Dockerfile"
-OVERLAYS = ("cpu", "gpu", "heterogeneous")
+OVERLAYS = ("cpu", "gpu", "heterogeneous")  # the Deployment overlays
+RUN_TO_COMPLETION = ("jobs", "jobset")  # the gRPC job as Jobs, as a JobSet
+ALL_OVERLAYS = (*OVERLAYS, *RUN_TO_COMPLETION, "torchrun")
+WORKER_CERT_SECRETS = [f"rabo-worker-{i}-tls" for i in range(4)]
+INDEX_FIELD = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 SECRET_ENV = ("RABO_TOKEN_FILE", "RABO_TLS_CERT", "RABO_TLS_KEY", "RABO_TLS_CA")
 UID = 10001
 
@@ -70,6 +81,10 @@ def render(overlay: str) -> list[dict[str, Any]]:
     return list(_render(str(K8S / "overlays" / overlay)))
 
 
+def render_dir(path: Path) -> list[dict[str, Any]]:
+    return list(_render(str(path)))
+
+
 @cache
 def _secrets_with(files: tuple[tuple[str, bytes], ...]) -> tuple[dict[str, Any], ...]:
     """deploy/k8s/secrets rendered from a copy with the given certs/ files."""
@@ -83,8 +98,8 @@ def _secrets_with(files: tuple[tuple[str, bytes], ...]) -> tuple[dict[str, Any],
 
 
 def secret_files_placeholder() -> tuple[tuple[str, bytes], ...]:
-    names = ("token", "ca.crt", "coordinator.crt", "coordinator.key", "worker-0.crt",
-             "worker-0.key")
+    names = ("token", "ca.crt", "coordinator.crt", "coordinator.key",
+             *(f"worker-{i}.{ext}" for i in range(4) for ext in ("crt", "key")))
     return tuple((n, b"placeholder\n") for n in names)
 
 
@@ -116,6 +131,97 @@ def env_of(c: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
 
 
+def kubelet_env(c: dict[str, Any]) -> dict[str, Any]:
+    """env_of with $(VAR) in each value expanded from the variables before it, as the kubelet
+    does ($$ is a $; a variable not set before stays as written)."""
+    out: dict[str, Any] = {}
+    for name, value in env_of(c).items():
+        out[name] = expand(value, out) if isinstance(value, str) else value
+    return out
+
+
+def expand(text: str, env: dict[str, Any]) -> str:
+    def one(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        value = env.get(m.group(1))
+        return value if isinstance(value, str) else m.group(0)
+
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)", one, text)
+
+
+@dataclass
+class PodSet:
+    """A pod template of a Deployment, Job or JobSet replicated Job, and how many pods."""
+
+    owner: str
+    template: dict[str, Any]
+    count: int
+    job: dict[str, Any] | None  # the Job spec, for Jobs and JobSets
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return self.template["spec"]
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return self.template["metadata"]["labels"]
+
+    @property
+    def component(self) -> str | None:
+        return self.labels.get("app.kubernetes.io/component")
+
+    def container(self) -> dict[str, Any]:
+        (c,) = self.spec["containers"]
+        return c
+
+
+def pod_sets(docs: list[dict[str, Any]]) -> list[PodSet]:
+    out = []
+    for d in docs:
+        name, spec = f"{d['kind']} {d['metadata']['name']}", d.get("spec", {})
+        if d["kind"] == "Deployment":
+            out.append(PodSet(name, spec["template"], spec["replicas"], None))
+        elif d["kind"] == "Job":
+            out.append(PodSet(name, spec["template"], spec.get("completions", 1), spec))
+        elif d["kind"] == "JobSet":
+            for r in spec["replicatedJobs"]:
+                job = r["template"]["spec"]
+                out.append(PodSet(f"{name}/{r['name']}", job["template"],
+                                  r.get("replicas", 1) * job.get("completions", 1), job))
+    return out
+
+
+def pods_of(docs: list[dict[str, Any]], which: str) -> list[PodSet]:
+    return [p for p in pod_sets(docs) if p.component == which]
+
+
+def pod_config_text(docs: list[dict[str, Any]]) -> str:
+    """The config.yaml the coordinator pod mounts at /etc/rabo, whatever runs it."""
+    (coord,) = pods_of(docs, "coordinator")
+    volumes = {v["name"]: v for v in coord.spec["volumes"]}
+    (mount,) = [m for m in coord.container()["volumeMounts"] if m["mountPath"] == "/etc/rabo"]
+    cm = named(docs, "ConfigMap", volumes[mount["name"]]["configMap"]["name"])
+    return str(cm["data"]["config.yaml"])
+
+
+def pod_config(docs: list[dict[str, Any]]) -> config.Config:
+    return config.from_dict(yaml.safe_load(pod_config_text(docs)))
+
+
+@cache
+def checker() -> ModuleType:
+    """deploy/k8s/check_manifests.py, imported from its path (it is no package)."""
+    pytest.importorskip("jsonschema", reason="check_manifests.py needs jsonschema "
+                                             "(kubernetes-validate brings it: make install)")
+    spec = importlib.util.spec_from_file_location("check_manifests",
+                                                  K8S / "check_manifests.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
     assert set(selector) <= {"matchLabels"}, f"unexpected selector form {selector}"
     return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
@@ -141,8 +247,20 @@ def test_check_script_renders_and_validates_every_kustomization(tmp_path: Path) 
     proc = subprocess.run([str(script)], cwd=tmp_path, capture_output=True, text=True,
                           timeout=180, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for name in (*(f"overlays/{o}" for o in OVERLAYS), "deploy/k8s/data", "secrets"):
+    for name in (*(f"overlays/{o}" for o in ALL_OVERLAYS), "deploy/k8s/data", "secrets",
+                 "deploy/k8s/cert-manager", "deploy/k8s/cert-manager/ca"):
         assert re.search(rf"^ok  \S*{re.escape(name)}:", proc.stdout, re.M), proc.stdout
+    # the custom resources were checked against the vendored CRD schemas, the JobSet's Job
+    # templates by kubernetes-validate, and the worker totals against clients.count
+    out = proc.stdout
+    assert re.search(r"^ok  \S*overlays/jobset: 5 objects valid \(Kubernetes [^:]*: 6; "
+                     r"vendored CRD schemas: 1\)", out, re.M), out
+    assert re.search(r"^ok  \S*cert-manager: 7 objects valid \(Kubernetes [^:]*: 0; "
+                     r"vendored CRD schemas: 7\)", out, re.M), out
+    assert "schema: JobSet rabo (jobset-v0.12.0, jobset-v0.8.0)" in out
+    assert "workers 4 (Job rabo-worker) = 4, clients.count 4" in out
+    assert "workers 5 ranks - rank 0 = 4, clients.count 4" in out
+    assert "Job rabo-worker: 4 workers, 4 certificate Secrets" in out
 
 
 def test_check_script_fails_on_an_invalid_manifest(tmp_path: Path) -> None:
@@ -159,6 +277,45 @@ def test_check_script_fails_on_an_invalid_manifest(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode != 0
     assert "FAIL: deploy/k8s/overlays/cpu" in proc.stderr, proc.stderr
+
+
+def test_check_script_fails_when_the_workers_do_not_fill_clients_count(tmp_path: Path) -> None:
+    """A schema-valid render whose worker total is not clients.count fails check.sh, naming
+    both numbers (check_manifests.py)."""
+    kubectl()
+    copy_root = tmp_path / "repo"
+    shutil.copytree(REPO / "deploy", copy_root / "deploy")
+    if (REPO / ".venv").exists():
+        (copy_root / ".venv").symlink_to(REPO / ".venv")
+    cfg = copy_root / "deploy" / "k8s" / "base" / "shared" / "config.yaml"
+    text = cfg.read_text()
+    assert "  count: 4 " in text
+    cfg.write_text(text.replace("  count: 4 ", "  count: 5 "))
+    proc = subprocess.run([str(copy_root / "deploy" / "k8s" / "check.sh")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode != 0
+    assert "FAIL: deploy/k8s/overlays/cpu: check_manifests.py found problems" in proc.stderr
+    assert "the workers add up to 4 (4 (Deployment rabo-worker)) but clients.count in " \
+           "ConfigMap rabo-config-" in proc.stderr, proc.stderr
+
+
+def test_make_k8s_check_runs_the_script_with_the_project_venv_only() -> None:
+    """make k8s-check installs into .venv at most (make install), never globally: every pip
+    it would run is the venv's, and check.sh gets the venv's validator and Python."""
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+    proc = subprocess.run([make, "-n", "k8s-check"], cwd=REPO, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    for line in lines:
+        if re.search(r"\bpip\b", line):
+            assert line.startswith(".venv/bin/python -m pip install"), line
+        assert "sudo" not in line and "--user" not in line, line
+    (check,) = [ln for ln in lines if "deploy/k8s/check.sh" in ln]
+    assert "KUBERNETES_VALIDATE=.venv/bin/kubernetes-validate" in check
+    assert "CHECK_PYTHON=.venv/bin/python" in check
 
 
 # --------------------------------------------------------------------------- every overlay
@@ -215,29 +372,34 @@ def test_coordinator_deployment_service_and_probes(overlay: str) -> None:
     assert Path(ns.out).is_relative_to("/var/lib/rabo")
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ALL_OVERLAYS)
 def test_pods_are_locked_down(overlay: str) -> None:
-    for deploy in of_kind(render(overlay), "Deployment"):
-        name = deploy["metadata"]["name"]
-        pod = deploy["spec"]["template"]["spec"]
+    sets = pod_sets(render(overlay))
+    assert {p.component for p in sets} == {"coordinator", "worker"}
+    for pods in sets:
+        name = pods.owner
+        pod = pods.spec
         assert pod["securityContext"]["runAsNonRoot"] is True, name
         assert pod["securityContext"]["runAsUser"] == UID, name
         assert pod["automountServiceAccountToken"] is False, name
         # a Service named rabo-coordinator would inject RABO_COORDINATOR_* variables
         assert pod["enableServiceLinks"] is False, name
-        c = container(deploy)
-        sc = c["securityContext"]
-        assert sc["allowPrivilegeEscalation"] is False, name
-        assert sc["readOnlyRootFilesystem"] is True, name
-        assert sc["capabilities"]["drop"] == ["ALL"], name
+        c = pods.container()
         tmp = [m for m in c["volumeMounts"] if m["mountPath"] == "/tmp"]
         assert len(tmp) == 1, f"{name}: a read-only root needs a writable /tmp"
         vol = {v["name"]: v for v in pod["volumes"]}[tmp[0]["name"]]
         assert "emptyDir" in vol, name
-        res = c["resources"]
-        for kind in ("requests", "limits"):
-            assert {"cpu", "memory"} <= set(res[kind]), f"{name}: {kind}"
-        assert ":" in c["image"] and not c["image"].endswith(":latest"), name
+        for each in [*pod.get("initContainers", []), c]:
+            sc = each["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, (name, each["name"])
+            assert sc["readOnlyRootFilesystem"] is True, (name, each["name"])
+            assert sc["capabilities"]["drop"] == ["ALL"], (name, each["name"])
+            res = each["resources"]
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(res[kind]), f"{name} {each['name']}: {kind}"
+            assert ":" in each["image"] and not each["image"].endswith(":latest"), name
+        if pods.job is not None:  # pods of a run that ends are never restarted in place
+            assert pod["restartPolicy"] == "Never", name
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -265,8 +427,10 @@ def test_workers_join_the_coordinator_and_fill_every_client_slot(
         name = w["metadata"]["name"]
         c = container(w)
         assert c["args"] == ["worker"]
-        env = env_of(c)
+        env = kubelet_env(c)
         assert env["RABO_COORDINATOR"] == f"{svc['metadata']['name']}:{grpc_port}"
+        # the Service name is a value of its own, so that a namePrefix renames it here too
+        assert env_of(c)["RABO_COORDINATOR"] == "$(COORDINATOR_SERVICE):50051"
         assert env["RABO_WORKER_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
         # the worker sizes itself from its cgroup limit: nothing may override it
         assert "RABO_MEMORY_LIMIT" not in env, name
@@ -288,36 +452,56 @@ def test_workers_join_the_coordinator_and_fill_every_client_slot(
         assert ns.memory_limit is None
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", (*OVERLAYS, *RUN_TO_COMPLETION))
 def test_secrets_and_data_are_mounted_where_the_env_points(overlay: str) -> None:
     docs = render(overlay)
     secrets = {s["metadata"]["name"]: s
                for s in _secrets_with(secret_files_placeholder()) if s["kind"] == "Secret"}
     data_claims = {d["metadata"]["name"] for d in _render(str(K8S / "data"))
                    if d["kind"] == "PersistentVolumeClaim"}
-    for deploy in of_kind(docs, "Deployment"):
-        pod = deploy["spec"]["template"]["spec"]
-        c = container(deploy)
+    mounted: set[str] = set()
+    for pods in pod_sets(docs):
+        pod = pods.spec
+        c = pods.container()
         env = env_of(c)
         volumes = {v["name"]: v for v in pod["volumes"]}
         mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
-        assert set(SECRET_ENV) <= set(env), f"{deploy['metadata']['name']}: {sorted(env)}"
+        assert set(SECRET_ENV) <= set(env), f"{pods.owner}: {sorted(env)}"
         for var in SECRET_ENV:
             path = Path(env[var])
             mount = mounts[str(path.parent)]
             assert mount.get("readOnly") is True, var
-            secret = volumes[mount["name"]]["secret"]["secretName"]
-            assert secret in secrets, f"{var}: no Secret {secret} in deploy/k8s/secrets"
-            assert path.name in secrets[secret]["data"], f"{var}: {secret} has no {path.name}"
+            volume = volumes[mount["name"]]
+            if "secret" in volume:
+                secret = volume["secret"]["secretName"]
+                assert secret in secrets, f"{var}: no Secret {secret} in deploy/k8s/secrets"
+                assert path.name in secrets[secret]["data"], f"{var}: {secret} has no {path.name}"
+                mounted.add(secret)
+                continue
+            # a worker of a Job: its own certificate, copied into a memory emptyDir at start
+            # by the init container, from the projected volume of every worker's Secret
+            assert pods.component == "worker" and pods.job is not None, (pods.owner, var)
+            assert volume["emptyDir"]["medium"] == "Memory", var
+            (init,) = pod["initContainers"]
+            assert mount["name"] in {m["name"] for m in init["volumeMounts"]}
+            (projected,) = [volumes[m["name"]]["projected"] for m in init["volumeMounts"]
+                            if "projected" in volumes[m["name"]]]
+            for source in projected["sources"]:
+                name = source["secret"]["name"]
+                assert name in secrets, f"no Secret {name} in deploy/k8s/secrets"
+                keys = {i["key"] for i in source["secret"]["items"]}
+                assert path.name in keys <= set(secrets[name]["data"]), (name, keys)
+                mounted.add(name)
         data = mounts[env["RABO_DATA_DIR"]]
         assert data.get("readOnly") is True
         claim = volumes[data["name"]]["persistentVolumeClaim"]["claimName"]
         assert claim in data_claims
-    # the coordinator and the workers present different certificates
-    tls = {v["secret"]["secretName"] for d in of_kind(docs, "Deployment")
-           for v in d["spec"]["template"]["spec"]["volumes"]
-           if "secret" in v and v["name"] == "tls"}
-    assert tls == {"rabo-tls", "rabo-worker-tls"}
+    # the coordinator and the workers present different certificates; workers of a Job each
+    # their own
+    if overlay in RUN_TO_COMPLETION:
+        assert mounted == {"rabo-auth", "rabo-tls", *WORKER_CERT_SECRETS}
+    else:
+        assert mounted == {"rabo-auth", "rabo-tls", "rabo-worker-tls"}
 
 
 def test_secrets_from_rabo_certs_name_the_service_in_the_coordinator_certificate() -> None:
@@ -326,10 +510,10 @@ def test_secrets_from_rabo_certs_name_the_service_in_the_coordinator_certificate
     from rabo.certs import write_bundle
 
     with tempfile.TemporaryDirectory() as tmp:
-        write_bundle(tmp, workers=1)
+        write_bundle(tmp, workers=4)
         files = tuple(sorted((p.name, p.read_bytes()) for p in Path(tmp).iterdir()))
     secrets = {s["metadata"]["name"]: s for s in _secrets_with(files)}
-    assert set(secrets) == {"rabo-auth", "rabo-tls", "rabo-worker-tls"}
+    assert set(secrets) == {"rabo-auth", "rabo-tls", "rabo-worker-tls", *WORKER_CERT_SECRETS}
 
     def pem(secret: str, key: str) -> bytes:
         return base64.b64decode(secrets[secret]["data"][key])
@@ -341,9 +525,19 @@ def test_secrets_from_rabo_certs_name_the_service_in_the_coordinator_certificate
     for cert in (server, client):
         cert.verify_directly_issued_by(ca)
     sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    host = env_of(container(component(render("cpu"), "worker")[0]))["RABO_COORDINATOR"]
+    host = kubelet_env(container(component(render("cpu"), "worker")[0]))["RABO_COORDINATOR"]
     assert host.rsplit(":", 1)[0] in sans.get_values_for_type(x509.DNSName)
     assert pem("rabo-auth", "token").strip()
+    # the Jobs' workers: one certificate each, all from the same CA
+    fingerprints = set()
+    for i, name in enumerate(WORKER_CERT_SECRETS):
+        cert = x509.load_pem_x509_certificate(pem(name, "tls.crt"))
+        cert.verify_directly_issued_by(ca)
+        assert cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == \
+            f"worker-{i}"
+        assert pem(name, "ca.crt") == pem("rabo-tls", "ca.crt")
+        fingerprints.add(cert.fingerprint(cert.signature_hash_algorithm))
+    assert len(fingerprints) == len(WORKER_CERT_SECRETS)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -417,12 +611,14 @@ def test_heterogeneous_pools_differ_in_memory_and_fill_the_job() -> None:
     assert not any(d["metadata"]["name"] == "rabo-worker" for d in workers)
 
 
-# Measured with `rabo local` on this config (784-4096-4096 MLP, MNIST): a worker process holds
-# ~250-400 MiB before training (its cgroup may count some page cache on top). The policy's
+# Measured in real memory cgroups on this config (784-4096-4096 MLP, MNIST; tests/test_pools.py
+# and a cold-cache run): a worker's working set (what its budget is counted against: usage
+# less inactive file pages) is 195 MiB with warm caches and 221 MiB with cold ones after it
+# has loaded its data; 180-260 MiB brackets both with a margin. The policy's
 # estimate counts the payload, transport buffers and the estimator's gradients: a gRPC worker's
 # measured peak above start-up was 0.9x of it (500 of 560 MiB at ratio 1 for this model);
 # 1.0 keeps a margin. A pod's budget is its limit minus what it holds.
-FOOTPRINTS = [250 * 2**20, 300 * 2**20, 350 * 2**20, 400 * 2**20]
+FOOTPRINTS = [180 * 2**20, 200 * 2**20, 220 * 2**20, 240 * 2**20, 260 * 2**20]
 PEAK_OVER_ESTIMATE = 1.0
 
 
@@ -456,14 +652,548 @@ def test_heterogeneous_limits_give_distinct_ratios_that_fit_their_pods() -> None
     assert parse_bytes(coord["resources"]["limits"]["memory"]) >= 3 * 2**30
 
 
+# --------------------------------------------------------------------------- runs that end
+
+
+def batch_pods(overlay: str) -> tuple[PodSet, PodSet]:
+    """(coordinator, workers) of a run-to-completion overlay."""
+    docs = render(overlay)
+    assert not of_kind(docs, "Deployment"), "the Jobs replace the Deployments"
+    (coord,) = pods_of(docs, "coordinator")
+    (workers,) = pods_of(docs, "worker")
+    return coord, workers
+
+
+def parse_worker(c: dict[str, Any], monkeypatch: pytest.MonkeyPatch, index: int
+                 ) -> Any:
+    """The worker's args parsed by the real parser, its env (downward API resolved for
+    completion index ``index``) as the defaults."""
+    with monkeypatch.context() as m:
+        for k, v in kubelet_env(c).items():
+            if isinstance(v, dict):
+                field = v.get("fieldRef", {}).get("fieldPath")
+                v = str(index) if field == INDEX_FIELD else "2"
+            m.setenv(k, v)
+        return build_parser().parse_args(c["args"])
+
+
+@pytest.mark.parametrize("overlay", RUN_TO_COMPLETION)
+def test_run_to_completion_pods_exit_when_the_run_is_over(
+        overlay: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    docs = render(overlay)
+    coord, workers = batch_pods(overlay)
+    cfg = pod_config(docs)
+
+    # the coordinator: no --keep-serving, so it exits 0 after the last round; its run
+    # folder is on the state claim, and a replacement pod resumes from it
+    c = coord.container()
+    ns = build_parser().parse_args(c["args"])
+    assert ns.command == "coordinator" and ns.keep_serving is False
+    assert ns.out == ns.resume == "/var/lib/rabo/run"
+    volumes = {v["name"]: v for v in coord.spec["volumes"]}
+    (state,) = [m for m in c["volumeMounts"] if Path(ns.out).is_relative_to(m["mountPath"])]
+    claim = volumes[state["name"]]["persistentVolumeClaim"]["claimName"]
+    named(docs, "PersistentVolumeClaim", claim)
+    assert coord.count == 1 and coord.job is not None
+    rules = coord.job["podFailurePolicy"]["rules"]
+    assert {"action": "FailJob", "onExitCodes": {"containerName": "coordinator",
+                                                 "operator": "In", "values": [2]}} in rules
+
+    # the workers: an Indexed Job, one pod per client slot, all at once
+    job = workers.job
+    assert job is not None and job["completionMode"] == "Indexed"
+    assert job["completions"] == job["parallelism"] == cfg.clients.count == workers.count
+    wc = workers.container()
+    for index in range(job["completions"]):
+        ns = parse_worker(wc, monkeypatch, index)
+        assert ns.command == "worker"
+        assert ns.on_finish == "exit"  # told the run is over: exit 0, the index completes
+        assert ns.client_id == index  # a replacement pod takes back its slot and partition
+        assert 0 < ns.give_up_s <= 3600  # cannot hang on a coordinator that is gone
+    from rabo.errors import ExitCode
+    (fail,) = [r for r in job["podFailurePolicy"]["rules"] if r["action"] == "FailIndex"]
+    assert fail["onExitCodes"]["containerName"] == wc["name"]
+    assert set(fail["onExitCodes"]["values"]) == {ExitCode.USAGE, ExitCode.REFUSED,
+                                                 ExitCode.PROTOCOL}
+    assert ExitCode.GAVE_UP not in fail["onExitCodes"]["values"]  # retried: may come back
+    assert {"type": "DisruptionTarget", "status": "True"} in [
+        c for r in job["podFailurePolicy"]["rules"] if r["action"] == "Ignore"
+        for c in r["onPodConditions"]]
+
+
+@pytest.mark.parametrize("overlay", RUN_TO_COMPLETION)
+def test_run_to_completion_pods_are_the_deployment_pods_made_to_end(overlay: str) -> None:
+    """The Jobs' pod templates are copied from the Deployments (components/jobs): apart from
+    what makes them end and the per-worker certificate, they are the cpu overlay's pods."""
+    deployments = {p.component: p for p in pod_sets(render("cpu"))}
+    for pods in batch_pods(overlay):
+        want = copy.deepcopy(deployments[pods.component].template)
+        got = copy.deepcopy(pods.template)
+        assert got["spec"].pop("restartPolicy") == "Never"
+        gc, wc = got["spec"]["containers"][0], want["spec"]["containers"][0]
+        if pods.component == "coordinator":
+            assert wc.pop("args") == [*gc.pop("args"), "--keep-serving"]
+        else:
+            assert (gc.pop("args"), wc.pop("args")) == (["worker", "--give-up-s", "900"],
+                                                        ["worker"])
+            genv = {e["name"]: e for e in gc.pop("env")}
+            wenv = {e["name"]: e for e in wc.pop("env")}
+            assert genv.pop("RABO_ON_FINISH") == {"name": "RABO_ON_FINISH", "value": "exit"}
+            assert wenv.pop("RABO_ON_FINISH") == {"name": "RABO_ON_FINISH", "value": "idle"}
+            assert genv.pop("RABO_CLIENT_ID")["valueFrom"]["fieldRef"]["fieldPath"] == \
+                INDEX_FIELD
+            assert genv == wenv
+            assert [i["name"] for i in got["spec"].pop("initContainers")] == ["certificate"]
+            gvol = {v["name"]: v for v in got["spec"].pop("volumes")}
+            wvol = {v["name"]: v for v in want["spec"].pop("volumes")}
+            assert "projected" in gvol.pop("worker-certificates")
+            assert gvol.pop("tls") == {"name": "tls", "emptyDir": {"medium": "Memory",
+                                                                   "sizeLimit": "1Mi"}}
+            assert wvol.pop("tls")["secret"]["secretName"] == "rabo-worker-tls"
+            assert gvol == wvol
+        assert got == want, pods.owner
+
+
+def _init_container_picks(pods: PodSet, index: int, secrets: dict[str, dict[str, Any]],
+                          root: Path) -> subprocess.CompletedProcess[str]:
+    """Run the worker pod's init container under sh for completion ``index``, with its
+    volumes laid out under ``root`` as the kubelet would from ``secrets``."""
+    (init,) = pods.spec["initContainers"]
+    volumes = {v["name"]: v for v in pods.spec["volumes"]}
+    for m in init["volumeMounts"]:
+        where = root / m["mountPath"].lstrip("/")
+        where.mkdir(parents=True, exist_ok=True)
+        for source in volumes[m["name"]].get("projected", {}).get("sources", []):
+            secret = secrets[source["secret"]["name"]]
+            for item in source["secret"]["items"]:
+                target = where / item["path"]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(base64.b64decode(secret["data"][item["key"]]))
+    env = {"PATH": os.environ["PATH"]}
+    for var in init["env"]:
+        field = var.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+        assert field == INDEX_FIELD, var  # the completion index, by the downward API
+        env[var["name"]] = str(index)
+    command = [w.replace("/var/run/rabo/", f"{root}/var/run/rabo/") for w in init["command"]]
+    assert command[:2] == ["sh", "-c"]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=30,
+                          check=False)
+
+
+@pytest.mark.parametrize("overlay", RUN_TO_COMPLETION)
+def test_each_worker_presents_its_own_certificate(overlay: str, tmp_path: Path) -> None:
+    """Worker i of the Indexed Job ends up with the certificate of Secret rabo-worker-<i>-tls
+    (from `rabo certs` via deploy/k8s/secrets) where RABO_TLS_* point, and nothing else."""
+    from cryptography import x509
+
+    from rabo.certs import write_bundle
+
+    _, workers = batch_pods(overlay)
+    certs = tmp_path / "certs"
+    write_bundle(certs, workers=workers.count)
+    files = tuple(sorted((p.name, p.read_bytes()) for p in certs.iterdir()))
+    secrets = {s["metadata"]["name"]: s for s in _secrets_with(files)}
+    ca = x509.load_pem_x509_certificate((certs / "ca.crt").read_bytes())
+    c = workers.container()
+    env = env_of(c)
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert "worker-certificates" not in mounts  # the worker never sees the others' keys
+    seen = set()
+    for index in range(workers.count):
+        root = tmp_path / f"pod-{index}"
+        proc = _init_container_picks(workers, index, secrets, root)
+        assert proc.returncode == 0, proc.stderr
+        tls = root / mounts["tls"]["mountPath"].lstrip("/")
+        assert sorted(p.name for p in tls.iterdir()) == ["ca.crt", "tls.crt", "tls.key"]
+        for var in ("RABO_TLS_CA", "RABO_TLS_CERT", "RABO_TLS_KEY"):
+            assert (root / env[var].lstrip("/")).is_file(), var
+        cert = x509.load_pem_x509_certificate((root / env["RABO_TLS_CERT"].lstrip("/"))
+                                              .read_bytes())
+        cert.verify_directly_issued_by(ca)
+        cn = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
+        assert cn == f"worker-{index}"
+        assert (tls / "tls.key").read_bytes() == (certs / f"worker-{index}.key").read_bytes()
+        seen.add(cert.serial_number)
+    assert len(seen) == workers.count
+    # an index without a Secret stops the pod with a message naming what to add
+    proc = _init_container_picks(workers, workers.count, secrets, tmp_path / "extra")
+    assert proc.returncode == 1
+    assert f"rabo-worker-{workers.count}-tls" in proc.stderr
+
+
+def test_jobset_completes_with_the_coordinator_and_starts_workers_after_it() -> None:
+    (js,) = of_kind(render("jobset"), "JobSet")
+    assert js["apiVersion"] == "jobset.x-k8s.io/v1alpha2"
+    spec = js["spec"]
+    jobs = {r["name"]: r for r in spec["replicatedJobs"]}
+    assert list(jobs) == ["coordinator", "workers"]
+    assert all(r["replicas"] == 1 for r in jobs.values())
+    assert spec["successPolicy"] == {"operator": "All", "targetReplicatedJobs": ["coordinator"]}
+    assert jobs["workers"]["dependsOn"] == [{"name": "coordinator", "status": "Ready"}]
+    # workers dial the Service (the name in the coordinator's certificate), not pod names
+    assert spec["network"]["enableDNSHostnames"] is False
+    assert spec["failurePolicy"]["maxRestarts"] >= 1
+    (rule,) = spec["failurePolicy"]["rules"]
+    assert rule["action"] == "FailJobSet" and rule["onJobFailureReasons"] == ["PodFailurePolicy"]
+    # the readiness the workers wait for is the coordinator's gRPC health probe
+    coord = jobs["coordinator"]["template"]["spec"]["template"]["spec"]["containers"][0]
+    assert coord["readinessProbe"]["grpc"]["port"] == 50052
+    assert "app.kubernetes.io/component" not in js["metadata"]["labels"]
+
+
+def test_workers_add_up_to_clients_count_in_every_overlay() -> None:
+    """One worker per data partition, counted independently of check_manifests.py:
+    Deployment replicas, Job completions, JobSet replicas x completions, torchrun ranks."""
+    for overlay in ALL_OVERLAYS:
+        docs = render(overlay)
+        cfg = pod_config(docs)
+        if overlay == "torchrun":
+            # torchrun: every pod one node of --nproc-per-node ranks; rank 0 coordinates
+            ranks = 0
+            for pods in pod_sets(docs):
+                flags = dict(a[2:].split("=", 1) for a in torchrun_args(pods)
+                             if a.startswith("--") and "=" in a)
+                ranks += pods.count * int(flags["nproc-per-node"])
+                assert int(flags["nnodes"]) * int(flags["nproc-per-node"]) == 1 + cfg.clients.count
+            total = ranks - 1
+        else:
+            total = sum(p.count for p in pods_of(docs, "worker"))
+        assert total == cfg.clients.count, overlay
+
+
+# --------------------------------------------------------------------------- torch.distributed
+
+
+def torchrun_args(pods: PodSet) -> list[str]:
+    c = pods.container()
+    words = [*c["command"], *c.get("args", [])]
+    return words[words.index("torchrun") + 1:] if "torchrun" in words else words
+
+
+def dist_parts() -> tuple[list[dict[str, Any]], dict[str, Any], PodSet, PodSet]:
+    docs = render("torchrun")
+    (js,) = of_kind(docs, "JobSet")
+    (coord,) = pods_of(docs, "coordinator")
+    (workers,) = pods_of(docs, "worker")
+    return docs, js, coord, workers
+
+
+def coordinator_endpoint(js: dict[str, Any]) -> str:
+    """What the JobSet controller writes into annotation jobset.sigs.k8s.io/coordinator."""
+    c, net = js["spec"]["coordinator"], js["spec"]["network"]
+    return (f"{js['metadata']['name']}-{c['replicatedJob']}-{c['jobIndex']}-{c['podIndex']}"
+            f".{net['subdomain']}")
+
+
+def test_dist_ranks_meet_at_the_coordinator_pod(tmp_path: Path) -> None:
+    """Each pod's torchrun line, as the kubelet and sh make it, parsed by torchrun's own
+    parser: node 0 is the coordinator pod, worker pod i is node i + 1, all meet at the
+    coordinator pod's address, and the script is `rabo.dist` with its own valid flags."""
+    run = pytest.importorskip("torch.distributed.run", reason="torch is not installed")
+    from rabo.distcli import add_dist_args
+
+    docs, js, coord, workers = dist_parts()
+    master = coordinator_endpoint(js)
+    assert master == "rabo-dist-coordinator-0-0.rabo-dist"
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "torchrun").write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    (bindir / "torchrun").chmod(0o755)
+
+    def launched(pods: PodSet, index: int) -> list[str]:
+        c = pods.container()
+        env = {k: v for k, v in kubelet_env(c).items() if isinstance(v, str)}
+        annotations = {"jobset.sigs.k8s.io/coordinator": master,
+                       "batch.kubernetes.io/job-completion-index": str(index)}
+        for var in c["env"]:
+            field = var.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath", "")
+            m = re.fullmatch(r"metadata\.annotations\['(.+)'\]", field)
+            if m:
+                env[var["name"]] = annotations[m.group(1)]
+        words = [expand(w, env) for w in [*c["command"], *c.get("args", [])]]
+        proc = subprocess.run(words, env={**env, "PATH": f"{bindir}:/usr/bin:/bin"},
+                              capture_output=True, text=True, timeout=30, check=False)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.splitlines()
+
+    cfg = pod_config(docs)
+    nodes = {}
+    dist_parser = argparse_for(add_dist_args)
+    for pods in (coord, workers):
+        for index in range(pods.count):
+            ns = run.get_args_parser().parse_args(launched(pods, index))
+            assert (ns.master_addr, ns.master_port) == (master, 29500)
+            assert ns.rdzv_backend == "static" and ns.module and ns.training_script == "rabo.dist"
+            assert (int(ns.nnodes), int(ns.nproc_per_node)) == (1 + cfg.clients.count, 1)
+            assert ns.node_rank not in nodes
+            nodes[ns.node_rank] = (pods.component, index)
+            flags = dist_parser.parse_args(ns.training_script_args)
+            assert flags.config == "/etc/rabo/config.yaml"
+            assert (flags.out is not None) == (pods.component == "coordinator")
+    assert nodes == {0: ("coordinator", 0), **{i + 1: ("worker", i)
+                                               for i in range(cfg.clients.count)}}
+    # rank 0 writes the run folder to the state claim
+    c = coord.container()
+    out = dist_parser.parse_args(launched(coord, 0)[launched(coord, 0).index("rabo.dist") + 1:]
+                                 ).out
+    (mount,) = [m for m in c["volumeMounts"] if Path(out).is_relative_to(m["mountPath"])]
+    claim = {v["name"]: v for v in coord.spec["volumes"]}[mount["name"]]
+    named(docs, "PersistentVolumeClaim", claim["persistentVolumeClaim"]["claimName"])
+
+
+def argparse_for(add: Any) -> Any:
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add(p)
+    return p
+
+
+def test_dist_headless_service_and_network_policy_cover_exactly_the_run() -> None:
+    docs, js, coord, workers = dist_parts()
+    svc = named(docs, "Service", js["spec"]["network"]["subdomain"])
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"]
+    assert js["spec"]["network"]["enableDNSHostnames"] is True
+    assert js["spec"]["failurePolicy"]["maxRestarts"] == 0  # rabo dist has no elastic restart
+    assert js["spec"]["successPolicy"] == {"operator": "All"}
+    assert {p["port"] for p in svc["spec"]["ports"]} == {29500}
+    (policy,) = [p for p in of_kind(docs, "NetworkPolicy")
+                 if selects(p["spec"]["podSelector"], coord.labels)]
+    grpc_worker = pods_of(render("cpu"), "worker")[0].labels
+    for pods in (coord, workers):
+        assert selects({"matchLabels": svc["spec"]["selector"]}, pods.labels)
+        assert selects(policy["spec"]["podSelector"], pods.labels)
+        assert pods.job is not None and pods.job["completionMode"] == "Indexed"
+        assert pods.job["backoffLimit"] == 0
+        (rule,) = policy["spec"]["ingress"]
+        assert "ports" not in rule  # gloo picks its own ports
+        assert any(selects(peer["podSelector"], pods.labels) for peer in rule["from"])
+        assert not any(selects(peer["podSelector"], grpc_worker) for peer in rule["from"])
+        assert pods.container()["resources"]["requests"]["memory"] == \
+            pods.container()["resources"]["limits"]["memory"]
+    assert not selects({"matchLabels": svc["spec"]["selector"]}, grpc_worker)
+
+
+# --------------------------------------------------------------------------- cert-manager
+
+
+def test_cert_manager_issues_every_secret_the_pods_mount() -> None:
+    docs = render_dir(K8S / "cert-manager")
+    certs = {c["spec"]["secretName"]: c for c in of_kind(docs, "Certificate")}
+    generated = {s["metadata"]["name"] for s in _secrets_with(secret_files_placeholder())}
+    assert set(certs) == generated - {"rabo-auth"}  # the token is no certificate
+    (issuer,) = of_kind(docs, "Issuer")
+    (ca_cert,) = of_kind(render_dir(K8S / "cert-manager" / "ca"), "Certificate")
+    assert issuer["spec"]["ca"]["secretName"] == ca_cert["spec"]["secretName"]
+    assert ca_cert["spec"]["isCA"] is True
+    for cert in certs.values():
+        spec = cert["spec"]
+        assert spec["issuerRef"] == {"name": issuer["metadata"]["name"], "kind": "Issuer",
+                                     "group": "cert-manager.io"}
+        assert spec["privateKey"]["algorithm"] == "ECDSA"
+        assert parse_hours(spec["renewBefore"]) < parse_hours(spec["duration"])
+        assert cert["metadata"]["namespace"] == issuer["metadata"]["namespace"] == "rabo"
+    # the server certificate names what the workers dial; client certificates are for clients
+    server = certs["rabo-tls"]["spec"]
+    assert "server auth" in server["usages"] and "client auth" not in server["usages"]
+    host = kubelet_env(container(component(render("cpu"), "worker")[0]))["RABO_COORDINATOR"]
+    service = host.rsplit(":", 1)[0]
+    assert {service, f"{service}.rabo.svc", f"{service}.rabo.svc.cluster.local"} <= \
+        set(server["dnsNames"])
+    names = set()
+    for name in ("rabo-worker-tls", *WORKER_CERT_SECRETS):
+        spec = certs[name]["spec"]
+        assert spec["usages"] == ["digital signature", "client auth"], name
+        names.add(spec["commonName"])
+    assert len(names) == 1 + len(WORKER_CERT_SECRETS)
+    for i, name in enumerate(WORKER_CERT_SECRETS):
+        assert certs[name]["spec"]["commonName"] == f"worker-{i}"
+
+
+def parse_hours(text: str) -> float:
+    m = re.fullmatch(r"(\d+)h", text)
+    assert m, text
+    return float(m.group(1))
+
+
+# --------------------------------------------------------------------------- two runs
+
+
+def test_two_runs_share_a_namespace_by_name_prefix_and_instance(tmp_path: Path) -> None:
+    """An overlay with namePrefix run2- and instance run2 renames every object and every
+    reference (the Service the workers dial included), and its selectors pick only its own
+    pods, for Deployments, Jobs and JobSets alike."""
+    for overlay in ("cpu", "jobs", "jobset", "torchrun"):
+        run2 = tmp_path / overlay
+        run2.mkdir()
+        (run2 / "kustomization.yaml").write_text(yaml.safe_dump({
+            "resources": [os.path.relpath(K8S / "overlays" / overlay, run2)],
+            "namePrefix": "run2-",
+            "labels": [{"pairs": {"app.kubernetes.io/instance": "run2"},
+                        "includeSelectors": True, "includeTemplates": True}]}))
+        first, second = render(overlay), render_dir(run2)
+        ids = {(d["kind"], d["metadata"]["name"]) for d in first}
+        assert {(k, f"run2-{n}") for k, n in ids} == \
+            {(d["kind"], d["metadata"]["name"]) for d in second}, overlay
+        names = {d["metadata"]["name"] for d in second}
+        for pods in pod_sets(second):
+            assert pods.labels["app.kubernetes.io/instance"] == "run2"
+            volumes = pods.spec["volumes"]
+            for v in volumes:  # references to the run's own objects follow the prefix
+                ref = v.get("configMap", {}).get("name") or \
+                    v.get("persistentVolumeClaim", {}).get("claimName")
+                if ref and ref != "rabo-data":  # the data volume is shared by runs
+                    assert ref in names, (overlay, ref)
+            env = kubelet_env(pods.container())
+            if "RABO_COORDINATOR" in env:
+                assert env["RABO_COORDINATOR"] == "run2-rabo-coordinator:50051"
+                named(second, "Service", "run2-rabo-coordinator")
+        for js in of_kind(second, "JobSet"):
+            net = js["spec"]["network"]
+            if net.get("subdomain"):
+                named(second, "Service", net["subdomain"])
+                assert net["subdomain"] == "run2-rabo-dist"
+        # neither run's Services and policies select the other's pods
+        for mine, theirs in ((first, second), (second, first)):
+            for doc in mine:
+                if doc["kind"] == "Service":
+                    selector = {"matchLabels": doc["spec"]["selector"]}
+                elif doc["kind"] == "NetworkPolicy":
+                    selector = doc["spec"]["podSelector"]
+                else:
+                    continue
+                assert not any(selects(selector, p.labels) for p in pod_sets(theirs)), \
+                    (overlay, doc["metadata"]["name"])
+
+
+# --------------------------------------------------------------------------- check_manifests.py
+
+
+def _problems(docs: list[dict[str, Any]]) -> list[str]:
+    mod = checker()
+    _, _, problems = mod.split(docs, mod.load_schemas())
+    return problems + mod.problems_and_report(docs)[1]
+
+
+def test_check_manifests_passes_every_render() -> None:
+    for overlay in ALL_OVERLAYS:
+        assert _problems(render(overlay)) == [], overlay
+    for path in (K8S / "cert-manager", K8S / "cert-manager" / "ca", K8S / "data"):
+        assert _problems(render_dir(path)) == [], path
+
+
+def test_check_manifests_catches_what_schemas_do_not() -> None:
+    base = render("jobs")
+
+    def broken(change: Any) -> list[str]:
+        docs = copy.deepcopy(base)
+        change(docs)
+        return _problems(docs)
+
+    def job(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+        return named(docs, "Job", name)
+
+    def projected(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        volumes = job(docs, "rabo-worker")["spec"]["template"]["spec"]["volumes"]
+        return next(v for v in volumes if "projected" in v)["projected"]["sources"]
+
+    def more_workers(docs: list[dict[str, Any]]) -> None:
+        job(docs, "rabo-worker")["spec"]["completions"] = 5
+        job(docs, "rabo-worker")["spec"]["parallelism"] = 5
+
+    found = broken(more_workers)
+    assert any("the workers add up to 5" in p and "clients.count" in p and " is 4" in p
+               for p in found), found
+    assert any("5 completions need certificates" in p for p in found), found
+
+    found = broken(lambda d: projected(d).pop())
+    assert any("3 certificate Secrets for 4 workers" in p for p in found), found
+
+    def same_secret_twice(docs: list[dict[str, Any]]) -> None:
+        projected(docs)[1]["secret"]["name"] = "rabo-worker-0-tls"
+
+    assert any("listed twice" in p for p in broken(same_secret_twice))
+
+    def worker_sees_all_keys(docs: list[dict[str, Any]]) -> None:
+        spec = job(docs, "rabo-worker")["spec"]["template"]["spec"]
+        spec["containers"][0]["volumeMounts"].append(
+            {"name": "worker-certificates", "mountPath": "/certs", "readOnly": True})
+
+    assert any("mounts every worker's key" in p for p in broken(worker_sees_all_keys))
+
+    def dial_elsewhere(docs: list[dict[str, Any]]) -> None:
+        env = job(docs, "rabo-worker")["spec"]["template"]["spec"]["containers"][0]["env"]
+        next(e for e in env if e["name"] == "COORDINATOR_SERVICE")["value"] = "elsewhere"
+
+    assert any("no Service elsewhere" in p for p in broken(dial_elsewhere))
+
+    def late_variable(docs: list[dict[str, Any]]) -> None:
+        env = job(docs, "rabo-worker")["spec"]["template"]["spec"]["containers"][0]["env"]
+        env.append(env.pop(next(i for i, e in enumerate(env)
+                                if e["name"] == "COORDINATOR_SERVICE")))
+
+    found = broken(late_variable)
+    assert any("uses $(COORDINATOR_SERVICE), which is not set before it" in p
+               for p in found), found
+
+    def uneven(docs: list[dict[str, Any]]) -> None:
+        job(docs, "rabo-worker")["spec"]["parallelism"] = 2
+
+    assert any("parallelism 2 != completions 4" in p for p in broken(uneven))
+
+
+def test_check_manifests_validates_custom_resources_against_their_crds() -> None:
+    def first(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+        return next(d for d in docs if d["kind"] == kind)
+
+    jobset = copy.deepcopy(render("jobset"))
+    first(jobset, "JobSet")["spec"]["successPolicy"]["operater"] = "All"  # a typo
+    found = _problems(jobset)
+    assert any("spec.successPolicy" in p and "'operater' was unexpected" in p
+               and "jobset-v0.8.0" in p for p in found), found
+
+    jobset = copy.deepcopy(render("jobset"))
+    first(jobset, "JobSet")["spec"]["successPolicy"]["operator"] = "Most"
+    assert any("'Most' is not one of ['All', 'Any']" in p for p in _problems(jobset))
+
+    certs = copy.deepcopy(render_dir(K8S / "cert-manager"))
+    cert = first(certs, "Certificate")
+    cert["spec"]["dnsName"] = cert["spec"].pop("dnsNames")
+    found = _problems(certs)
+    assert any("'dnsName' was unexpected" in p and "cert-manager-v1.21.1" in p
+               for p in found), found
+
+    certs = copy.deepcopy(render_dir(K8S / "cert-manager"))
+    first(certs, "Certificate")["spec"]["usages"] = ["server-auth"]
+    assert any("'server-auth' is not one of" in p for p in _problems(certs))
+
+    issuers = copy.deepcopy(render_dir(K8S / "cert-manager"))
+    del first(issuers, "Certificate")["spec"]["issuerRef"]
+    assert any("'issuerRef' is a required property" in p for p in _problems(issuers))
+
+    unknown = [{"apiVersion": "example.com/v1", "kind": "Widget",
+                "metadata": {"name": "w"}}]
+    assert any("no schema for example.com/v1 Widget" in p for p in _problems(unknown))
+
+    # a JobSet's Job templates go to kubernetes-validate as Jobs
+    mod = checker()
+    builtin, checked, problems = mod.split(render("torchrun"), mod.load_schemas())
+    assert problems == [] and checked == ["JobSet rabo-dist (jobset-v0.12.0, jobset-v0.8.0)"]
+    jobs = [d for d in builtin if d["kind"] == "Job"]
+    assert [j["metadata"]["name"] for j in jobs] == ["rabo-dist-coordinator-0",
+                                                     "rabo-dist-workers-0"]
+    assert all(j["apiVersion"] == "batch/v1" and j["spec"]["template"]["spec"]["containers"]
+               for j in jobs)
+
+
 # --------------------------------------------------------------------------- env and docs
 
 
 def _rabo_env_vars() -> set[str]:
     names: set[str] = set()
-    for overlay in OVERLAYS:
-        for d in of_kind(render(overlay), "Deployment"):
-            names |= {n for n in env_of(container(d)) if n.startswith("RABO_")}
+    for overlay in ALL_OVERLAYS:
+        for pods in pod_sets(render(overlay)):
+            names |= {n for n in env_of(pods.container()) if n.startswith("RABO_")}
     return names
 
 
@@ -790,7 +1520,7 @@ def test_pods_args_env_and_secrets_run_a_job(tmp_path: Path,
         pytest.skip("bundled MNIST test set (../shared/data/mnist) is absent")
     docs = render("cpu")
     certs = tmp_path / "certs"
-    write_bundle(certs, workers=1)
+    write_bundle(certs, workers=4)
     files = tuple(sorted((p.name, p.read_bytes()) for p in certs.iterdir()))
     secrets = {s["metadata"]["name"]: s for s in _secrets_with(files)}
     root = tmp_path / "root"
@@ -808,7 +1538,7 @@ def test_pods_args_env_and_secrets_run_a_job(tmp_path: Path,
                 for key, value in secrets[secret["secretName"]]["data"].items():
                     (where / key).write_bytes(base64.b64decode(value))
         env = {"PATH": os.environ["PATH"], "GRPC_VERBOSITY": "ERROR"}
-        for name, value in env_of(c).items():
+        for name, value in kubelet_env(c).items():
             if isinstance(value, dict):  # downward API
                 value = f"pod-{index}" if "fieldRef" in value else "1"
             elif value.startswith("/var/run/rabo/"):
@@ -882,6 +1612,98 @@ def test_pods_args_env_and_secrets_run_a_job(tmp_path: Path,
         assert p.wait(timeout=60) == 0
 
 
+@pytest.mark.slow
+def test_job_pods_run_a_job_to_the_end_and_every_process_exits_0(
+        tmp_path: Path, processes: list[subprocess.Popen[str]]) -> None:
+    """The rendered jobs overlay, run as processes: the coordinator Job's args, the Indexed
+    worker Job's env for indexes 0..3 with each worker's certificate picked by the init
+    container's script, the Secrets built by deploy/k8s/secrets from `rabo certs`. Nothing
+    stops them: the coordinator exits 0 after the last round and so does every worker, which
+    is what lets the Jobs complete. Only ports and root paths are moved; two rounds."""
+    from rabo.certs import write_bundle
+
+    mnist = _bundled_mnist()
+    if mnist is None:
+        pytest.skip("bundled MNIST test set (../shared/data/mnist) is absent")
+    docs = render("jobs")
+    coord, workers = batch_pods("jobs")
+    certs = tmp_path / "certs"
+    write_bundle(certs, workers=workers.count)
+    files = tuple(sorted((p.name, p.read_bytes()) for p in certs.iterdir()))
+    secrets = {s["metadata"]["name"]: s for s in _secrets_with(files)}
+    grpc_port, health_port = free_port(), free_port()
+
+    def pod_env(pods: PodSet, index: int) -> dict[str, str]:
+        root = tmp_path / f"{pods.component}-{index}"
+        volumes = {v["name"]: v for v in pods.spec["volumes"]}
+        c = pods.container()
+        for m in c["volumeMounts"]:  # Secret volumes, as the kubelet mounts them
+            secret = volumes[m["name"]].get("secret")
+            if secret:
+                where = root / m["mountPath"].lstrip("/")
+                where.mkdir(parents=True, exist_ok=True)
+                for key, value in secrets[secret["secretName"]]["data"].items():
+                    (where / key).write_bytes(base64.b64decode(value))
+        if pods.spec.get("initContainers"):  # this worker's own certificate
+            proc = _init_container_picks(pods, index, secrets, root)
+            assert proc.returncode == 0, proc.stderr
+        env = {"PATH": os.environ["PATH"], "GRPC_VERBOSITY": "ERROR"}
+        for name, value in kubelet_env(c).items():
+            if isinstance(value, dict):  # downward API
+                field = value.get("fieldRef", {}).get("fieldPath")
+                value = str(index) if field == INDEX_FIELD else \
+                    f"pod-{index}" if field else "1"
+            elif value.startswith("/var/run/rabo/"):
+                value = str(root / value.lstrip("/"))
+            elif name == "RABO_DATA_DIR":
+                value = str(mnist)
+            elif name == "RABO_COORDINATOR":
+                env["RABO_TLS_SERVER_NAME"] = value.rsplit(":", 1)[0]
+                value = f"127.0.0.1:{grpc_port}"
+            elif name == "RABO_METRICS_PORT":
+                value = "0"
+            env[name] = value
+        return env
+
+    cfg_file = tmp_path / "config.yaml"
+    job = yaml.safe_load(pod_config_text(docs))
+    job["rounds"] = 2
+    cfg_file.write_text(yaml.safe_dump(job))
+    run_dir = tmp_path / "state" / "run"
+    args = [a.replace("/etc/rabo/config.yaml", str(cfg_file))
+            .replace("/var/lib/rabo/run", str(run_dir))
+            .replace("0.0.0.0:50051", f"127.0.0.1:{grpc_port}")
+            .replace("50052", str(health_port)) for a in coord.container()["args"]]
+    rabo = [sys.executable, "-m", "rabo.cli"]
+    log = tmp_path / "coordinator.log"
+    processes.append(subprocess.Popen([*rabo, *args], env=pod_env(coord, 0), cwd=tmp_path,
+                                      stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                      text=True))
+    worker_logs = []
+    for i in range(workers.count):
+        worker_logs.append(tmp_path / f"worker-{i}.log")
+        processes.append(subprocess.Popen(
+            [*rabo, *workers.container()["args"]], env=pod_env(workers, i), cwd=tmp_path,
+            stdout=worker_logs[-1].open("w"), stderr=subprocess.STDOUT, text=True))
+    deadline = time.monotonic() + 300
+    for p in processes:
+        left = max(1.0, deadline - time.monotonic())
+        try:
+            code = p.wait(timeout=left)
+        except subprocess.TimeoutExpired:
+            pytest.fail("a pod's process did not exit on its own:\n" + log.read_text()[-3000:]
+                        + "".join(w.read_text()[-1500:] for w in worker_logs))
+        assert code == 0, log.read_text()[-3000:] + "".join(w.read_text()[-1500:]
+                                                            for w in worker_logs)
+    out = log.read_text()
+    assert "TLS with client certificates" in out and "token required" in out, out[-3000:]
+    assert "serving until stopped" not in out
+    assert (run_dir / "summary.json").is_file()
+    for i, w in enumerate(worker_logs):  # slot i for completion index i
+        text = w.read_text()
+        assert f", client {i}" in text and "run finished" in text, text[-2000:]
+
+
 def test_the_constraints_pin_every_dependency_make_and_the_image_install() -> None:
     """constraints.txt is what makes installs reproducible: every dependency and dev extra of
     pyproject.toml but torch has exactly one pin there, each pin satisfies its requirement,
@@ -933,20 +1755,30 @@ def test_check_script_installs_nothing_and_says_what_is_missing(tmp_path: Path) 
     assert not (copy / ".venv").exists()
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ALL_OVERLAYS)
 def test_every_object_and_pod_carries_the_recommended_labels(overlay: str) -> None:
     from rabo import __version__
 
     want = {"app.kubernetes.io/name": "rabo", "app.kubernetes.io/instance": "rabo",
             "app.kubernetes.io/version": __version__, "app.kubernetes.io/part-of": "rabo",
             "app.kubernetes.io/managed-by": "kustomize"}
-    for doc in render(overlay):
+    docs = render(overlay)
+    for doc in docs:
         labels = doc["metadata"].get("labels", {})
         assert want.items() <= labels.items(), (doc["kind"], doc["metadata"]["name"], labels)
-        template = doc.get("spec", {}).get("template")
-        if template:
-            pod = template["metadata"]["labels"]
-            assert want.items() <= pod.items(), (doc["metadata"]["name"], pod)
-            # selectors stay as they were: a Deployment's selector cannot change in place
-            selector = doc["spec"]["selector"]["matchLabels"]
-            assert "app.kubernetes.io/version" not in selector
+        for r in doc.get("spec", {}).get("replicatedJobs", []):  # a JobSet's child Jobs
+            assert want.items() <= r["template"]["metadata"]["labels"].items(), r["name"]
+    for pods in pod_sets(docs):
+        assert want.items() <= pods.labels.items(), (pods.owner, pods.labels)
+    selectors = {"Deployment": ("selector", "matchLabels"), "Service": ("selector",),
+                 "NetworkPolicy": ("podSelector", "matchLabels")}
+    for doc in docs:
+        if doc["kind"] not in selectors:
+            continue  # Jobs select their pods by controller uid
+        selector = doc["spec"]
+        for key in selectors[doc["kind"]]:
+            selector = selector[key]
+        # the run (instance) is part of every selector, so two runs in one namespace keep to
+        # their own pods; the version is not: a Deployment's selector cannot change in place
+        assert selector.get("app.kubernetes.io/instance") == "rabo", (doc["kind"], selector)
+        assert "app.kubernetes.io/version" not in selector
