@@ -186,8 +186,21 @@ def serve(cfg: Config, out_dir: str | Path | None = None, bind: str | None = Non
 
     def run() -> None:
         driver.run()
-        # let polling workers hear "finished" before the server goes away
-        time.sleep(linger_s)
+        # let polling workers hear "finished" before the server goes away: at least
+        # linger_s, and after a complete run until every live worker has been told (a worker
+        # that heard it stops polling; one that did not is polling or heartbeating, or expires
+        # within heartbeat_s x heartbeat_misses), so that a run-to-completion worker (a
+        # Kubernetes Job's pod) exits 0 instead of retrying a coordinator that is gone
+        if linger_s <= 0:
+            return
+        start = time.monotonic()
+        cap = max(linger_s, coord.registry.expire_after_s + 1.0)
+        while time.monotonic() - start < cap:
+            waited = time.monotonic() - start
+            untold = {w.worker_id for w in coord.registry.live()} - coord.told_finished
+            if waited >= linger_s and (not coord.complete or not untold):
+                return
+            time.sleep(0.1)
 
     thread = threading.Thread(target=run, name="rabo-rounds", daemon=True)
     thread.start()

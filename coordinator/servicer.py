@@ -237,6 +237,7 @@ class CoordinatorServicer:
                         stopping = True
                         break
                     answer = pb.AssignmentMessage(finished=pb.Finished(reason=c.finish_reason))
+                    c.told_finished.add(wid)
                     break
                 t = c.ticket
                 if t is not None and not t.closed:

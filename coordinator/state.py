@@ -147,6 +147,10 @@ class Coordinator:
         self.finished = False  # the round driver has stopped (completed, stopped or failed)
         self.complete = False  # ...because every round is done: workers may leave for good
         self.finish_reason = ""
+        # workers whose fetch has been answered that the run is complete (a heartbeat's answer
+        # says so too, but a worker's main loop hears it from its next fetch):
+        # the server lingers until every live worker is among them (coordinator/server.py)
+        self.told_finished: set[str] = set()
         self.config_json = json.dumps(to_dict(cfg))
         self.counters = TcpCounters()
         self.port = 0  # the bound port, for the wire counters

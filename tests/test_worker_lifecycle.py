@@ -166,3 +166,39 @@ def test_a_worker_says_once_why_it_cannot_connect() -> None:
     assert f"connection refused at 127.0.0.1:{port}: is the coordinator started" in said[0]
     assert "WARNING" in said[0]
     assert f"no coordinator at 127.0.0.1:{port} for" in proc.stderr  # and why it gave up
+
+
+@pytest.mark.slow
+def test_a_worker_late_for_the_last_round_still_hears_the_run_is_over() -> None:
+    """Two workers, one round that closes (cluster.min_workers 1, a 1 s deadline) before the
+    slow one's update arrives: the slow worker's update is refused after the run has ended.
+    The coordinator stays up past its 1 s linger until that worker has been told the run is
+    complete, so both exit 0 (a Kubernetes Job's pod would otherwise fail its index)."""
+    cfg = config.load(None, ["data.dataset=digits", "model.hidden=[16]", "clients.count=2",
+                             "cluster.workers=2", "rounds=1", "cluster.min_workers=1",
+                             "cluster.round_deadline_s=1", "cluster.stall_timeout_s=1",
+                             "cluster.heartbeat_s=1", "cluster.heartbeat_misses=10",
+                             "cluster.register_timeout_s=60"])
+    server = serve(cfg, None, bind="127.0.0.1:0", linger_s=1.0)
+    procs = [subprocess.Popen([sys.executable, "-m", "worker", "--coordinator",
+                               f"127.0.0.1:{server.port}", "--threads", "1", "--poll-s", "1",
+                               "--client-id", str(cid), "--give-up-s", "60",
+                               *(["--step-delay-s", "4"] if cid == 1 else [])],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=ENV) for cid in (0, 1)]
+    try:
+        server.thread.join(timeout=120)  # the rounds, then the linger
+        assert not server.thread.is_alive()
+        records = server.driver.records
+        assert [c["client_id"] for c in records[-1]["clients"]] == [0], records[-1]
+        server.stop(0)  # what `rabo coordinator` does once the thread is done
+        outs = [p.communicate(timeout=60)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outs
+        assert "update not taken" in outs[1] and "run finished: all 1 rounds done" in outs[1], \
+            outs[1]
+        assert len(server.coord.told_finished) == 2  # both heard it from a fetch
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        server.stop(0)

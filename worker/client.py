@@ -172,6 +172,7 @@ class Worker:
         # assignments land in buffers kept from earlier rounds (no page faults per round)
         self._buffers = BufferPool(RECEIVE_POOL_BYTES)
         self.finished = False  # the coordinator said the run is over
+        self.heard_complete = False  # ... in a heartbeat's answer (the main loop may not yet)
         self._closed = threading.Event()  # the channel is gone: heartbeats stop
         self.worker_id = ""
         self.credential = ""
@@ -258,6 +259,13 @@ class Worker:
                     continue
                 if run_state(exc) == RUN_COMPLETE:
                     log.info("%s", details)
+                    self.finished = True
+                    return 0
+                if self.heard_complete and code == grpc.StatusCode.UNAVAILABLE:
+                    # a heartbeat's answer said every round is done; the coordinator has
+                    # gone since, as it does at the end of a run
+                    log.info("run finished (the coordinator said so in a heartbeat and is "
+                             "gone now)")
                     self.finished = True
                     return 0
                 admission = code == grpc.StatusCode.RESOURCE_EXHAUSTED and not self.worker_id
@@ -451,6 +459,7 @@ class Worker:
                     worker_id=worker_id, credential=self.credential, profile=self.profile()),
                     timeout=max(2.0, self.heartbeat_s))
                 if reply.finished:
+                    self.heard_complete = True
                     return
             except grpc.RpcError as exc:
                 log.debug("heartbeat failed: %s", exc.code())  # type: ignore[attr-defined]
