@@ -35,7 +35,13 @@ def _print_summary(summary: dict[str, Any], out: Path | None,
           f"C_x* {summary['C_x_star']}, wire {0 if wire is None else wire / 2**20:.1f} MiB, "
           f"{summary['wall_s']:.1f}s", flush=True)
     if out is not None:
-        print(f"run folder: {out} (metrics.jsonl, summary.json, checkpoint.pt, plots)")
+        from rabo.report import plots_line
+
+        plots = plots_line(out)  # or why there are none: matplotlib is an extra
+        print(f"run folder: {out} (metrics.jsonl, summary.json, checkpoint.pt"
+              f"{', plots' if plots and plots.startswith('plots:') else ''})")
+        if plots:
+            print(plots)
     if tensorboard:
         print(f"tensorboard: tensorboard --logdir {tensorboard}")
 
@@ -178,7 +184,6 @@ def cmd_health(args: argparse.Namespace) -> int:
 def cmd_local(args: argparse.Namespace) -> int:
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before gRPC's core starts logging
     from coordinator.local import run_local
-    from rabo.report import plots_line
 
     overrides = [f"cluster.workers={args.workers}"]
     args.overrides = list(args.overrides) + overrides
@@ -237,10 +242,7 @@ def cmd_local(args: argparse.Namespace) -> int:
             print(f"  client {w['client_id']}: ratio {w['ratio']:g}  ({w['reason']})")
         for wid, why in first.get("not_assigned", {}).items():
             print(f"  worker {wid}: {why}")
-    plots = plots_line(out)  # or why there are none: matplotlib is an extra
     _print_summary(server.driver.summary, out, args.tensorboard)
-    if plots:
-        print(plots)
     return 0
 
 

@@ -51,7 +51,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(f"done: test_acc {s['test_acc']:.4f}  upper_loss {s['upper_loss']:.4f}  "
           f"C_x* {s['C_x_star']}  ({s['wall_s']:.1f}s)")
     if out is not None:
-        print(f"run folder: {out} (metrics.jsonl, summary.json)")
+        from rabo.report import plots_line
+
+        plots = plots_line(out)  # every transport leaves the same run folder
+        made = ", plots" if plots and plots.startswith("plots:") else ""
+        print(f"run folder: {out} (metrics.jsonl, summary.json{made})")
+        if plots:
+            print(plots)
     if args.tensorboard:
         print(f"tensorboard: tensorboard --logdir {args.tensorboard}")
     return 0

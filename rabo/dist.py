@@ -436,6 +436,12 @@ def cmd_dist(args: argparse.Namespace) -> int:
             print(f"done: test_acc {summary['test_acc']:.4f}, upper_loss "
                   f"{summary['upper_loss']:.4f}, C_x* {summary['C_x_star']}, "
                   f"{summary['wall_s']:.1f}s", flush=True)
+            if out is not None:
+                from rabo.report import plots_line
+
+                plots = plots_line(out)  # the same run folder as every other transport
+                if plots:
+                    print(plots, flush=True)
         else:
             run_worker(ctx, limit)
         dist.barrier()

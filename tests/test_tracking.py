@@ -76,6 +76,18 @@ def _assert_matches_metrics(log_dir: Path, run_dir: Path) -> list[dict]:
 # --------------------------------------------------------------------------- unit
 
 
+# what every transport leaves in its run folder beside metrics.jsonl and summary.json
+PLOTS = {"accuracy.png", "bytes_per_ratio.png"}
+
+
+def _assert_plots(run: Path, stdout: str) -> None:
+    """The run folder holds the same plots whichever command ran it, and says so."""
+    made = {p.name for p in run.glob("*.png")}
+    assert made == PLOTS, made
+    assert all((run / name).stat().st_size > 1000 for name in made)
+    assert "plots: " in stdout and "accuracy.png" in stdout, stdout[-2000:]
+
+
 def test_a_record_becomes_round_and_client_scalars() -> None:
     rec = {"round": 4, "test_acc": 0.5, "upper_loss": float("nan"), "test_loss": None,
            "round_s": 1.5, "wire_bytes": None, "payload_bytes": 300, "participants": 2,
@@ -150,6 +162,7 @@ def test_simulate_logs_the_scalars_of_its_metrics(tmp_path: Path) -> None:
     proc = _run([*RABO, "simulate", "-q", "--rounds", "2", "--out", str(run), "--tensorboard",
                  str(tb), *JOB])
     assert f"tensorboard: tensorboard --logdir {tb}" in proc.stdout
+    _assert_plots(run, proc.stdout)
     records = _assert_matches_metrics(tb, run)
     assert [r["round"] for r in records] == [1, 2]
     got = _event_scalars(tb)
@@ -189,6 +202,7 @@ def test_local_then_a_resumed_coordinator_continue_one_tensorboard_run(tmp_path:
         assert coord.returncode == 0, out[-3000:]
         assert "resuming from" in out and "(round 1)" in out, out[-3000:]
         assert f"tensorboard: tensorboard --logdir {tb}" in out  # from RABO_TENSORBOARD
+        _assert_plots(run, out)  # the coordinator writes them too
         for w in workers:
             w.wait(timeout=60)
     finally:
@@ -205,9 +219,11 @@ def test_local_then_a_resumed_coordinator_continue_one_tensorboard_run(tmp_path:
 @pytest.mark.slow
 def test_dist_rank_0_logs_the_scalars_of_its_metrics(tmp_path: Path) -> None:
     run, tb = tmp_path / "run", tmp_path / "tb"
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3",
-          "--master-port", str(free_port()), "-m", "rabo.dist", "--backend", "gloo", "--rounds",
-          "2", "--out", str(run), "--tensorboard", str(tb), "--threads", "1", "-q", *JOB])
+    proc = _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3",
+                 "--master-port", str(free_port()), "-m", "rabo.dist", "--backend", "gloo",
+                 "--rounds", "2", "--out", str(run), "--tensorboard", str(tb), "--threads", "1",
+                 "-q", *JOB])
+    _assert_plots(run, proc.stdout)
     records = _assert_matches_metrics(tb, run)
     assert [r["round"] for r in records] == [1, 2]
     assert {c["worker_id"] for c in records[0]["clients"]} == {"rank1", "rank2"}
