@@ -120,13 +120,22 @@ def format_duration(seconds: float) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
+def progress_bar(done: int, total: int, width: int = 20) -> str:
+    """``[########------------]`` for ``done`` of ``total``."""
+    filled = min(width, max(0, round(width * done / total))) if total > 0 else width
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+
 class ProgressLine:
     """The per-round line with the run's pace: rounds per second (or seconds per round) since
     the first round this process saw, and the time left at that pace. A resumed run counts from
-    where it resumed."""
+    where it resumed. On a terminal (``bar``: stdout is one) the line starts with a progress
+    bar; in a log (a file, a pipe) it stays one plain line per round."""
 
-    def __init__(self, total_rounds: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, total_rounds: int, clock: Callable[[], float] = time.monotonic,
+                 bar: bool | None = None) -> None:
         self.total, self.clock = total_rounds, clock
+        self.bar = _stdout_is_terminal() if bar is None else bar
         self._t0: float | None = None
         self._q0 = 0
 
@@ -139,8 +148,18 @@ class ProgressLine:
         pace = (f"{1 / per_round:.2f} rounds/s" if per_round < 1 else
                 f"{format_duration(per_round)}/round")
         left = self.total - rec["round"]
-        return (format_progress(rec, self.total)
+        return ((progress_bar(rec["round"], self.total) + " " if self.bar else "")
+                + format_progress(rec, self.total)
                 + (f"  {pace}, ETA {format_duration(per_round * left)}" if left > 0 else ""))
+
+
+def _stdout_is_terminal() -> bool:
+    import sys
+
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stdout
+        return False
 
 
 def format_progress(rec: dict[str, Any], total_rounds: int) -> str:

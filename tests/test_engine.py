@@ -300,3 +300,24 @@ def test_progress_lines_carry_the_pace_and_the_time_left() -> None:
     assert line({**rec, "round": 6}).endswith("  2s/round, ETA 8s")
     now[0] += 8.0  # rounds 7..10 together in 8 s: 0.5 rounds/s, done
     assert "ETA" not in line({**rec, "round": 10})
+    # a log (not a terminal) keeps the plain line; a terminal gets a bar in front of it
+    assert not line({**rec, "round": 10}).startswith("[")
+    bar = ProgressLine(10, clock=lambda: now[0], bar=True)
+    assert bar({**rec, "round": 5}).startswith("[##########----------] ")
+
+
+def test_grid_progress_counts_only_the_runs_it_made_for_its_pace() -> None:
+    from rabo.experiments.common import GridProgress
+
+    now = [0.0]
+    grid = GridProgress(clock=lambda: now[0], bar=False)
+    run = {"labels": {"method": "rabo", "seed": 0}, "final": {"test_acc": 0.9}, "wall_s": 30.0}
+    # a stored run takes no time: no pace to tell yet
+    assert "ETA" not in grid.line(1, 5, {**run, "stored": True})
+    now[0] = 60.0
+    text = grid.line(2, 5, run)  # one run made in 60 s, three left
+    assert "(30.0s)" in text and text.endswith("  1.0 runs/min, ETA 3m00s")
+    now[0] = 90.0
+    assert grid.line(3, 5, run).endswith("  1.3 runs/min, ETA 1m30s")  # 45 s per run
+    assert "ETA" not in grid.line(5, 5, run)
+    assert GridProgress(bar=True).line(1, 4, run).startswith("[#####---------------] ")

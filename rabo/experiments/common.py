@@ -374,11 +374,43 @@ def run_all(specs: Sequence[RunSpec], jobs: int = 1,
     return [r for r in results if r is not None]
 
 
-def print_progress(done: int, total: int, r: dict[str, Any]) -> None:
-    lab = " ".join(f"{v}" for v in r["labels"].values())
-    acc = r["final"]["test_acc"]
-    when = "stored" if r.get("stored") else f"{r['wall_s']:.1f}s"
-    print(f"  [{done:>3}/{total}] {lab:52} acc {acc:.4f}  ({when})", flush=True)
+class GridProgress:
+    """One line per finished simulation of a grid, with the grid's pace and the time left:
+    the pace counts only simulations run here (those served by the run store take no time),
+    from this object's creation, so parallel jobs count as they overlap. On a terminal the
+    line starts with a progress bar."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, bar: bool | None = None
+                 ) -> None:
+        from rabo.runner import _stdout_is_terminal
+
+        self.clock = clock
+        self.bar = _stdout_is_terminal() if bar is None else bar
+        self.t0 = clock()
+        self.ran = 0
+        self.stored = 0
+
+    def line(self, done: int, total: int, r: dict[str, Any]) -> str:
+        from rabo.runner import format_duration, progress_bar
+
+        if r.get("stored"):
+            self.stored += 1
+        else:
+            self.ran += 1
+        lab = " ".join(f"{v}" for v in r["labels"].values())
+        acc = r["final"]["test_acc"]
+        when = "stored" if r.get("stored") else f"{r['wall_s']:.1f}s"
+        text = (f"{progress_bar(done, total)} " if self.bar else "  ") + \
+            f"[{done:>3}/{total}] {lab:52} acc {acc:.4f}  ({when})"
+        left = total - done
+        if self.ran and left > 0:
+            per_run = (self.clock() - self.t0) / self.ran
+            pace = f"{60 / per_run:.1f} runs/min" if per_run > 0 else "-"
+            text += f"  {pace}, ETA {format_duration(per_run * left)}"
+        return text
+
+    def __call__(self, done: int, total: int, r: dict[str, Any]) -> None:
+        print(self.line(done, total, r), flush=True)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -494,7 +526,7 @@ def run_experiment(name: str, preset: str, specs: Sequence[RunSpec], jobs: int,
           f"process(es)" + (f", finished runs kept in {store.root}" if store else ""),
           flush=True)
     t0 = time.perf_counter()
-    runs = run_all(specs, jobs, print_progress, store)
+    runs = run_all(specs, jobs, GridProgress(), store)
     res = Results(name, preset, command_line(name, preset),
                   [rel(config_path(t)) for t in tasks], settings, runs,
                   {**(extra or {}), "stored_runs": sum(1 for r in runs if r.get("stored"))})
