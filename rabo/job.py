@@ -26,6 +26,21 @@ from rabo.units import parse_bytes
 log = logging.getLogger("rabo")
 
 
+@dataclass(frozen=True)
+class Decision:
+    """A client's ratio for a round and why: ``bound``, what kept it from the next larger
+    ratio ("memory", "compute", "link", "probe" for a link not measured yet, "none" when the
+    ladder's largest fits, "fixed" for clients.ratios or clients.mode, "" when no limit is
+    known); the policy's estimates at the chosen ratio (peak memory above start-up, step plus
+    transfer seconds; 0 where not estimated)."""
+
+    ratio: float | None
+    reason: str
+    bound: str = ""
+    memory_bytes: int = 0
+    time_s: float = 0.0
+
+
 @dataclass
 class Job:
     cfg: Config
@@ -57,27 +72,36 @@ class Job:
 
     def ratio_for(self, client_id: int, resources: Resources | None,
                   measured: Mapping[float, int] | None = None) -> tuple[float | None, str]:
-        """A client's ratio and why: ``clients.mode`` over the fixed ``clients.ratios`` or the
-        ratio policy on ``resources`` (None: no resource limit known, ratio 1) and the peaks
-        measured on its worker (``measured``: per ratio, bytes above its start-up footprint).
-        The one place every transport asks; None means the client does not take part."""
+        """A client's ratio and why (:meth:`decide`)."""
+        d = self.decide(client_id, resources, measured)
+        return d.ratio, d.reason
+
+    def decide(self, client_id: int, resources: Resources | None,
+               measured: Mapping[float, int] | None = None) -> Decision:
+        """A client's ratio, why, and the policy's estimates: ``clients.mode`` over the fixed
+        ``clients.ratios`` or the ratio policy on ``resources`` (None: no resource limit
+        known, ratio 1) and the peaks measured on its worker (``measured``: per ratio, bytes
+        above its start-up footprint). The one place every transport asks; a ratio of None
+        means the client does not take part."""
         cfg = self.cfg
         if cfg.clients.mode == "full":
-            return 1.0, "full model (clients.mode: full)"
+            return Decision(1.0, "full model (clients.mode: full)", "fixed")
         if cfg.clients.ratios:
-            ratio: float | None = list(islice(cycle(cfg.clients.ratios), client_id + 1))[-1]
-            why = f"fixed ratio {ratio:g} (clients.ratios)"
+            ratio = list(islice(cycle(cfg.clients.ratios), client_id + 1))[-1]
+            d = Decision(ratio, f"fixed ratio {ratio:g} (clients.ratios)", "fixed")
         elif resources is None:
-            ratio, why = 1.0, "no resource limit known"
+            d = Decision(1.0, "no resource limit known")
         else:
             choice = choose_ratio(self.task, self.hyper, resources, cfg.policy.ladder,
                                   cfg.policy.safety, cfg.policy.deadline_s,
                                   self.step_batch(client_id), measured, link=cfg.policy.link,
                                   element_bytes=self.hyper.wire.itemsize)
-            ratio, why = choice.ratio, choice.reason
-        if cfg.clients.mode == "exclusion" and ratio is not None and ratio < 1.0:
-            return None, f"excluded: fits only ratio {ratio:g} (clients.mode: exclusion)"
-        return ratio, why
+            d = Decision(choice.ratio, choice.reason, choice.bound if choice.ratio else "",
+                         choice.memory_bytes, choice.step_s + choice.transfer_s)
+        if cfg.clients.mode == "exclusion" and d.ratio is not None and d.ratio < 1.0:
+            return Decision(None, f"excluded: fits only ratio {d.ratio:g} (clients.mode: "
+                                  f"exclusion)", "fixed")
+        return d
 
     def step_batch(self, client_id: int) -> int:
         """The samples one local gradient of this client uses, for the policy's estimates:

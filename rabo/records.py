@@ -44,6 +44,11 @@ class WorkerRound:
     element_bytes: int = BYTES_PER_ELEMENT  # of the slices on the wire (wire.dtype)
     samples: int = 0
     upper_loss: float | None = None
+    # the ratio policy's decision (rabo.job.Decision): what bound the ratio, and its
+    # estimates at that ratio, beside the measured peak_mem_bytes and compute + transfer time
+    bound: str = ""
+    estimated_mem_bytes: int = 0
+    estimated_s: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         w = self.wire
@@ -70,6 +75,9 @@ class WorkerRound:
             "peak_mem_bytes": self.peak_mem_bytes,
             "samples": self.samples,
             "upper_loss": self.upper_loss,
+            "bound": self.bound,
+            "estimated_peak_mem_bytes": self.estimated_mem_bytes,
+            "estimated_s": round(self.estimated_s, 6),
         }
 
 

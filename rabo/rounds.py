@@ -32,7 +32,7 @@ from typing import Any
 from rabo.engine import ClientPlan, GlobalState, RoundEngine, Update, sample_participants
 from rabo.errors import RaboError, UpdateRejected
 from rabo.evaluation import due, evaluate_round
-from rabo.job import Job
+from rabo.job import Decision, Job
 from rabo.metrics import MetricsWriter
 from rabo.policy import LinkEstimate, Resources
 from rabo.records import WorkerRound, round_record
@@ -44,12 +44,12 @@ UNCOVERED_ROUNDS = 20  # rounds in a row a coordinate of x is uncovered before t
 @dataclass(frozen=True)
 class Member:
     """A peer that may take part in a round: ``resources`` for the ratio policy, or a
-    ``fixed`` (ratio, reason) the transport already knows (a simulation's static budgets)."""
+    ``fixed`` decision the transport already knows (a simulation's static budgets)."""
 
     name: str
     client_id: int
     resources: Resources | None = None
-    fixed: tuple[float | None, str] | None = None
+    fixed: Decision | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,9 @@ class Task:
     name: str
     plan: ClientPlan
     reason: str
+    bound: str = ""  # what kept it from the next larger ratio (rabo.job.Decision)
+    estimated_mem_bytes: int = 0  # the policy's estimates at its ratio
+    estimated_s: float = 0.0
 
 
 @dataclass
@@ -245,13 +248,14 @@ class RoundLoop:
             link = self.links.get(m.name)
             if resources is not None and link is not None:
                 resources = dataclasses.replace(resources, link_s_per_byte=link.s_per_byte)
-            ratio, reason = m.fixed if m.fixed is not None else self.job.ratio_for(
+            d = m.fixed if m.fixed is not None else self.job.decide(
                 cid, resources, self.peaks.get(m.name))
-            if ratio is None:
-                not_assigned[m.name] = f"not assigned: {reason}"
-                log.warning("round %d: %s not assigned: %s", q, m.name, reason)
+            if d.ratio is None:
+                not_assigned[m.name] = f"not assigned: {d.reason}"
+                log.warning("round %d: %s not assigned: %s", q, m.name, d.reason)
                 continue
-            tasks.append(Task(m.name, engine.plan(q, cid, ratio), reason))
+            tasks.append(Task(m.name, engine.plan(q, cid, d.ratio), d.reason, d.bound,
+                              d.memory_bytes, d.time_s))
         return tasks, not_assigned
 
     def run_round(self, q: int, start: float) -> dict[str, Any] | None:
@@ -292,7 +296,9 @@ class RoundLoop:
             elif r.update is not None:
                 results.append((plan, r.update))
             workers.append(dataclasses.replace(
-                r.measured, arrived=r.update is not None and why is None))
+                r.measured, arrived=r.update is not None and why is None, bound=r.task.bound,
+                estimated_mem_bytes=r.task.estimated_mem_bytes,
+                estimated_s=r.task.estimated_s))
             if (self.job.cfg.policy.calibrate and r.update is not None and why is None
                     and r.measured.peak_mem_bytes > 0):
                 seen = self.peaks.setdefault(r.task.name, {})

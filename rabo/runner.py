@@ -48,9 +48,9 @@ class InProcess(Transport):
         self._members = []
         for cid in range(job.cfg.clients.count):
             res = Resources(parse_bytes(budgets[cid % len(budgets)])) if budgets else None
-            ratio, why = job.ratio_for(cid, res)  # fixed for the run: budgets do not change
-            if ratio is not None and ratio > 0:
-                self._members.append(Member(f"client-{cid}", cid, res, (ratio, why)))
+            d = job.decide(cid, res)  # fixed for the run: budgets do not change
+            if d.ratio is not None and d.ratio > 0:
+                self._members.append(Member(f"client-{cid}", cid, res, d))
 
     def members(self, q: int) -> list[Member]:
         return self._members
@@ -164,7 +164,10 @@ def _stdout_is_terminal() -> bool:
 
 def format_progress(rec: dict[str, Any], total_rounds: int) -> str:
     """One terminal line per round."""
-    ratios = ",".join(f"{c['ratio']:g}" for c in rec["clients"])
+    # a ratio the policy chose under a binding resource carries it: 0.25(link), 0.5(memory)
+    ratios = ",".join(f"{c['ratio']:g}" + (f"({c['bound']})" if c.get("bound") in
+                                           ("memory", "compute", "link", "probe") else "")
+                      for c in rec["clients"])
     acc, loss = rec.get("test_acc"), rec.get("upper_loss")
     acc_s = f"{100 * acc:5.1f}%" if acc is not None else "   -  "
     loss_s = f"{loss:.4f}" if loss is not None else "   -  "

@@ -166,8 +166,17 @@ def test_link_policy_gives_slow_links_smaller_ratios_within_the_deadline(netns_o
     assert floor_full_s > 8 * deadline
     for t in slowest.round_s[1:]:
         assert t <= 2 * deadline, (slowest.round_s, report)
-    for rec in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[1:]:
-        assert "transfer at" in rec  # each reason names the step + transfer estimate
+    import json
+
+    records = [json.loads(line) for line in
+               (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {c["bound"] for c in records[0]["clients"]} == {"probe"}
+    for rec in records[1:]:
+        slow = next(c for c in rec["clients"] if c["client_id"] == slowest.index)
+        # what bound it, the estimate it was chosen by, and the measured round beside it
+        assert slow["bound"] == "link" and "transfer at" in slow["reason"], slow
+        assert 0 < slow["estimated_s"] <= deadline
+        assert slow["compute_s"] + slow["transfer_s"] > 0
 
 
 def test_a_worker_uploading_over_a_slow_link_is_not_expired(netns_ok: None, tmp_path) -> None:

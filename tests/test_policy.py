@@ -125,6 +125,34 @@ def test_simulated_memory_budgets_map_to_ratios() -> None:
     assert ratios[0] == 1.0 and 0 < ratios[1] < 1.0 and ratios[2] == 0.0
 
 
+def test_each_worker_record_says_what_bound_its_ratio_and_the_estimates(tmp_path) -> None:
+    """metrics.jsonl carries, per worker, the resource that bound its ratio and the policy's
+    estimates beside the measurements; the round line shows the binding resource."""
+    from rabo.metrics import read_metrics
+    from rabo.runner import format_progress, simulate
+
+    cfg = config.load(None, ["data.dataset=digits", "model.hidden=[512, 512]",
+                             "clients.count=2", "clients.memory_budgets=[1GiB, 16MiB]",
+                             "rounds=1"])
+    simulate(cfg, tmp_path)
+    (rec,) = read_metrics(tmp_path)
+    big, small = rec["clients"]
+    assert big["ratio"] == 1.0 and big["bound"] == "none"
+    assert small["ratio"] < 1.0 and small["bound"] == "memory"
+    from rabo.job import Job
+
+    job = Job.from_config(cfg)
+    for c in (big, small):
+        assert c["estimated_peak_mem_bytes"] == estimate_memory(
+            job.task, job.hyper, c["ratio"], job.step_batch(c["client_id"]))
+        assert c["estimated_s"] == 0.0  # no deadline, no throughput: no time estimate
+    assert f"ratios [1,{small['ratio']:g}(memory)]" in format_progress(rec, 1)
+    fixed = config.load(None, ["data.dataset=digits", "clients.count=2",
+                               "clients.ratios=[1, 0.5]", "rounds=1"])
+    simulate(fixed, tmp_path / "fixed")
+    assert {c["bound"] for c in read_metrics(tmp_path / "fixed")[0]["clients"]} == {"fixed"}
+
+
 def test_modes_full_and_exclusion() -> None:
     from rabo.job import Job
 
