@@ -179,21 +179,27 @@ class Registry:
         not expired for missed heartbeats: on a slow link its heartbeats' answers queue behind
         its own assignment on the one HTTP/2 connection (seconds of data sit in the send
         buffer at 1 Mbit/s), so silence there is not a sign of death while the transfer
-        lives. A worker gone mid-transfer stops moving bytes, and expires as usual once the
-        stream has been quiet that long."""
+        lives. A worker gone mid-transfer stops moving bytes: its last sign of life is then
+        the last byte moved, and it expires ``stream_quiet_s`` plus the usual expiry time
+        after it. A stream that closes is no sign of life (gRPC may end a dead peer's stream
+        late)."""
         with self._lock:
-            n, _ = self._streams.get(worker_id, (0, 0.0))
+            n, moved_at = self._streams.get(worker_id, (0, 0.0))
             n += delta
-            if n <= 0:
-                self._streams.pop(worker_id, None)
+            now = self.clock()
+            if delta <= 0 and n > 0:
+                self._streams[worker_id] = (n, now if delta == 0 else moved_at)
+            elif delta > 0:
+                self._streams[worker_id] = (n, now)
             else:
-                self._streams[worker_id] = (n, self.clock())
+                self._streams.pop(worker_id, None)
             rec = self._workers.get(worker_id)
-            if rec is not None:
-                rec.last_seen = max(rec.last_seen, self.clock())
+            if rec is not None and delta >= 0 and worker_id in self._streams:
+                rec.last_seen = max(rec.last_seen, now)
 
     def remove(self, worker_id: str) -> bool:
         with self._lock:
+            self._streams.pop(worker_id, None)
             return self._workers.pop(worker_id, None) is not None
 
     def live(self) -> list[WorkerRecord]:
@@ -218,6 +224,8 @@ class Registry:
                 rec.last_seen = max(rec.last_seen, now)  # its transfer lives (streaming)
         cutoff = now - self.expire_after_s
         dead = [wid for wid, w in self._workers.items() if w.last_seen < cutoff]
+        for wid in [w for w in self._streams if w not in self._workers or w in dead]:
+            del self._streams[wid]  # streams of a worker gone count for nobody
         for wid in dead:
             del self._workers[wid]
         self.expired_total += len(dead)

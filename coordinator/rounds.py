@@ -32,6 +32,8 @@ class RoundDriver(Transport):
     thread: opens each round's ticket for the servicer, waits for the updates (see
     :meth:`wait_round`), retries thin rounds, checkpoints and monitors."""
 
+    measures_links = True  # each worker's transfer is timed on its own stream
+
     name = "grpc"
 
     def __init__(self, coord: Coordinator, progress: Callable[[dict[str, Any]], None] | None
@@ -92,6 +94,21 @@ class RoundDriver(Transport):
                     q, attempt + 1, got, self.min_updates)
         if not self.c.registry.live():
             self._wait_any_worker()
+        self._wait_loading()
+
+    def _wait_loading(self) -> None:
+        """While fewer than ``min_workers`` live workers are ready and some are still loading
+        their job (a restarted pod re-registered and reads its data), wait for them, up to
+        ``register_timeout_s``, instead of spending the next try on a round they cannot be in."""
+        c = self.c
+        give_up = c.clock() + c.cfg.cluster.register_timeout_s
+        with c.cond:
+            while not c.finished and c.clock() < give_up:
+                live = c.registry.live()
+                ready = sum(1 for w in live if not w.profile.loading)
+                if ready >= self.min_updates or ready == len(live):
+                    return
+                c.cond.wait(0.5)
 
     def recorded(self, rec: dict[str, Any], state: GlobalState) -> None:
         c = self.c

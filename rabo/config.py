@@ -235,10 +235,12 @@ class PolicyConfig:
     deadline_s: float = opt(0.0, "estimated local-step time must fit this (0: no deadline)",
                             ge=0)
     link: bool = opt(False, "[ext] with deadline_s: the estimated step time plus the time the "
-                     "round's slices take over the worker's link (its seconds per byte, "
-                     "smoothed over the rounds it ran) must fit the deadline; until a worker's "
-                     "link is measured it gets the smallest ratio that fits its memory (gRPC "
-                     "and torch.distributed workers; docs/method.md)")
+                     "round's slices take over the worker's link (a fixed part plus seconds "
+                     "per byte, fitted to the rounds it ran) must fit the deadline; until a "
+                     "worker's link is measured it gets the smallest ratio that fits its "
+                     "memory (gRPC workers; torch.distributed stamps arrivals in rank order and "
+                     "the simulator moves nothing, so there it does not apply; "
+                     "docs/method.md)")
     calibrate: bool = opt(False, "[ext] once a worker has reported its measured peak memory "
                           "at a ratio, its memory figures come from its measurements (the "
                           "analytic estimate scaled by measured / estimated at the nearest "

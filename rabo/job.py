@@ -77,12 +77,14 @@ class Job:
         return d.ratio, d.reason
 
     def decide(self, client_id: int, resources: Resources | None,
-               measured: Mapping[float, int] | None = None) -> Decision:
+               measured: Mapping[float, int] | None = None, links: bool = True
+               ) -> Decision:
         """A client's ratio, why, and the policy's estimates: ``clients.mode`` over the fixed
         ``clients.ratios`` or the ratio policy on ``resources`` (None: no resource limit
         known, ratio 1) and the peaks measured on its worker (``measured``: per ratio, bytes
-        above its start-up footprint). The one place every transport asks; a ratio of None
-        means the client does not take part."""
+        above its start-up footprint). ``links`` False: the transport measures no links
+        (policy.link does not apply: no probe round). The one place every transport asks; a
+        ratio of None means the client does not take part."""
         cfg = self.cfg
         if cfg.clients.mode == "full":
             return Decision(1.0, "full model (clients.mode: full)", "fixed")
@@ -94,7 +96,8 @@ class Job:
         else:
             choice = choose_ratio(self.task, self.hyper, resources, cfg.policy.ladder,
                                   cfg.policy.safety, cfg.policy.deadline_s,
-                                  self.step_batch(client_id), measured, link=cfg.policy.link,
+                                  self.step_batch(client_id), measured,
+                                  link=cfg.policy.link and links,
                                   element_bytes=self.hyper.wire.itemsize)
             d = Decision(choice.ratio, choice.reason, choice.bound if choice.ratio else "",
                          choice.memory_bytes, choice.step_s + choice.transfer_s)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rabo.engine import ClientHyper
 from rabo.masks import MaskSpec
@@ -29,9 +29,10 @@ class Resources:
 
     memory_budget_bytes: int  # memory it may spend on training state
     flops_per_s: float = 0.0  # measured throughput; 0: unknown (no time check)
-    # the link's smoothed seconds per payload byte, both directions (LinkEstimate); 0: not
-    # measured yet
+    # the link's seconds per payload byte, both directions, and its fixed seconds per round
+    # (LinkEstimate); 0: not measured yet
     link_s_per_byte: float = 0.0
+    link_fixed_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -136,36 +137,63 @@ def transfer_bytes(task: BilevelTask, ratio: float, element_bytes: int = BYTES_P
     return 2 * payload_bytes(task, ratio) * element_bytes // BYTES_PER_ELEMENT
 
 
-# weight of a new sample in the link estimate (an exponentially weighted mean of seconds per
-# byte, as TCP smooths its round-trip time, with a faster gain: a link seen once is known)
-LINK_GAIN = 0.5
-# transfers shorter than this are latency, not bandwidth: they update the estimate only while
-# it has no sample at all (a worker's first, small, probe round)
-LINK_MIN_SAMPLE_S = 0.02
+# forgetting factor of the link fit: a sample's weight shrinks by this much per newer sample,
+# so the estimate follows a link that changes within a few rounds (a sample 4 rounds old
+# weighs 0.24 of the newest)
+LINK_FORGET = 0.7
+LINK_WINDOW = 16  # samples kept
+# a fit of the fixed part needs transfers of different sizes: the largest at least this many
+# times the smallest (else the fixed part of the last good fit is kept)
+LINK_SPREAD = 1.5
 
 
 @dataclass
 class LinkEstimate:
-    """A worker's link, from the rounds it ran: seconds per payload byte (down plus up), the
-    exponentially weighted mean of each round's ``transfer_s / bytes`` with gain
-    ``LINK_GAIN``. Seconds per byte, not bytes per second, so that the estimate of a round's
-    transfer time is unbiased in time, the quantity the deadline bounds. The round's
-    ``transfer_s`` is what it spent outside its step (assignment sent to update received, less
-    the worker's compute), so latency, serialisation and queueing count as they do for the
-    round."""
+    """A worker's link, from the rounds it ran: a round at ``b`` payload bytes (down plus up)
+    takes ``fixed_s + b * s_per_byte`` seconds outside its step, fitted by weighted least
+    squares to the rounds it ran (weights ``LINK_FORGET`` per newer sample, the last
+    ``LINK_WINDOW``). The fixed part is what a round costs whatever its size (latency,
+    connection and message overhead, the worker's own deserialisation); a per-byte figure
+    alone would put it all on the bytes, so a small probe round would make a fast link look
+    slow. Until transfers of different sizes have been seen, the fixed part is 0 (or that of
+    the last fit that had them) and the per-byte part carries the rest. A round's
+    ``transfer_s`` is assignment sent to update received, less the worker's compute."""
 
     s_per_byte: float = 0.0
+    fixed_s: float = 0.0
     samples: int = 0
+    history: list[tuple[int, float]] = field(default_factory=list)
 
     def add(self, nbytes: int, transfer_s: float) -> None:
         if nbytes <= 0 or not transfer_s > 0 or not math.isfinite(transfer_s):
             return  # nothing moved or not measured (in-process clients)
-        if self.samples and transfer_s < LINK_MIN_SAMPLE_S:
-            return
-        sample = transfer_s / nbytes
-        self.s_per_byte = sample if not self.samples else \
-            (1 - LINK_GAIN) * self.s_per_byte + LINK_GAIN * sample
+        self.history = [*self.history[-(LINK_WINDOW - 1):], (nbytes, transfer_s)]
         self.samples += 1
+        n = len(self.history)
+        w = [LINK_FORGET ** (n - 1 - i) for i in range(n)]
+        sw = sum(w)
+        mb = sum(wi * b for wi, (b, _) in zip(w, self.history, strict=True)) / sw
+        mt = sum(wi * t for wi, (_, t) in zip(w, self.history, strict=True)) / sw
+        sizes = [b for b, _ in self.history]
+        if max(sizes) >= LINK_SPREAD * min(sizes):
+            var = sum(wi * (b - mb) ** 2 for wi, (b, _) in zip(w, self.history, strict=True))
+            cov = sum(wi * (b - mb) * (t - mt)
+                      for wi, (b, t) in zip(w, self.history, strict=True))
+            slope = cov / var
+            if slope > 0:
+                self.fixed_s = max(0.0, mt - slope * mb)
+        if mt <= self.fixed_s:  # the rounds got faster than the fixed part: refit from 0
+            self.fixed_s = 0.0
+        self.s_per_byte = (mt - self.fixed_s) / mb
+
+    def predict(self, nbytes: int) -> float:
+        return self.fixed_s + nbytes * self.s_per_byte
+
+    def decay(self) -> None:
+        """Halve the estimate (a worker left out for its link is measured no more)."""
+        self.s_per_byte *= 0.5
+        self.fixed_s *= 0.5
+        self.history = [(b, 0.5 * t) for b, t in self.history]
 
     @property
     def mbit_per_s(self) -> float:
@@ -205,7 +233,8 @@ def choose_ratio(task: BilevelTask, hp: ClientHyper, resources: Resources,
                 continue
         transfer_s = 0.0
         if link and resources.link_s_per_byte > 0:
-            transfer_s = transfer_bytes(task, ratio, element_bytes) * resources.link_s_per_byte
+            transfer_s = resources.link_fixed_s + \
+                transfer_bytes(task, ratio, element_bytes) * resources.link_s_per_byte
             if deadline_s > 0 and step_s + transfer_s > deadline_s:
                 mbit = 8e-6 / resources.link_s_per_byte
                 bound, larger = "link", (
@@ -227,7 +256,8 @@ def choose_ratio(task: BilevelTask, hp: ClientHyper, resources: Resources,
         step = (estimate_flops(task, hp, r, batch) / resources.flops_per_s
                 if resources.flops_per_s > 0 else 0.0)
         if link and resources.link_s_per_byte > 0:
-            transfer = transfer_bytes(task, r, element_bytes) * resources.link_s_per_byte
+            transfer = resources.link_fixed_s + \
+                transfer_bytes(task, r, element_bytes) * resources.link_s_per_byte
             why = (f"the smallest ratio {r:g} needs ~{step + transfer:.2f}s ({step:.2f}s step "
                    f"+ {transfer:.2f}s transfer at {8e-6 / resources.link_s_per_byte:.3g} "
                    f"Mbit/s), over the {deadline_s:g}s deadline")

@@ -211,7 +211,7 @@ def measure(device: torch.device, memory_limit: int | None = None, threads: int 
         budget, source = memory_limit, "--memory-limit"
     elif limits.memory_limit is not None:
         budget = max(0, limits.memory_limit - (limits.memory_usage or 0) + held_bytes)
-        source = f"cgroup v{limits.version} limit minus usage"
+        source = f"cgroup v{limits.version} limit minus working set"
     else:
         budget, source = vm.available + held_bytes, "available memory (psutil)"
     gpu_name, gpu_total, gpu_free = "", 0, 0

@@ -94,6 +94,9 @@ class Transport:
     name = "transport"
     max_retries = 0  # rounds with fewer than min_updates updates are run again this often
     min_updates = 0  # 0: a round aggregates whatever arrived (an empty one changes nothing)
+    # whether each worker's transfer_s is its own link's (policy.link learns from it): not
+    # where arrivals are stamped in turn (torch.distributed) or nothing moves (in-process)
+    measures_links = False
 
     def clock(self) -> float:
         return time.perf_counter()
@@ -247,12 +250,18 @@ class RoundLoop:
             resources = m.resources
             link = self.links.get(m.name)
             if resources is not None and link is not None:
-                resources = dataclasses.replace(resources, link_s_per_byte=link.s_per_byte)
+                resources = dataclasses.replace(resources, link_s_per_byte=link.s_per_byte,
+                                                link_fixed_s=link.fixed_s)
             d = m.fixed if m.fixed is not None else self.job.decide(
-                cid, resources, self.peaks.get(m.name))
+                cid, resources, self.peaks.get(m.name), links=self.transport.measures_links)
             if d.ratio is None:
                 not_assigned[m.name] = f"not assigned: {d.reason}"
                 log.warning("round %d: %s not assigned: %s", q, m.name, d.reason)
+                if link is not None:
+                    # a worker left out for its link is measured no more: let the estimate
+                    # decay (halve it each round), so that a link that got
+                    # faster, or one slow round, does not keep it out for the rest of the run
+                    link.decay()
                 continue
             tasks.append(Task(m.name, engine.plan(q, cid, d.ratio), d.reason, d.bound,
                               d.memory_bytes, d.time_s))
@@ -303,7 +312,8 @@ class RoundLoop:
                     and r.measured.peak_mem_bytes > 0):
                 seen = self.peaks.setdefault(r.task.name, {})
                 seen[plan.ratio] = max(seen.get(plan.ratio, 0), r.measured.peak_mem_bytes)
-            if self.job.cfg.policy.link and r.update is not None:
+            if self.job.cfg.policy.link and self.transport.measures_links \
+                    and r.update is not None:
                 self.links.setdefault(r.task.name, LinkEstimate()).add(
                     r.measured.payload_down_bytes + r.measured.payload_up_bytes,
                     r.measured.transfer_s)

@@ -48,7 +48,8 @@ class InProcess(Transport):
         self._members = []
         for cid in range(job.cfg.clients.count):
             res = Resources(parse_bytes(budgets[cid % len(budgets)])) if budgets else None
-            d = job.decide(cid, res)  # fixed for the run: budgets do not change
+            # fixed for the run: budgets do not change, and nothing moves over a link
+            d = job.decide(cid, res, links=False)
             if d.ratio is not None and d.ratio > 0:
                 self._members.append(Member(f"client-{cid}", cid, res, d))
 

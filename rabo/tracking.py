@@ -119,10 +119,12 @@ class TensorBoardSink:
     """Each round record as TensorBoard scalars at step = round, flushed after each round (a
     crashed run keeps its points, as it keeps its metrics.jsonl lines).
 
-    The event file is opened at the first record, with ``purge_step`` = its round: a resumed
-    run (``rabo coordinator --resume``) continues the same TensorBoard run, and the points an
-    earlier process wrote for the rounds that are now re-run are dropped by TensorBoard's
-    readers, as ``metrics.jsonl`` drops their lines.
+    The event file is opened at the first record; when that is a later round than 1 (a
+    resumed run: ``rabo coordinator --resume``) with ``purge_step`` = its round, so the run
+    continues the same TensorBoard run and the points an earlier process wrote for the rounds
+    that are now re-run are dropped by TensorBoard's readers, as ``metrics.jsonl`` drops their
+    lines. A run that starts at round 1 purges nothing: give each run its own DIR (TensorBoard
+    shows the runs under a parent folder side by side).
 
     Raises :class:`TrackingUnavailable` when ``torch.utils.tensorboard`` does not import."""
 
@@ -130,7 +132,7 @@ class TensorBoardSink:
         self.log_dir = Path(log_dir)
         try:
             from torch.utils.tensorboard import SummaryWriter
-        except ImportError as exc:
+        except Exception as exc:  # noqa: BLE001 - missing, or a version clash (protobuf...)
             raise TrackingUnavailable(f"--tensorboard {self.log_dir}: TensorBoard does not "
                                       f"import ({exc}); {INSTALL_HINT}") from None
         self._summary_writer = SummaryWriter
@@ -144,7 +146,8 @@ class TensorBoardSink:
         try:
             if self._writer is None:
                 self.log_dir.mkdir(parents=True, exist_ok=True)
-                self._writer = self._summary_writer(str(self.log_dir), purge_step=step)
+                self._writer = self._summary_writer(str(self.log_dir),
+                                                    purge_step=step if step > 1 else None)
             for tag, value in scalars(record):
                 self._writer.add_scalar(tag, value, global_step=step)
             self._writer.flush()

@@ -8,7 +8,6 @@ from rabo import config
 from rabo.engine import ClientHyper
 from rabo.models import build_model
 from rabo.policy import (
-    LINK_GAIN,
     LinkEstimate,
     Resources,
     choose_ratio,
@@ -70,18 +69,28 @@ def test_deadline_excludes_slow_ratios(setup) -> None:
     assert none.ratio is None and "deadline" in none.reason
 
 
-def test_link_estimate_smooths_seconds_per_byte() -> None:
+def test_link_estimate_fits_a_fixed_part_and_seconds_per_byte() -> None:
     est = LinkEstimate()
     est.add(0, 1.0)  # nothing moved: no sample
     est.add(1000, 0.0)  # not measured (in-process)
     est.add(1000, float("nan"))
     assert est.samples == 0 and est.s_per_byte == 0.0 and est.mbit_per_s == 0.0
-    est.add(1000, 0.01)  # the first sample is taken whatever its size (the probe round)
-    assert est.s_per_byte == pytest.approx(1e-5) and est.mbit_per_s == pytest.approx(0.8)
-    est.add(10_000, 0.001)  # later, a transfer too short to say anything about bandwidth
-    assert est.samples == 1
-    est.add(1_000_000, 2.0)
-    assert est.s_per_byte == pytest.approx((1 - LINK_GAIN) * 1e-5 + LINK_GAIN * 2e-6)
+    # the probe round: one size seen, so no fixed part yet; the bytes carry all the time
+    est.add(30_000, 0.06)
+    assert est.fixed_s == 0.0 and est.s_per_byte == pytest.approx(2e-6)
+    # a large round: two sizes give the fixed part (latency and overhead) and the link's rate,
+    # so the probe's overhead no longer makes the link look 10x slower than it is
+    est.add(2_400_000, 0.26)
+    slope = 0.20 / 2_370_000
+    assert est.s_per_byte == pytest.approx(slope, rel=1e-6)
+    assert est.fixed_s == pytest.approx(0.06 - 30_000 * slope, rel=1e-6)
+    assert est.predict(2_400_000) == pytest.approx(0.26) and est.mbit_per_s > 90
+    # the link slows down: the newest rounds weigh most (LINK_FORGET per newer sample)
+    for _ in range(4):
+        est.add(2_400_000, 2.0)
+    assert 1.5 < est.predict(2_400_000) < 2.0
+    est.decay()
+    assert 0.75 < est.predict(2_400_000) < 1.0
 
 
 def test_link_policy_probes_then_fits_step_plus_transfer(setup) -> None:
@@ -114,6 +123,40 @@ def test_link_policy_probes_then_fits_step_plus_transfer(setup) -> None:
     crawl = Resources(big, 0.0, 8e-6 / 0.001)
     none = choose_ratio(task, hp, crawl, LADDER, 0.8, 1.0, 64, link=True)
     assert none.ratio is None and "transfer at 0.001 Mbit/s" in none.reason
+
+
+def test_a_worker_left_out_for_its_link_is_tried_again_as_its_estimate_decays() -> None:
+    """The round loop's plan: a worker whose measured link misses the deadline even at the
+    smallest ratio is not assigned, but its estimate halves each round it is left out, so it
+    gets the smallest ratio again (and is measured afresh) instead of being out for good."""
+    from rabo.job import Job
+    from rabo.rounds import Member, RoundLoop, Transport
+
+    class Links(Transport):
+        measures_links = True
+
+    job = Job.from_config(config.load(None, [
+        "data.dataset=digits", "model.hidden=[64]", "clients.count=1", "policy.link=true",
+        "policy.deadline_s=1"]))
+    loop = RoundLoop(job, Links(), job.engine.init_state())
+    est = LinkEstimate()
+    est.add(1000, 16.0)  # 16 ms per byte: even the smallest ratio misses 1 s by far
+    loop.links["w"] = est
+    member = Member("w", 0, Resources(2**40, 0.0))
+    smallest = transfer_bytes(job.task, min(job.cfg.policy.ladder))
+    assigned = []
+    for q in range(1, 40):
+        tasks, out = loop.plan(q, [member])
+        assigned.append(bool(tasks))
+        if tasks:
+            break
+        assert "transfer at" in out["w"]
+    first = assigned.index(True)
+    assert first > 0  # left out at first
+    assert est.predict(smallest) <= 1.0  # tried again once the decayed estimate fits
+    # the simulator measures no links: no probe, the ladder's largest
+    (task,), _ = RoundLoop(job, Transport(), job.engine.init_state()).plan(1, [member])
+    assert task.plan.ratio == 1.0 and task.bound != "probe"
 
 
 def test_simulated_memory_budgets_map_to_ratios() -> None:

@@ -59,3 +59,40 @@ def test_the_worker_keeps_its_secret_in_its_state_file(tmp_path: Path) -> None:
     state.write_text("garbage\n")
     with pytest.raises(WorkerExit, match="not a worker state file"):
         instance_secret(str(state))
+
+
+def test_a_retry_waits_for_workers_still_loading_their_job() -> None:
+    """A round retried for want of updates does not spend its next try while registered
+    workers are still loading (a restarted pod reading its data): it waits for their ready
+    profile (bounded by cluster.register_timeout_s)."""
+    import threading
+    import time
+
+    from coordinator.server import serve
+    from rabo import config
+
+    cfg = config.load(None, ["data.dataset=digits", "model.hidden=[16]", "clients.count=3",
+                             "cluster.workers=3", "cluster.min_workers=2",
+                             "cluster.register_timeout_s=30"])
+    server = serve(cfg, None, bind="127.0.0.1:0", linger_s=0)
+    try:
+        reg = server.coord.registry
+        reg.register("a", pb.ResourceProfile(memory_budget_bytes=1 << 30), 0)
+        b = reg.register("b", pb.ResourceProfile(memory_budget_bytes=1 << 30, loading=True), 1)
+        became_ready = threading.Event()
+
+        def ready_later() -> None:
+            time.sleep(0.5)
+            became_ready.set()
+            reg.touch(b.worker_id, pb.ResourceProfile(memory_budget_bytes=1 << 30))
+
+        t = threading.Thread(target=ready_later)
+        t.start()
+        server.driver._wait_loading()
+        assert became_ready.is_set()  # it returned only once b was ready
+        assert not reg.get(b.worker_id).profile.loading
+        t.join()
+        # nobody loading: no wait at all
+        server.driver._wait_loading()
+    finally:
+        server.stop(0)

@@ -134,6 +134,18 @@ def test_rounds_written_again_after_a_resume_replace_their_points(tmp_path: Path
     assert [r["round"] for r in read_metrics(run)] == [1, 2, 3, 4]
 
 
+def test_a_fresh_run_in_a_used_folder_hides_nothing(tmp_path: Path) -> None:
+    """Only a resumed run (starting past round 1) purges earlier points: a second fresh run
+    logged to the same folder leaves the first one's points in place."""
+    tb = tmp_path / "tb"
+    for acc in (0.1, 0.2):
+        sink = tracking.TensorBoardSink(tb)
+        sink.write({"round": 1, "test_acc": acc, "clients": []})
+        sink.close()
+    assert sorted(v for _, v in _event_scalars(tb)["round/test_acc_pct"]) == \
+        pytest.approx([10.0, 20.0])
+
+
 def test_tracking_alone_without_a_run_folder(tmp_path: Path) -> None:
     tracking.use_tensorboard(tmp_path / "tb")
     try:
