@@ -64,9 +64,9 @@ def test_start_up_baseline_is_measured_once_per_job() -> None:
     (a restarted coordinator, same job) must not re-measure the start-up footprint with the
     earlier rounds' state inside it, or the worker would look poorer after every restart."""
     import json
+    import mmap
 
     import psutil
-    import torch
 
     from rabo.config import to_dict
     from worker.client import Worker, WorkerOptions
@@ -76,13 +76,17 @@ def test_start_up_baseline_is_measured_once_per_job() -> None:
                                                      "model.hidden=[8]"])))
     w._job(job_json)
     base = w.baseline_rss
-    ballast = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB of state, touched
+    # 64 MiB of state, touched: fresh anonymous pages (a tensor could reuse heap pages this
+    # test process freed earlier, which would not raise its resident set)
+    ballast = mmap.mmap(-1, 64 << 20)
+    for off in range(0, 64 << 20, 4096):
+        ballast[off] = 1
+    assert psutil.Process().memory_info().rss - base >= 60 << 20
     w._job(job_json)  # registering again for the same job
     assert w.baseline_rss == base
-    assert psutil.Process().memory_info().rss - w.baseline_rss >= 60 << 20
     # CPU: the RSS peak it reports is above start-up
     assert peak_above_startup(base + (5 << 20), w.baseline_rss, w.device) == 5 << 20
-    del ballast
+    ballast.close()
 
 
 def test_a_recovered_outage_restarts_the_give_up_clock() -> None:
