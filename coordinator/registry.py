@@ -207,6 +207,11 @@ class Registry:
             self._expire_locked()
             return sorted(self._workers.values(), key=lambda w: w.client_id)
 
+    def ready(self) -> list[WorkerRecord]:
+        """The live workers that have built their job (``ResourceProfile.loading`` false: a
+        loading worker's budget does not count its data yet)."""
+        return [w for w in self.live() if not w.profile.loading]
+
     def get(self, worker_id: str) -> WorkerRecord | None:
         with self._lock:
             return self._workers.get(worker_id)

@@ -64,7 +64,7 @@ class RoundDriver(Transport):
         """The live workers that have built their job (a loading worker's profile does not
         count its data yet: it takes part from the round after its ready heartbeat)."""
         return [Member(w.worker_id, w.client_id, resources_of(w.profile))
-                for w in self.c.registry.live() if not w.profile.loading]
+                for w in self.c.registry.ready()]
 
     def exchange(self, q: int, state: GlobalState, tasks: list[Task],
                  not_assigned: dict[str, str], early: EarlyAggregate) -> Exchange | None:
@@ -104,9 +104,8 @@ class RoundDriver(Transport):
         give_up = c.clock() + c.cfg.cluster.register_timeout_s
         with c.cond:
             while not c.finished and c.clock() < give_up:
-                live = c.registry.live()
-                ready = sum(1 for w in live if not w.profile.loading)
-                if ready >= self.min_updates or ready == len(live):
+                ready = len(c.registry.ready())
+                if ready >= self.min_updates or ready == len(c.registry):
                     return
                 c.cond.wait(0.5)
 
@@ -125,8 +124,8 @@ class RoundDriver(Transport):
         c = self.c
         want = c.cfg.cluster.workers or c.cfg.clients.count
         give_up = c.clock() + c.cfg.cluster.register_timeout_s
-        def ready() -> int:  # registered and done building the job (ResourceProfile.loading)
-            return sum(1 for w in c.registry.live() if not w.profile.loading)
+        def ready() -> int:
+            return len(c.registry.ready())
 
         with c.cond:
             while ready() < want and not c.finished:
