@@ -99,8 +99,8 @@ class Job:
                                   self.step_batch(client_id), measured,
                                   link=cfg.policy.link and links,
                                   element_bytes=self.hyper.wire.itemsize)
-            d = Decision(choice.ratio, choice.reason, choice.bound if choice.ratio else "",
-                         choice.memory_bytes, choice.step_s + choice.transfer_s)
+            d = Decision(choice.ratio, choice.reason, choice.bound, choice.memory_bytes,
+                         choice.step_s + choice.transfer_s)
         if cfg.clients.mode == "exclusion" and d.ratio is not None and d.ratio < 1.0:
             return Decision(None, f"excluded: fits only ratio {d.ratio:g} (clients.mode: "
                                   f"exclusion)", "fixed")

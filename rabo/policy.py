@@ -261,7 +261,11 @@ def choose_ratio(task: BilevelTask, hp: ClientHyper, resources: Resources,
             why = (f"the smallest ratio {r:g} needs ~{step + transfer:.2f}s ({step:.2f}s step "
                    f"+ {transfer:.2f}s transfer at {8e-6 / resources.link_s_per_byte:.3g} "
                    f"Mbit/s), over the {deadline_s:g}s deadline")
+            bound = "link" if step <= deadline_s else "compute"
         else:
             why = (f"the smallest ratio {r:g} needs ~{step:.2f}s per step, "
                    f"over the {deadline_s:g}s deadline")
-    return Choice(None, why)
+            bound = "compute"
+    else:
+        bound = "memory"
+    return Choice(None, why, bound=bound)

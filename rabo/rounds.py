@@ -257,7 +257,7 @@ class RoundLoop:
             if d.ratio is None:
                 not_assigned[m.name] = f"not assigned: {d.reason}"
                 log.warning("round %d: %s not assigned: %s", q, m.name, d.reason)
-                if link is not None:
+                if link is not None and d.bound == "link":
                     # a worker left out for its link is measured no more: let the estimate
                     # decay (halve it each round), so that a link that got
                     # faster, or one slow round, does not keep it out for the rest of the run

@@ -123,6 +123,8 @@ def test_link_policy_probes_then_fits_step_plus_transfer(setup) -> None:
     crawl = Resources(big, 0.0, 8e-6 / 0.001)
     none = choose_ratio(task, hp, crawl, LADDER, 0.8, 1.0, 64, link=True)
     assert none.ratio is None and "transfer at 0.001 Mbit/s" in none.reason
+    assert none.bound == "link"
+    assert choose_ratio(task, hp, Resources(1024), LADDER, 0.8, 0.0, 64).bound == "memory"
 
 
 def test_a_worker_left_out_for_its_link_is_tried_again_as_its_estimate_decays() -> None:
