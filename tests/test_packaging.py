@@ -214,7 +214,9 @@ def _requirements(extras: str, tmp_path: Path) -> list[str]:
     the repository's pyproject.toml."""
     (script,) = [run for run in _dockerfile_runs() if "tomllib" in run]
     assert script.startswith("python -c ")
-    script = (shlex.quote(sys.executable) + script[len("python"):]).replace(
+    # the Dockerfile's /tmp/ paths go to tmp_path; the interpreter's own path (a checkout
+    # under /tmp, as CI's) stays as it is
+    script = shlex.quote(sys.executable) + script[len("python"):].replace(
         "/tmp/", f"{tmp_path}/").replace("&& pip install", "&& echo")
     proc = subprocess.run(["sh", "-c", script], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "EXTRAS": extras}, timeout=30, check=False)

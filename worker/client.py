@@ -84,6 +84,9 @@ class WorkerOptions:
     state_file: str | None = None
 
 
+HEARTBEATS_IN_FLIGHT = 4  # unanswered heartbeats a worker keeps sending beside
+
+
 def instance_secret(state_file: str | None) -> str:
     """This worker's instance secret: read from ``state_file`` (created, mode 0600, on first
     use), or a new one for this process."""
@@ -451,15 +454,27 @@ class Worker:
             log.debug("ready heartbeat failed: %s", exc.code())  # type: ignore[attr-defined]
 
     def _heartbeats(self, stub: CoordinatorStub, worker_id: str) -> None:
+        """A heartbeat every ``heartbeat_s``, whether or not the last one has been answered:
+        on a slow link an answer can wait seconds behind this worker's own assignment on the
+        one HTTP/2 connection, while the requests (the other direction) still arrive, and
+        they are what keeps the worker registered. At most a few are in flight."""
+        pending: list[Any] = []
         while not self.stop.wait(self.heartbeat_s):
             if worker_id != self.worker_id or self._closed.is_set():
+                for f in pending:
+                    f.cancel()
                 return  # re-registered (a newer heartbeat thread took over) or shut down
-            try:
-                reply = stub.Heartbeat(pb.HeartbeatRequest(
+            for f in [f for f in pending if f.done()]:
+                pending.remove(f)
+                try:
+                    if f.result().finished:
+                        self.heard_complete = True
+                        return
+                except grpc.RpcError as exc:
+                    log.debug("heartbeat failed: %s", exc.code())  # type: ignore[attr-defined]
+                except grpc.FutureCancelledError:
+                    pass
+            if len(pending) < HEARTBEATS_IN_FLIGHT:
+                pending.append(stub.Heartbeat.future(pb.HeartbeatRequest(  # type: ignore[attr-defined]
                     worker_id=worker_id, credential=self.credential, profile=self.profile()),
-                    timeout=max(2.0, self.heartbeat_s))
-                if reply.finished:
-                    self.heard_complete = True
-                    return
-            except grpc.RpcError as exc:
-                log.debug("heartbeat failed: %s", exc.code())  # type: ignore[attr-defined]
+                    timeout=max(2.0, HEARTBEATS_IN_FLIGHT * self.heartbeat_s)))
