@@ -38,6 +38,16 @@ def _child_memory_cgroup() -> Path:
     return child
 
 
+def _remove_cgroup(cg: Path, timeout_s: float = 10.0) -> None:
+    """Remove a group this test made, once its processes' exit has been accounted."""
+    end = time.monotonic() + timeout_s
+    while cg.exists() and time.monotonic() < end:
+        try:
+            cg.rmdir()
+        except OSError:  # the worker's exit is still being accounted
+            time.sleep(0.1)
+
+
 def _usage(cg: Path) -> int:
     return int((cg / "memory.usage_in_bytes").read_text())
 
@@ -120,9 +130,4 @@ def test_a_worker_whose_memory_limit_drops_gets_a_smaller_ratio_and_later_a_larg
         server.stop(grace=0)
         if worker is not None:
             stop_workers([worker])
-        end = time.monotonic() + 10
-        while cg.exists() and time.monotonic() < end:
-            try:
-                cg.rmdir()
-            except OSError:  # the worker's exit is still being accounted
-                time.sleep(0.1)
+        _remove_cgroup(cg)

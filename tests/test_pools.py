@@ -10,13 +10,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import mnist_available
-from test_changing_machines import _child_memory_cgroup, _set_limit, _wait
+from test_changing_machines import _child_memory_cgroup, _remove_cgroup, _set_limit, _wait
 
 from coordinator.local import WorkerProcess, stop_workers
 from coordinator.server import serve
@@ -97,9 +96,4 @@ def test_the_three_pools_get_three_ratios_inside_real_memory_cgroups(tmp_path: P
             server.stop(grace=0)
         stop_workers(workers)
         for _, _, cg in groups:
-            end = time.monotonic() + 10
-            while cg.exists() and time.monotonic() < end:
-                try:
-                    cg.rmdir()
-                except OSError:  # the worker's exit is still being accounted
-                    time.sleep(0.1)
+            _remove_cgroup(cg)
