@@ -7,10 +7,10 @@ a coordinator without one (and every worker) runs without the package.
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 from rabo.errors import RaboError
+from rabo.extras import package_missing
 
 INSTALL_HINT = "pip install 'rabo[metrics]'"
 
@@ -22,11 +22,8 @@ class MetricsUnavailable(RaboError):
 def prometheus_missing() -> str | None:
     """Why the metrics endpoint cannot be served here (None: prometheus-client is installed).
     Cheap: it looks the package up without importing it."""
-    try:
-        found = importlib.util.find_spec("prometheus_client") is not None
-    except (ImportError, ValueError):
-        found = False
-    return None if found else f"the prometheus-client package is not installed ({INSTALL_HINT})"
+    return package_missing("prometheus_client",
+                           f"the prometheus-client package is not installed ({INSTALL_HINT})")
 
 
 class Monitor:

@@ -19,7 +19,6 @@ random per registration.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from rabo.errors import RaboError
+from rabo.extras import package_missing
 
 log = logging.getLogger("rabo.tracking")
 
@@ -108,11 +108,8 @@ def scalars(record: dict[str, Any]) -> Iterator[tuple[str, float]]:
 def tensorboard_missing() -> str | None:
     """Why TensorBoard logging cannot work here (None: its package is installed). Cheap: it
     looks the package up without importing it (or torch)."""
-    try:
-        found = importlib.util.find_spec("tensorboard") is not None
-    except (ImportError, ValueError):
-        found = False
-    return None if found else f"the tensorboard package is not installed ({INSTALL_HINT})"
+    return package_missing("tensorboard",
+                           f"the tensorboard package is not installed ({INSTALL_HINT})")
 
 
 class TensorBoardSink:

@@ -7,13 +7,13 @@ that exists to plot refuse before it does any work, and one that plots on the si
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from rabo.errors import RaboError
+from rabo.extras import package_missing
 
 INSTALL_HINT = "pip install 'rabo[plots]'"
 
@@ -33,11 +33,7 @@ class PlotsUnavailable(RaboError):
 def matplotlib_missing() -> str | None:
     """Why plots cannot be drawn here (None: matplotlib is installed). Cheap: it looks the
     package up without importing it."""
-    try:
-        found = importlib.util.find_spec("matplotlib") is not None
-    except (ImportError, ValueError):
-        found = False
-    return None if found else f"matplotlib is not installed ({INSTALL_HINT})"
+    return package_missing("matplotlib", f"matplotlib is not installed ({INSTALL_HINT})")
 
 
 def pyplot() -> Any:
