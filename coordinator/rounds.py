@@ -74,9 +74,10 @@ class RoundDriver(Transport):
         if self.c.finished:
             return None  # stopped from outside mid-round: this round is not aggregated
         returned = []
+        element_bytes = self.c.job.hyper.wire.bytes_per_element
         for task in tasks:
             t = ticket.tasks[task.name]
-            returned.append(Returned(task, _worker_record(t, self.c.job.hyper.wire.itemsize),
+            returned.append(Returned(task, _worker_record(t, element_bytes),
                                      t.update, t.refused, checked=True))
         return Exchange(returned, ticket.opened_at)
 
@@ -318,7 +319,7 @@ def _resolved(ticket: RoundTicket) -> dict[int, Update | None]:
             for t in ticket.tasks.values() if t.answered()}
 
 
-def _worker_record(t: WorkerTask, element_bytes: int) -> WorkerRound:
+def _worker_record(t: WorkerTask, element_bytes: float) -> WorkerRound:
     """What the servicer measured of one task (``arrived`` is the round loop's to set)."""
     upd = t.update
     elapsed = ((t.received_at or 0.0) - (t.sent_at or 0.0)) if upd else 0.0

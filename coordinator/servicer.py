@@ -462,4 +462,7 @@ class CoordinatorServicer:
         tensors = await asyncio.to_thread(assembler.finish, assembler.trailer,
                                           check_finite=True)
         task.message_up = received
-        return update_from_wire(h, tensors), assembler
+        fmt = self.c.job.hyper.wire
+        if fmt.quantized:  # decoding takes a pass over the payload: off the event loop
+            return await asyncio.to_thread(update_from_wire, h, tensors, fmt), assembler
+        return update_from_wire(h, tensors, fmt), assembler

@@ -10,6 +10,7 @@ import torch
 from rabo.engine import Assignment, ClientPlan, Update
 from rabo.masks import MaskSpec
 from rabo.policy import Resources
+from rabo.wireformat import FLOAT32, WireFormat, WireFormatError
 from rabo_proto.codec import Encoded, WireError, WireTensor, tensor_meta
 from rabo_proto.v1 import rabo_pb2 as pb
 
@@ -34,15 +35,19 @@ def assignment_header(a: Assignment, payload: pb.PayloadHeader, deadline_s: floa
         payload=payload, deadline_s=deadline_s, reason=reason))
 
 
-def expected_update(plan: ClientPlan, dtype: torch.dtype = torch.float32) -> list[pb.TensorMeta]:
-    """The tensors (names, shapes, dtypes) an update for ``plan`` must hold, in order."""
-    metas = [tensor_meta("x", n, dtype, s) for n, s in plan.x.shapes.items()]
-    metas += [tensor_meta("y", n, dtype, s) for n, s in plan.y.shapes.items()]
-    metas += [tensor_meta("v", n, dtype, s) for n, s in plan.y.shapes.items()]
-    return metas
+def expected_update(plan: ClientPlan, fmt: WireFormat = FLOAT32) -> list[pb.TensorMeta]:
+    """The tensors (names, shapes, dtypes) an update for ``plan`` in ``fmt`` must hold, in
+    order (int8: each tensor's codes followed by its block scales)."""
+    return [tensor_meta(part, n, dtype, s)
+            for part, shapes in (("x", plan.x.shapes), ("y", plan.y.shapes),
+                                 ("v", plan.y.shapes))
+            for n, dtype, s in fmt.layout(shapes)]
 
 
-def update_from_wire(header: pb.UpdateHeader, tensors: Sequence[WireTensor]) -> Update:
+def update_from_wire(header: pb.UpdateHeader, tensors: Sequence[WireTensor],
+                     fmt: WireFormat = FLOAT32) -> Update:
+    """The update a header and its tensors (checked against :func:`expected_update`) hold, as
+    the coordinator keeps it (int8 decoded to float32)."""
     m = header.measurements
     for name, value in (("compute_s", m.compute_s), ("upper_loss", m.upper_loss),
                         ("receive_s", m.receive_s)):
@@ -54,9 +59,14 @@ def update_from_wire(header: pb.UpdateHeader, tensors: Sequence[WireTensor]) -> 
     parts: dict[str, dict[str, torch.Tensor]] = {"x": {}, "y": {}, "v": {}}
     for t in tensors:
         parts[t.part][t.name] = t.tensor
-    return Update(round=header.round, client_id=header.client_id, x=parts["x"], y=parts["y"],
-                  v=parts["v"], samples=int(m.samples), upper_loss=float(m.upper_loss),
-                  compute_s=float(m.compute_s), peak_mem_bytes=int(m.peak_mem_bytes))
+    update = Update(round=header.round, client_id=header.client_id, x=parts["x"],
+                    y=parts["y"], v=parts["v"], samples=int(m.samples),
+                    upper_loss=float(m.upper_loss), compute_s=float(m.compute_s),
+                    peak_mem_bytes=int(m.peak_mem_bytes))
+    try:
+        return update.received(fmt)
+    except WireFormatError as exc:
+        raise WireError(f"update: {exc}", "invalid-payload") from None
 
 
 def resources_of(profile: pb.ResourceProfile) -> Resources:

@@ -218,11 +218,19 @@ class AggregationConfig:
 
 @dataclass(kw_only=True)
 class WireConfig:
-    dtype: Literal["float32", "bfloat16", "float16"] = opt(
+    dtype: Literal["float32", "bfloat16", "float16", "int8"] = opt(
         "float32", "[ext] element type of the x, y and v slices on the wire, both ways (every "
         "transport, the simulator included, rounds to it the same way): the coordinator keeps "
-        "float32 master state and the worker computes in float32; 16-bit halves the bytes "
-        "(docs/communication.md)")
+        "float32 master state and the worker computes in float32; 16-bit halves the bytes, "
+        "int8 (codes with a float32 absmax scale per wire.block entries) takes 0.254x at a "
+        "block of 256 (docs/communication.md)")
+    block: int = opt(256, "[ext] int8: entries per block scale (each tensor's entries in "
+                     "row-major order; a larger block costs fewer bytes and rounds coarser)",
+                     ge=1, le=1 << 20)
+    error_feedback: bool = opt(
+        True, "[ext] int8: a worker adds what its last quantized updates could not carry "
+        "(per client, in full-model coordinates) to its next update, as error-feedback SGD "
+        "does; off: each update is rounded on its own")
 
 
 @dataclass(kw_only=True)

@@ -29,6 +29,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -58,6 +59,7 @@ from rabo.rounds import EarlyAggregate, Exchange, Member, Returned, RoundLoop, T
 from rabo.runner import ProgressLine
 from rabo.runtime import peak_above_startup, rss_bytes, tune_allocator
 from rabo.units import parse_byte_list, parse_bytes
+from rabo.wireformat import ClientResiduals, WireFormat, WireFormatError
 
 log = logging.getLogger("rabo.dist")
 PROFILE_FIELDS = 2  # memory budget, flops/s
@@ -84,39 +86,43 @@ class Context:
 # --------------------------------------------------------------------------- packing
 
 
-def pack(parts: list[Params], device: torch.device, dtype: torch.dtype = torch.float32
-         ) -> torch.Tensor:
-    """One contiguous buffer of every tensor of ``parts``, in order, as ``dtype`` (the wire
-    dtype: the tensors hold values of it already, so nothing is rounded here)."""
-    flat = [t.reshape(-1).to(dtype) for p in parts for t in p.values()]
+def pack(parts: list[Params], device: torch.device) -> torch.Tensor:
+    """One contiguous byte buffer of every tensor of ``parts``, in order: their bytes in the
+    wire form they hold (rabo.wireformat), so nothing is rounded here."""
+    flat = [t.detach().contiguous().reshape(-1).view(torch.uint8)
+            for p in parts for t in p.values()]
     return (torch.cat(flat).to(device) if flat
-            else torch.zeros(0, dtype=dtype, device=device))
+            else torch.zeros(0, dtype=torch.uint8, device=device))
 
 
-def unpack(buf: torch.Tensor, shapes: list[dict[str, tuple[int, ...]]]) -> list[Params]:
+Layout = list[tuple[str, torch.dtype, tuple[int, ...]]]
+
+
+def unpack(buf: torch.Tensor, layouts: list[Layout]) -> list[Params]:
+    """The tensors of a :func:`pack` buffer, laid out as ``layouts`` (one per part)."""
     out: list[Params] = []
     pos = 0
     buf = buf.cpu()
-    for part in shapes:
+    for part in layouts:
         d: Params = {}
-        for name, shape in part.items():
-            n = 1
-            for s in shape:
-                n *= s
-            d[name] = buf[pos:pos + n].view(shape).clone()
-            pos += n
+        for name, dtype, shape in part:
+            nbytes = math.prod(shape) * dtype.itemsize
+            # cloned first: a view as a wider dtype needs an aligned start
+            d[name] = buf[pos:pos + nbytes].clone().view(dtype).view(shape)
+            pos += nbytes
         out.append(d)
     if pos != buf.numel():
-        raise DistError(f"packed buffer holds {buf.numel()} values, the plan {pos}")
+        raise DistError(f"packed buffer holds {buf.numel()} bytes, the plan {pos}")
     return out
 
 
-def plan_shapes(plan: ClientPlan) -> list[dict[str, tuple[int, ...]]]:
-    return [plan.x.shapes, plan.y.shapes, plan.y.shapes]
+def plan_layouts(plan: ClientPlan, fmt: WireFormat) -> list[Layout]:
+    """The wire tensors of x, y and v for ``plan`` in ``fmt``."""
+    return [fmt.layout(plan.x.shapes), fmt.layout(plan.y.shapes), fmt.layout(plan.y.shapes)]
 
 
-def plan_numel(plan: ClientPlan) -> int:
-    return plan.x.numel() + 2 * plan.y.numel()
+def plan_nbytes(plan: ClientPlan, fmt: WireFormat) -> int:
+    return fmt.nbytes(plan.x.shapes) + 2 * fmt.nbytes(plan.y.shapes)
 
 
 # --------------------------------------------------------------------------- wire counters
@@ -204,6 +210,7 @@ class DistTransport(Transport):
     def exchange(self, q: int, state: GlobalState, tasks: list[Task],
                  not_assigned: dict[str, str], early: EarlyAggregate) -> Exchange:
         ctx, engine = self.ctx, self.ctx.job.engine
+        fmt = engine.hyper.wire
         plans = {t.plan.client_id + 1: t for t in tasks}  # rank -> task
         ratios = torch.zeros(ctx.world, dtype=torch.float64)
         for rank, t in plans.items():
@@ -216,9 +223,9 @@ class DistTransport(Transport):
         sends, outgoing = [], []  # the buffers live until their sends complete
         for rank, t in plans.items():
             a = engine.assign(state, t.plan, copy=False)
-            outgoing.append(pack([a.x, a.y, a.v], ctx.comm_device, engine.hyper.wire))
+            outgoing.append(pack([a.x, a.y, a.v], ctx.comm_device))
             sends.append(dist.isend(outgoing[-1], dst=rank))
-        bufs = {rank: torch.empty(plan_numel(t.plan), dtype=engine.hyper.wire,
+        bufs = {rank: torch.empty(plan_nbytes(t.plan, fmt), dtype=torch.uint8,
                                   device=ctx.comm_device) for rank, t in plans.items()}
         metas = {rank: torch.empty(META_FIELDS, dtype=torch.float64, device=ctx.comm_device)
                  for rank in plans}
@@ -238,17 +245,20 @@ class DistTransport(Transport):
         out = []
         for rank, t in sorted(plans.items()):
             plan = t.plan
-            x, y, v = unpack(bufs[rank], plan_shapes(plan))
+            x, y, v = unpack(bufs[rank], plan_layouts(plan, fmt))
             m = metas[rank].cpu().tolist()
-            upd = Update(q, plan.client_id, x, y, v, samples=int(m[2]), upper_loss=m[3],
-                         compute_s=m[0], peak_mem_bytes=int(m[1]))
+            try:
+                upd = Update(q, plan.client_id, x, y, v, samples=int(m[2]), upper_loss=m[3],
+                             compute_s=m[0], peak_mem_bytes=int(m[1])).received(fmt)
+            except WireFormatError as exc:
+                raise DistError(f"round {q}: the update of rank {rank}: {exc}") from None
             wire = (after[rank].minus(before[rank])
                     if after and before and rank in after and rank in before else None)
-            payload = bufs[rank].element_size() * plan_numel(plan)
+            payload = plan_nbytes(plan, fmt)
             out.append(Returned(t, WorkerRound(
                 t.name, plan.client_id, plan.ratio, reason=t.reason,
                 payload_down_bytes=payload, payload_up_bytes=payload,
-                element_bytes=bufs[rank].element_size(),
+                element_bytes=fmt.bytes_per_element,
                 message_down_bytes=payload, message_up_bytes=payload + 8 * META_FIELDS,
                 wire=wire, compute_s=m[0], receive_s=m[4], upload_s=m[5],
                 transfer_s=arrived[rank] - sent_at - m[0], peak_mem_bytes=int(m[1]),
@@ -304,6 +314,8 @@ def _gather_endpoints(ctx: Context, mine: torch.Tensor) -> torch.Tensor:
 def run_worker(ctx: Context, memory_limit: int | None) -> None:
     cfg, job = ctx.cfg, ctx.job
     engine = job.engine
+    fmt = engine.hyper.wire
+    residuals = ClientResiduals()  # this rank's client's int8 error feedback
     cid = ctx.rank - 1
     store_port = int(os.environ.get("MASTER_PORT", "0"))
     _gather_endpoints(ctx, local_endpoints(store_port) if ctx.backend == "gloo"
@@ -323,16 +335,16 @@ def run_worker(ctx: Context, memory_limit: int | None) -> None:
         if ratio <= 0:
             continue
         plan = engine.plan(q, cid, ratio)
-        buf = torch.empty(plan_numel(plan), dtype=engine.hyper.wire, device=ctx.comm_device)
+        buf = torch.empty(plan_nbytes(plan, fmt), dtype=torch.uint8, device=ctx.comm_device)
         t0 = time.perf_counter()
         dist.recv(buf, src=0)
         receive_s = time.perf_counter() - t0
-        x, y, v = unpack(buf, plan_shapes(plan))
+        x, y, v = unpack(buf, plan_layouts(plan, fmt))
         assignment = Assignment(q, cid, plan.mask, engine.hyper, x, y, v)
-        update = client_step(job.task, assignment, job.data.clients[cid], ctx.compute_device)
+        update = client_step(job.task, assignment, job.data.clients[cid], ctx.compute_device,
+                             residuals.of(fmt, cid))
         t0 = time.perf_counter()
-        dist.send(pack([update.x, update.y, update.v], ctx.comm_device, engine.hyper.wire),
-                  dst=0)
+        dist.send(pack([update.x, update.y, update.v], ctx.comm_device), dst=0)
         send_s = time.perf_counter() - t0
         peak = peak_above_startup(update.peak_mem_bytes, baseline, ctx.compute_device)
         meta = torch.tensor([update.compute_s, float(peak),

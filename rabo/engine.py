@@ -48,13 +48,12 @@ from rabo.params import Params, norm, numel
 from rabo.runtime import peak_memory_bytes, reset_peak_memory
 from rabo.submodel import ParamLayout, SlicePlan, extract, scatter
 from rabo.tasks import Batch, BilevelTask
+from rabo.wireformat import ErrorFeedback, WireFormat
 
 log = logging.getLogger("rabo")
 
 # --------------------------------------------------------------------------- value types
 
-
-WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -75,6 +74,8 @@ class ClientHyper:
     neumann_eta: float
     seed: int
     wire_dtype: str = "float32"  # of the slices both ways (wire.dtype)
+    wire_block: int = 256  # int8: entries per block scale (wire.block)
+    wire_error_feedback: bool = True  # int8: residuals carried to the next update
 
     @classmethod
     def from_config(cls, cfg: Config) -> ClientHyper:
@@ -93,12 +94,14 @@ class ClientHyper:
             neumann_eta=cfg.estimator.neumann_eta,
             seed=cfg.seed,
             wire_dtype=cfg.wire.dtype,
+            wire_block=cfg.wire.block,
+            wire_error_feedback=cfg.wire.error_feedback,
         )
 
     @property
-    def wire(self) -> torch.dtype:
-        """The torch dtype of the slices on the wire."""
-        return WIRE_DTYPES[self.wire_dtype]
+    def wire(self) -> WireFormat:
+        """What the slices look like on the wire (rabo.wireformat)."""
+        return WireFormat(self.wire_dtype, self.wire_block, self.wire_error_feedback)
 
     def estimator_config(self) -> EstimatorConfig:
         return EstimatorConfig(name=self.estimator, delta=self.delta,  # type: ignore[arg-type]
@@ -160,8 +163,17 @@ class Update:
     def payload_bytes(self) -> int:
         return _nbytes(self.x, self.y, self.v)
 
+    def received(self, fmt: WireFormat) -> Update:
+        """What a receiver keeps of this update, sent in ``fmt`` (``WireFormat.received``:
+        int8 decoded, raising :class:`~rabo.wireformat.WireFormatError` on bad scales)."""
+        if not fmt.quantized:
+            return self
+        return dataclasses.replace(self, x=fmt.received(self.x), y=fmt.received(self.y),
+                                   v=fmt.received(self.v))
+
     def as_float32(self) -> Update:
-        """This update with float32 slices (itself when they are already)."""
+        """This update with float32 slices (itself when they are already). Int8 slices are
+        decoded where they are received (``WireFormat.received``), never held as codes."""
         parts = (self.x, self.y, self.v)
         if all(t.dtype == torch.float32 for p in parts for t in p.values()):
             return self
@@ -280,8 +292,8 @@ class RoundEngine:
         x, y, v = (extract(state.x, plan.x, copy), extract(y_full, plan.y, copy),
                    extract(v_full, plan.y, copy))
         wire = self.hyper.wire
-        if wire != torch.float32:  # rounded from the float32 master: no error accumulates
-            x, y, v = ({k: t.to(wire) for k, t in p.items()} for p in (x, y, v))
+        if wire.dtype != "float32":  # rounded from the float32 master: no error accumulates
+            x, y, v = (wire.encode(p) for p in (x, y, v))
         return Assignment(round=plan.round, client_id=plan.client_id, mask=plan.mask,
                           hyper=self.hyper, x=x, y=y, v=v)
 
@@ -427,9 +439,11 @@ class RoundEngine:
     # ------------------------------------------------------------------ worker side
 
     def client_step(self, assignment: Assignment, data: ClientData,
-                    device: torch.device | str = "cpu") -> Update:
-        """Run one client's local work on ``device``; returns its update slices."""
-        return client_step(self.task, assignment, data, torch.device(device))
+                    device: torch.device | str = "cpu", feedback: ErrorFeedback | None = None
+                    ) -> Update:
+        """Run one client's local work on ``device``; returns its update slices in their
+        wire form (``feedback``: the client's int8 residuals, see :func:`client_step`)."""
+        return client_step(self.task, assignment, data, torch.device(device), feedback)
 
 
 class Aggregation:
@@ -529,17 +543,23 @@ def _upper_loss(task: BilevelTask, x: Params, y: Params, val: Any, batch: int,
         return total / n
 
 
-def client_step(task: BilevelTask, a: Assignment, data: ClientData, device: torch.device
-                ) -> Update:
-    """The worker's half of a round (module-level so workers need no coordinator state)."""
+def client_step(task: BilevelTask, a: Assignment, data: ClientData, device: torch.device,
+                feedback: ErrorFeedback | None = None) -> Update:
+    """The worker's half of a round (module-level so workers need no coordinator state).
+
+    The assignment's slices may be in any wire form; the update's are in the wire form of
+    ``a.hyper.wire``. ``feedback``: this client's residuals, kept by the caller from round to
+    round, when the wire is int8 with error feedback (``Job.feedback``); None rounds each
+    update on its own."""
     hp = a.hyper
+    fmt = hp.wire
     estimator = make_estimator(hp.estimator_config())
     reset_peak_memory(device)  # so that each step reports its own peak
     start = time.perf_counter()
     # computed in float32 whatever the wire carries (wire.dtype)
-    x0 = {k: t.to(device, torch.float32) for k, t in a.x.items()}
-    y0 = {k: t.to(device, torch.float32) for k, t in a.y.items()}
-    v0 = {k: t.to(device, torch.float32) for k, t in a.v.items()}
+    x0 = {k: t.to(device) for k, t in fmt.decode(a.x).items()}
+    y0 = {k: t.to(device) for k, t in fmt.decode(a.y).items()}
+    v0 = {k: t.to(device) for k, t in fmt.decode(a.v).items()}
     train, val = data.train.to(device), data.val.to(device)
     upper_loss = _upper_loss(task, x0, y0, val, hp.batch_size, device)
     x, y, v = dict(x0), dict(y0), dict(v0)
@@ -578,16 +598,21 @@ def client_step(task: BilevelTask, a: Assignment, data: ClientData, device: torc
                                  for n, h in est.hypergradient.items()}
             if hp.algorithm == "rafbo":
                 x = _step(x, hypergradient, hp.local_lr, None)
-    wire = hp.wire
     if hp.algorithm == "rafbo":
-        x_out = {n: (x[n] - x0[n]).to("cpu", wire) for n in x}
+        x_out = {n: (x[n] - x0[n]).detach().cpu() for n in x}
     else:
-        x_out = {n: t.detach().to("cpu", wire) for n, t in hypergradient.items()}
+        x_out = {n: t.detach().cpu() for n, t in hypergradient.items()}
+    parts = {"x": x_out, "y": {n: (y[n] - y0[n]).detach().cpu() for n in y},
+             "v": {n: (v[n] - v0[n]).detach().cpu() for n in v}}
+    if feedback is not None and fmt.feedback:
+        plans = {"x": task.x_plan(a.mask, a.client_id), "y": task.y_plan(a.mask)}
+        wire = {p: feedback.encode(fmt, p, values, plans["x" if p == "x" else "y"])
+                for p, values in parts.items()}
+    else:
+        wire = {p: fmt.encode(values) for p, values in parts.items()}
     compute_s = time.perf_counter() - start
     return Update(
-        round=a.round, client_id=a.client_id, x=x_out,
-        y={n: (y[n] - y0[n]).detach().to("cpu", wire) for n in y},
-        v={n: (v[n] - v0[n]).detach().to("cpu", wire) for n in v},
+        round=a.round, client_id=a.client_id, x=wire["x"], y=wire["y"], v=wire["v"],
         samples=len(train), upper_loss=upper_loss, compute_s=compute_s,
         peak_mem_bytes=peak_memory_bytes(device),
     )

@@ -98,7 +98,7 @@ class Job:
                                   cfg.policy.safety, cfg.policy.deadline_s,
                                   self.step_batch(client_id), measured,
                                   link=cfg.policy.link and links,
-                                  element_bytes=self.hyper.wire.itemsize)
+                                  element_bytes=self.hyper.wire.bytes_per_element)
             d = Decision(choice.ratio, choice.reason, choice.bound, choice.memory_bytes,
                          choice.step_s + choice.transfer_s)
         if cfg.clients.mode == "exclusion" and d.ratio is not None and d.ratio < 1.0:

@@ -130,11 +130,11 @@ def payload_bytes(task: BilevelTask, ratio: float) -> int:
     return BYTES_PER_ELEMENT * (task.x_plan(mask, 0).numel() + 2 * task.y_plan(mask).numel())
 
 
-def transfer_bytes(task: BilevelTask, ratio: float, element_bytes: int = BYTES_PER_ELEMENT
+def transfer_bytes(task: BilevelTask, ratio: float, element_bytes: float = BYTES_PER_ELEMENT
                    ) -> int:
     """Bytes one round moves over a worker's link at ``ratio``: the x, y and v slices down and
     an update of the same shape up, at ``element_bytes`` per element (wire.dtype)."""
-    return 2 * payload_bytes(task, ratio) * element_bytes // BYTES_PER_ELEMENT
+    return int(2 * payload_bytes(task, ratio) * element_bytes / BYTES_PER_ELEMENT)
 
 
 # forgetting factor of the link fit: a sample's weight shrinks by this much per newer sample,
@@ -203,7 +203,7 @@ class LinkEstimate:
 def choose_ratio(task: BilevelTask, hp: ClientHyper, resources: Resources,
                  ladder: list[float], safety: float, deadline_s: float, batch: int,
                  measured: Mapping[float, int] | None = None, link: bool = False,
-                 element_bytes: int = BYTES_PER_ELEMENT) -> Choice:
+                 element_bytes: float = BYTES_PER_ELEMENT) -> Choice:
     """The largest fitting ratio of ``ladder`` (tried from large to small), or why none fits.
     ``measured``: the worker's measured peaks per ratio (:func:`calibrated_memory`).
     ``link`` (with a deadline): the estimated step plus transfer time (``transfer_bytes`` at

@@ -41,7 +41,9 @@ class WorkerRound:
     upload_s: float = 0.0
     transfer_s: float = 0.0
     peak_mem_bytes: int = 0
-    element_bytes: int = BYTES_PER_ELEMENT  # of the slices on the wire (wire.dtype)
+    # wire bytes per slice entry (wire.dtype; int8: its block scales spread over each block,
+    # so the entry counts below are then exact to within the tensors' partial blocks)
+    element_bytes: float = BYTES_PER_ELEMENT
     samples: int = 0
     upper_loss: float | None = None
     # the ratio policy's decision (rabo.job.Decision): what bound the ratio, and its
@@ -58,8 +60,8 @@ class WorkerRound:
             "ratio": self.ratio,
             "arrived": self.arrived,
             "reason": self.reason,
-            "payload_down_elems": self.payload_down_bytes // self.element_bytes,
-            "payload_up_elems": self.payload_up_bytes // self.element_bytes,
+            "payload_down_elems": round(self.payload_down_bytes / self.element_bytes),
+            "payload_up_elems": round(self.payload_up_bytes / self.element_bytes),
             "payload_down_bytes": self.payload_down_bytes,
             "payload_up_bytes": self.payload_up_bytes,
             "message_down_bytes": self.message_down_bytes,

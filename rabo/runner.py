@@ -25,6 +25,7 @@ from rabo.policy import Resources
 from rabo.records import WorkerRound, summarize
 from rabo.rounds import EarlyAggregate, Exchange, Member, Returned, RoundLoop, Task, Transport
 from rabo.units import parse_bytes
+from rabo.wireformat import ClientResiduals
 
 
 @dataclass
@@ -44,6 +45,7 @@ class InProcess(Transport):
     def __init__(self, job: Job, device: torch.device) -> None:
         self.job = job
         self.device = device
+        self.residuals = ClientResiduals()  # the clients' int8 error feedback, for this run
         budgets = job.cfg.clients.memory_budgets
         self._members = []
         for cid in range(job.cfg.clients.count):
@@ -60,18 +62,21 @@ class InProcess(Transport):
                  not_assigned: dict[str, str], early: EarlyAggregate) -> Exchange:
         opened = self.clock()
         engine = self.job.engine
+        fmt = engine.hyper.wire
         out = []
         for t in tasks:
+            cid = t.plan.client_id
             assignment = engine.assign(state, t.plan)
-            update = engine.client_step(assignment, self.job.data.clients[t.plan.client_id],
-                                        self.device)
-            out.append(Returned(t, WorkerRound(
-                t.name, t.plan.client_id, t.plan.ratio, reason=t.reason,
-                element_bytes=engine.hyper.wire.itemsize,
+            update = engine.client_step(assignment, self.job.data.clients[cid], self.device,
+                                        self.residuals.of(fmt, cid))
+            record = WorkerRound(
+                t.name, cid, t.plan.ratio, reason=t.reason,
+                element_bytes=fmt.bytes_per_element,
                 payload_down_bytes=assignment.payload_bytes(),
                 payload_up_bytes=update.payload_bytes(),
                 compute_s=update.compute_s, peak_mem_bytes=update.peak_mem_bytes,
-                samples=update.samples, upper_loss=update.upper_loss), update))
+                samples=update.samples, upper_loss=update.upper_loss)
+            out.append(Returned(t, record, update.received(fmt)))
         return Exchange(out, opened)
 
 

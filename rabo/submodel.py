@@ -76,6 +76,11 @@ class SlicePlan:
     def numel(self) -> int:
         return sum(math.prod(shape) for shape in self.shapes.values())
 
+    @property
+    def full_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each tensor's shape in the full model."""
+        return {k: tuple(lay.shape) for k, lay in self._layout.items()}
+
     def key(self) -> str:
         """Equal for two plans that keep the same entries of the same tensors (a digest of
         the kept indices): their slices of one state hold the same values."""

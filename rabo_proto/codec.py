@@ -32,6 +32,7 @@ WIRE_DTYPES: dict[torch.dtype, int] = {
     torch.bfloat16: pb.BFLOAT16,
     torch.int64: pb.INT64,
     torch.int32: pb.INT32,
+    torch.int8: pb.INT8,
 }
 TORCH_DTYPES = {v: k for k, v in WIRE_DTYPES.items()}
 PART_NAMES = {pb.X: "x", pb.Y: "y", pb.V: "v"}
@@ -363,6 +364,9 @@ class Assembler:
             count = n // dtype.itemsize
             if count == 0:
                 t = torch.empty(list(meta.shape), dtype=dtype)
+            elif offset % dtype.itemsize:  # after int8 codes: copied out to an aligned start
+                t = torch.frombuffer(self._buf, dtype=torch.uint8, count=n, offset=offset
+                                     ).clone().view(dtype).view(list(meta.shape))
             else:
                 t = torch.frombuffer(self._buf, dtype=dtype, count=count, offset=offset
                                      ).view(list(meta.shape))

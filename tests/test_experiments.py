@@ -19,6 +19,7 @@ from rabo.experiments import (
     coverage,
     estimators,
     robust,
+    wire,
 )
 from rabo.experiments.cli import run_group
 from rabo.experiments.markdown import pct
@@ -36,7 +37,8 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-GROUPS = ("claims", "ablations", "estimators", "coverage", "communication", "robust")
+GROUPS = ("claims", "ablations", "estimators", "coverage", "communication", "robust",
+          "wire")
 
 
 def _load(out: Path, name: str) -> dict:
@@ -182,6 +184,17 @@ def test_report_tables_carry_the_json_numbers(results: Path, tmp_path: Path) -> 
         by = {r["method"]: r["test_acc"]["mean"] for r in robust.rows(data)}
         assert v["cost"] == pytest.approx(by["RABO"] - by[v["method"]])
         assert f"{100 * v['cost']:+.1f}" in text
+    # wire: measured bytes against float32's (0.5 for 16-bit, 0.25-0.3 for int8) and costs
+    data = _load(results, "wire")
+    vs = {v["method"]: v for v in wire.verdicts(data)}
+    assert set(vs) == {m for m in wire.PRESETS["tiny"]["methods"] if m != wire.BASE}
+    assert vs["bfloat16"]["bytes_ratio"] == pytest.approx(0.5, abs=1e-3)
+    assert 0.25 < vs["int8, error feedback"]["bytes_ratio"] < 0.3
+    by = {r["method"]: r["test_acc"]["mean"] for r in wire.rows(data)}
+    for m, v in vs.items():
+        assert v["cost"] == pytest.approx(by[wire.BASE] - by[m])
+        assert f"{v['bytes_ratio']:.3f}" in text and f"{100 * v['cost']:+.2f}" in text
+        assert v["meets"] == (v["cost"] <= wire.TARGETS[m])
     # every table names the command that produced it; images are embedded
     for name in GROUPS:
         assert f"`rabo experiment {name} --quick`" in text

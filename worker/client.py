@@ -32,6 +32,7 @@ from rabo.engine import client_step
 from rabo.errors import ConfigError, ExitCode, RaboError
 from rabo.job import Job, resolve_device
 from rabo.runtime import peak_above_startup, prefer_low_memory, release_free_memory
+from rabo.wireformat import ClientResiduals
 from rabo_proto import PROTOCOL_VERSION
 from rabo_proto.codec import BufferPool, WireError
 from rabo_proto.status import RUN_COMPLETE, RUN_STOPPING, run_state
@@ -167,6 +168,9 @@ class Worker:
         self.flops: float | None = None
         self.baseline_rss = psutil.Process().memory_info().rss
         self._jobs: dict[str, Job] = {}
+        # the int8 error feedback of the clients this worker ran in its session (a new
+        # registration is a new session: it starts from zero residuals)
+        self.residuals = ClientResiduals()
         # from registering until the job is built: the profile's budget does not yet count
         # the data (ResourceProfile.loading)
         self._loading = True
@@ -339,6 +343,7 @@ class Worker:
                 protocol=PROTOCOL_VERSION, instance=self.instance), timeout=30.0)
             self._contact = self.clock()
             self.worker_id, self.credential = reply.worker_id, reply.credential
+            self.residuals.clear()
             self.client_id, self.chunk_bytes = reply.client_id, reply.chunk_bytes
             self.heartbeat_s = reply.heartbeat_s
             # heartbeats first: building the job (loading data) must not look like silence
@@ -380,7 +385,8 @@ class Worker:
             finally:
                 self._call = None
             data = self.job.data.clients[assignment.client_id]
-            update = client_step(self.job.task, assignment, data, self.device)
+            update = client_step(self.job.task, assignment, data, self.device,
+                                 self.residuals.of(self.job.hyper.wire, assignment.client_id))
             # reported above the start-up footprint, as the budget is counted: the
             # coordinator calibrates this worker's memory figures with it (policy.calibrate)
             update = dataclasses.replace(update, peak_mem_bytes=peak_above_startup(

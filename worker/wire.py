@@ -6,6 +6,7 @@ from collections.abc import Iterator, Sequence
 
 from rabo.engine import Assignment, ClientHyper, Update
 from rabo.masks import MaskSpec
+from rabo.wireformat import WireFormatError
 from rabo_proto.codec import Encoded, WireError, WireTensor
 from rabo_proto.stream import payload_stream
 from rabo_proto.v1 import rabo_pb2 as pb
@@ -25,6 +26,10 @@ def assignment_from_wire(msg: pb.Assignment, tensors: Sequence[WireTensor],
     parts: dict[str, dict] = {"x": {}, "y": {}, "v": {}}
     for t in tensors:
         parts[t.part][t.name] = t.tensor
+    try:  # int8 decoded here, so that a bad payload is a protocol error, not a crash
+        parts = {p: hyper.wire.received(values) for p, values in parts.items()}
+    except WireFormatError as exc:
+        raise WireError(f"assignment: {exc}", "invalid-payload") from None
     return Assignment(round=msg.round, client_id=msg.client_id, mask=mask, hyper=hyper,
                       x=parts["x"], y=parts["y"], v=parts["v"])
 

@@ -425,6 +425,14 @@ def stats(values: Iterable[float | None]) -> dict[str, Any]:
             "min": min(vals), "max": max(vals)}
 
 
+def cost_against(base: dict[str, Any], other: dict[str, Any]) -> tuple[float, float] | None:
+    """mean(base) - mean(other) of two :func:`stats`, and the larger of their standard
+    deviations (the seed noise a cost is compared with); None when either has no mean."""
+    if base["mean"] is None or other["mean"] is None:
+        return None
+    return base["mean"] - other["mean"], max(base["std"] or 0.0, other["std"] or 0.0)
+
+
 def group(runs: Iterable[dict[str, Any]], *keys: str) -> dict[tuple[Any, ...], list[dict]]:
     out: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in runs:

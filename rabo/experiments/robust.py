@@ -24,7 +24,7 @@ from typing import Any
 
 from rabo.experiments import common
 from rabo.experiments import grid as g
-from rabo.experiments.common import TIERS, group, stats
+from rabo.experiments.common import TIERS, cost_against, group, stats
 from rabo.experiments.grid import Grid
 
 NAME = "robust"
@@ -92,11 +92,10 @@ def verdicts(data: dict[str, Any]) -> list[dict[str, Any]]:
         base = table.get((ds, split, "RABO"))
         if method == "RABO" or base is None:
             continue
-        a, b = base["test_acc"], r["test_acc"]
-        if a["mean"] is None or b["mean"] is None:
+        measured = cost_against(base["test_acc"], r["test_acc"])
+        if measured is None:
             continue
-        cost = a["mean"] - b["mean"]
-        spread = max(a["std"] or 0.0, b["std"] or 0.0)
+        cost, spread = measured
         out.append({"setting": f"A/{ds}/{split}", "method": method, "cost": cost,
                     "spread": spread, "measurable": cost > spread})
     return out

@@ -16,6 +16,7 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BFLOAT16: _ClassVar[DType]
     INT64: _ClassVar[DType]
     INT32: _ClassVar[DType]
+    INT8: _ClassVar[DType]
 
 class Part(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -30,6 +31,7 @@ FLOAT16: DType
 BFLOAT16: DType
 INT64: DType
 INT32: DType
+INT8: DType
 PART_UNSPECIFIED: Part
 X: Part
 Y: Part
