@@ -11,30 +11,41 @@ decodes only after all of that; no pickle, no numpy or torch serialization forma
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
+import numpy as np
 from google.protobuf.message import DecodeError, Message
 from google_crc32c import extend as _crc32c_extend
 
 from rabo_proto.v1 import rabo_pb2 as pb
 
-WIRE_DTYPES: dict[torch.dtype, int] = {
-    torch.float32: pb.FLOAT32,
-    torch.float64: pb.FLOAT64,
-    torch.float16: pb.FLOAT16,
-    torch.bfloat16: pb.BFLOAT16,
-    torch.int64: pb.INT64,
-    torch.int32: pb.INT32,
-    torch.int8: pb.INT8,
-}
-TORCH_DTYPES = {v: k for k, v in WIRE_DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
+
+# Bytes per element of each wire dtype. Framing, checksums and header checks need only this,
+# so that a process moving bytes without tensors (worker.echo) never imports torch; torch is
+# imported where tensors are made or read (_dtypes()).
+ITEMSIZE = {pb.FLOAT32: 4, pb.FLOAT64: 8, pb.FLOAT16: 2, pb.BFLOAT16: 2, pb.INT64: 8,
+            pb.INT32: 4, pb.INT8: 1}
+
+
+@functools.cache
+def _dtypes() -> tuple[dict[Any, Any], dict[Any, Any]]:
+    """(torch dtype -> wire dtype, wire dtype -> torch dtype)."""
+    import torch
+
+    wire = {torch.float32: pb.FLOAT32, torch.float64: pb.FLOAT64, torch.float16: pb.FLOAT16,
+            torch.bfloat16: pb.BFLOAT16, torch.int64: pb.INT64, torch.int32: pb.INT32,
+            torch.int8: pb.INT8}
+    return wire, {v: k for k, v in wire.items()}
+
 PART_NAMES = {pb.X: "x", pb.Y: "y", pb.V: "v"}
 PARTS = {v: k for k, v in PART_NAMES.items()}
 GRPC_FRAME_BYTES = 5  # gRPC length-prefixed message framing: 1 flag byte + 4 length bytes
@@ -72,10 +83,12 @@ class WireTensor:
 
 
 def _raw(t: torch.Tensor) -> memoryview:
+    import torch
+
     t = t.detach().contiguous().cpu()
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
-    if t.dtype not in WIRE_DTYPES and t.dtype != torch.int16:
+    if t.dtype not in _dtypes()[0] and t.dtype != torch.int16:
         raise WireError(f"dtype {t.dtype} cannot cross the wire", "dtype")
     if t.numel() == 0:
         return memoryview(b"")
@@ -83,10 +96,11 @@ def _raw(t: torch.Tensor) -> memoryview:
 
 
 def tensor_meta(part: str, name: str, dtype: torch.dtype, shape: Sequence[int]) -> pb.TensorMeta:
-    if dtype not in WIRE_DTYPES:
+    wire = _dtypes()[0]
+    if dtype not in wire:
         raise WireError(f"tensor {part}.{name}: dtype {dtype} cannot cross the wire", "dtype")
     return pb.TensorMeta(part=PARTS[part], name=name,  # type: ignore[arg-type]
-                         dtype=WIRE_DTYPES[dtype],  # type: ignore[arg-type]
+                         dtype=wire[dtype],  # type: ignore[arg-type]
                          shape=list(shape))
 
 
@@ -94,7 +108,7 @@ def meta_nbytes(meta: pb.TensorMeta) -> int:
     n = 1
     for s in meta.shape:
         n *= s
-    return n * TORCH_DTYPES[meta.dtype].itemsize
+    return n * ITEMSIZE[meta.dtype]
 
 
 def crc32c(data: bytes, crc: int = 0) -> int:
@@ -210,7 +224,7 @@ def check_header(header: pb.PayloadHeader, expected: Sequence[pb.TensorMeta] | N
         if key in seen:
             raise WireError(f"tensor {label} appears twice")
         seen.add(key)
-        if meta.dtype not in TORCH_DTYPES:
+        if meta.dtype not in ITEMSIZE:
             raise WireError(f"tensor {label}: unknown dtype {meta.dtype}", "dtype")
         if any(s < 0 for s in meta.shape):
             raise WireError(f"tensor {label}: negative dimension in shape {list(meta.shape)}",
@@ -274,7 +288,7 @@ class BufferPool:
                         (best is None or buf.nbytes < best[0].nbytes):
                     best = slot
             if best is None:
-                buf = torch.empty(nbytes, dtype=torch.uint8).numpy()
+                buf = np.empty(nbytes, dtype=np.uint8)
                 if self._kept + nbytes > self.max_bytes:
                     return buf  # not kept: freed with its last user
                 best = [buf, None]
@@ -299,7 +313,7 @@ class Assembler:
         # (bytearray(n) would first zero all of it, a whole extra pass over the payload)
         total = int(header.total_bytes)
         self._buf = (pool.take(total) if pool is not None
-                     else torch.empty(total, dtype=torch.uint8).numpy())
+                     else np.empty(total, dtype=np.uint8))
         self._view = memoryview(self._buf)  # type: ignore[arg-type]
         self._received = 0
         self._crc = 0
@@ -343,10 +357,11 @@ class Assembler:
         else:
             raise WireError("messages after the payload's trailer", "chunk")
 
-    def finish(self, trailer: pb.PayloadTrailer | None, check_finite: bool = True
-               ) -> list[WireTensor]:
+    def finish(self, trailer: pb.PayloadTrailer | None, check_finite: bool = True,
+               decode: bool = True) -> list[WireTensor]:
         """The tensors, once every byte and the trailer (``None``: the stream ended without
-        one) have arrived and the checksum matches."""
+        one) have arrived and the checksum matches (``decode=False``: only those checks, and
+        no tensors)."""
         if self._received != len(self._buf):
             raise WireError(f"truncated payload: {self._received} of {len(self._buf)} bytes "
                             "arrived", "truncated")
@@ -356,10 +371,14 @@ class Assembler:
         if self._crc != trailer.crc32c:
             raise WireError(f"checksum mismatch: CRC-32C {self._crc:#010x}, trailer says "
                             f"{trailer.crc32c:#010x}", "checksum")
+        if not decode:
+            return []
+        import torch
+
         out: list[WireTensor] = []
         offset = 0
         for meta in self.header.tensors:
-            dtype = TORCH_DTYPES[meta.dtype]
+            dtype = _dtypes()[1][meta.dtype]
             n = meta_nbytes(meta)
             count = n // dtype.itemsize
             if count == 0:

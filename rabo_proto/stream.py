@@ -95,16 +95,18 @@ class CoordinatorStub:
 
 def receive_payload(header: pb.PayloadHeader, messages: Iterator[bytes], max_chunk_bytes: int,
                     cls: type[pb.AssignmentMessage] | type[pb.UpdateMessage],
-                    check_finite: bool = True, pool: BufferPool | None = None
-                    ) -> tuple[list[WireTensor], Assembler]:
+                    check_finite: bool = True, pool: BufferPool | None = None,
+                    decode: bool = True) -> tuple[list[WireTensor], Assembler]:
     """Read a payload's raw chunks and trailer from a synchronous stream (the header has
     been read); the stream must end after the trailer. ``pool``: where the receive buffer
-    comes from (``codec.BufferPool``)."""
+    comes from (``codec.BufferPool``). ``decode=False``: every check, but no tensors (for a
+    process that moves bytes only)."""
     check_header(header, None, max_total_bytes=1 << 40)
     assembler = Assembler(header, max_chunk_bytes=max(max_chunk_bytes, 1), pool=pool)
     for data in messages:
         assembler.accept(data, cls)
-    return assembler.finish(assembler.trailer, check_finite=check_finite), assembler
+    return assembler.finish(assembler.trailer, check_finite=check_finite,
+                            decode=decode), assembler
 
 
 def payload_stream(first: Message, encoded: Encoded,

@@ -56,3 +56,16 @@ def test_the_check_sees_function_level_imports(tmp_path: Path) -> None:
     f = tmp_path / "m.py"
     f.write_text("def f():\n    from coordinator.server import serve\n    import grpc.aio\n")
     assert imports(f) == {"coordinator", "grpc"}
+
+
+def test_the_echo_worker_moves_bytes_without_importing_torch() -> None:
+    """worker.echo (the load tests' client: dozens of processes on one machine) needs framing,
+    checksums and header checks only; importing torch would cost each about a second."""
+    import subprocess
+    import sys
+
+    code = ("import sys, worker.echo; "
+            "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.strip() == "['numpy']"

@@ -90,9 +90,9 @@ def run(target: str, client_id: int, name: str, max_message_bytes: int, poll_s: 
                     continue
                 a = first.assignment
                 start = time.perf_counter()
-                try:  # received as a worker receives it, nothing decoded beyond that
+                try:  # received and checked as a worker receives it, but not decoded
                     receive_payload(a.payload, call, reply.chunk_bytes, pb.AssignmentMessage,
-                                    check_finite=False, pool=buffers)
+                                    check_finite=False, pool=buffers, decode=False)
                 except WireError as exc:
                     log.error("round %d: bad assignment payload: %s", a.round, exc)
                     return ExitCode.PROTOCOL
