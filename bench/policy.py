@@ -8,6 +8,10 @@ with every update, its peak resident set above its start-up footprint during the
 the transport's buffers and the step's own tensors. The bench prints the largest of those
 peaks over the job's rounds next to ``rabo.policy.estimate_memory`` and their ratio.
 
+Subsets (to measure one part again): ``--tasks A,B``, ``--models mlp,cnn`` (a prefix of a
+model's name), ``--estimators fd-central,exact`` and ``--ratios 1,0.125`` keep only those of
+the preset's points; ``--rounds N`` overrides the preset's rounds per point.
+
 Rule (the policy issue's target): measured / estimate between 0.75 and 1.0 at every point; an
 estimate below the measurement is the worse error (a worker given more than it can hold is
 OOM-killed), one far above it gives workers smaller submodels than they could train.
@@ -47,6 +51,16 @@ def add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="reduced",
                    help="reduced: 2 tasks x 2 models x 4 estimators x 4 ratios on MNIST "
                         "(default); tiny: two points on digits (what the test suite runs)")
+    p.add_argument("--tasks", default=None, metavar="A,B",
+                   help="only these tasks of the preset (comma-separated)")
+    p.add_argument("--models", default=None, metavar="mlp,cnn",
+                   help="only the preset's models whose name starts with one of these")
+    p.add_argument("--estimators", default=None, metavar="NAME,...",
+                   help="only these estimators of the preset (comma-separated)")
+    p.add_argument("--ratios", default=None, metavar="1,0.5,...",
+                   help="only these ratios of the preset's ladder (comma-separated)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="rounds per point (default: the preset's)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--out", metavar="FILE", default=None,
                    help="also write the JSON result to FILE")
@@ -85,8 +99,33 @@ def measure_point(task: str, model: str, estimator: str, ratio: float, rounds: i
             "measured_vs_estimate": peak / estimate}
 
 
-def run_policy(preset: str) -> dict[str, Any]:
-    p = PRESETS[preset]
+def _subset(preset: dict[str, Any], tasks: str | None = None, models: str | None = None,
+            estimators: str | None = None, ratios: str | None = None,
+            rounds: int | None = None) -> dict[str, Any]:
+    """The preset ``preset`` restricted to the named tasks, models, estimators and ratios."""
+    def names(arg: str | None) -> list[str] | None:
+        return None if arg is None else [a.strip() for a in arg.split(",") if a.strip()]
+
+    p = dict(preset)
+    if (t := names(tasks)) is not None:
+        p["tasks"] = tuple(x for x in p["tasks"] if x.lower() in {a.lower() for a in t})
+    if (m := names(models)) is not None:
+        p["models"] = tuple(x for x in p["models"] if any(x.startswith(a) for a in m))
+    if (e := names(estimators)) is not None:
+        p["estimators"] = tuple(x for x in p["estimators"] if x in e)
+    if (r := names(ratios)) is not None:
+        wanted = [float(a) for a in r]
+        p["ladder"] = tuple(x for x in p["ladder"] if any(abs(x - w) < 1e-9 for w in wanted))
+    if rounds is not None:
+        p["rounds"] = rounds
+    for key in ("tasks", "models", "estimators", "ladder"):
+        if not p[key]:
+            raise SystemExit(f"rabo bench policy: no {key} of the preset left to measure")
+    return p
+
+
+def run_policy(preset: str, **subset: Any) -> dict[str, Any]:
+    p = _subset(PRESETS[preset], **subset)
     points = []
     t0 = time.perf_counter()
     for task in p["tasks"]:
@@ -104,7 +143,10 @@ def run_policy(preset: str) -> dict[str, Any]:
     inside = sum(1 for v in ratios if LOW <= v <= HIGH)
     from rabo.provenance import provenance
 
-    return {"preset": preset, "points": points, "wall_s": time.perf_counter() - t0,
+    return {"preset": preset, "selection": {k: list(p[k]) if isinstance(p[k], tuple) else p[k]
+                                            for k in ("tasks", "models", "estimators",
+                                                      "ladder", "rounds")},
+            "points": points, "wall_s": time.perf_counter() - t0,
             "provenance": provenance(),
             "rule": f"{LOW} <= measured / estimate <= {HIGH} at every point",
             "min": min(ratios), "max": max(ratios), "median": statistics.median(ratios),
@@ -114,7 +156,8 @@ def run_policy(preset: str) -> dict[str, Any]:
 
 def cmd_bench_policy(args: argparse.Namespace) -> int:
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    result = run_policy(args.preset)
+    result = run_policy(args.preset, tasks=args.tasks, models=args.models,
+                        estimators=args.estimators, ratios=args.ratios, rounds=args.rounds)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     if args.json:
