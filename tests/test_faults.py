@@ -63,12 +63,13 @@ def _wait_rounds(server, n: int, timeout: float = 120) -> None:
 
 @pytest.mark.slow
 def test_killed_worker_is_left_out_expires_and_rejoins(tmp_path: Path) -> None:
-    cfg = config.load(None, [*BASE, "clients.count=3", "rounds=40", "cluster.min_workers=1",
+    # more rounds than the test needs: it stops the run once the restarted worker is back
+    cfg = config.load(None, [*BASE, "clients.count=3", "rounds=400", "cluster.min_workers=1",
                              "cluster.round_deadline_s=20"])
     server = serve(cfg, tmp_path, bind="127.0.0.1:0", linger_s=1.0)
-    # rounds paced by the survivors' step delay (not by CPU), so that at least 30 s of rounds
-    # remain for the restarted worker to start (torch) and rejoin on a busy machine
-    procs = [_worker(server, tmp_path, i, ("--step-delay-s", "1.0")) for i in range(2)]
+    # rounds paced by the survivors' step delay (not by CPU), so that the run is still going
+    # however long the restarted worker takes to start (torch) and rejoin on a busy machine
+    procs = [_worker(server, tmp_path, i, ("--step-delay-s", "0.5")) for i in range(2)]
     procs.append(_worker(server, tmp_path, 2, ("--step-delay-s", "0.3")))
     try:
         _wait_rounds(server, 2)
@@ -81,22 +82,23 @@ def test_killed_worker_is_left_out_expires_and_rejoins(tmp_path: Path) -> None:
             time.sleep(0.05)
         expired_at = len(server.driver.records)
         procs.append(_worker(server, tmp_path, 2, ("--step-delay-s", "0.3")))  # restarts
-        end = time.monotonic() + 120
-        while time.monotonic() < end and not any(
-                any(c["client_id"] == 2 for c in r["clients"])
-                for r in server.driver.records[expired_at:]):
+        end = time.monotonic() + 150
+        while not any(any(c["client_id"] == 2 for c in r["clients"])
+                      for r in server.driver.records[expired_at:]):
+            assert time.monotonic() < end, "the restarted worker did not rejoin"
+            assert not server.wait(0), "the run ended before the worker rejoined"
             time.sleep(0.2)
-        assert server.wait(180), "the run did not finish"
+        _wait_rounds(server, len(server.driver.records) + 1)  # and one round after it
     finally:
         server.stop(0)
         stop_workers(procs)
     assert server.driver.error is None
     recs = server.driver.records
-    assert [r["round"] for r in recs] == list(range(1, 41))
+    assert [r["round"] for r in recs] == list(range(1, len(recs) + 1))
     with_2 = [r["round"] for r in recs if any(c["client_id"] == 2 for c in r["clients"])]
     without_2 = [r["round"] for r in recs if r["round"] not in with_2]
     assert without_2, "the killed worker never missed a round"
-    assert killed_at < 40 and any(r > expired_at for r in with_2), \
+    assert killed_at >= 2 and any(r > expired_at for r in with_2), \
         "the restarted worker was not used again"
     assert any(r > without_2[0] for r in with_2)
     assert server.coord.registry.expired_total >= 1
