@@ -58,6 +58,13 @@ bench: install
 		--json > $(RESULTS)/bench_network_link.json.tmp; then \
 		mv $(RESULTS)/bench_network_link.json.tmp $(RESULTS)/bench_network_link.json; \
 	else rm -f $(RESULTS)/bench_network_link.json.tmp; echo "bench network: skipped"; fi
+	@# compressed slices on a 10 Mbit/s link (the same; docs/RESULTS.md section 8)
+	for d in float32 int8; do \
+		if $(BIN)/rabo bench network --bandwidths 10 --rounds 3 --set wire.dtype=$$d \
+			--json > $(RESULTS)/bench_network_wire_$$d.json.tmp; then \
+			mv $(RESULTS)/bench_network_wire_$$d.json.tmp $(RESULTS)/bench_network_wire_$$d.json; \
+		else rm -f $(RESULTS)/bench_network_wire_$$d.json.tmp; echo "bench network: skipped"; fi; \
+	done
 	$(BIN)/rabo experiment report
 
 # What make bench leaves out to stay within its budget (about 25 minutes on 2 cores): the

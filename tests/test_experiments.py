@@ -360,3 +360,18 @@ def test_grid_union_drops_repeated_keys_and_with_dedupe_equal_configs() -> None:
     assert [s.key for s in g.specs(one, one)] == ["A/RABO/0", "A/same as RABO/0", "A/static/0"]
     # the task config's own mask policy is rolling: "same as RABO" resolves to RABO's run
     assert [s.key for s in g.specs(one, dedupe=True)] == ["A/RABO/0", "A/static/0"]
+
+
+def test_the_wire_link_block_sets_round_time_and_bytes_against_float32() -> None:
+    def run(nbytes: int, rounds_s: list[float]) -> dict:
+        return {"workers": [{"bandwidth_mbit": 10.0, "ratio": 1.0, "payload_bytes": nbytes,
+                             "interface_bytes": int(nbytes * 1.07)}],
+                "round_s": rounds_s, "rounds_completed": len(rounds_s), "hidden": 512}
+
+    text, heads = wire.link_block({"int8": run(254_000, [0.6, 0.5, 0.55]),
+                                   "float32": run(1_000_000, [2.0, 2.2, 2.1])})
+    rows = [ln for ln in text.splitlines() if ln.startswith("| float32") or
+            ln.startswith("| int8")]
+    assert rows[0].startswith("| float32") and rows[0].endswith("| 2.10 | 1 | 1x |")
+    assert rows[1].endswith("| 0.55 | 0.254 | 3.8x |")  # median 2.10 / 0.55
+    assert heads[0]["verdict"] == "3.8x shorter at 0.25x the bytes"

@@ -89,10 +89,18 @@ def build_report(results: dict[str, dict[str, Any]], rel: str) -> str:
         text, h = models.section(results["models"], rel)
         parts.append(text)
         heads += h
-    if "wire" in results:
+    slow_links = {name.removeprefix("bench_network_wire_"): d for name, d in results.items()
+             if name.startswith("bench_network_wire_")}
+    if "wire" in results or slow_links:
         from rabo.experiments import wire
 
-        text, h = wire.section(results["wire"], rel)
+        text, h = wire.section(results["wire"], rel) if "wire" in results else (
+            "## 8. Compressed slices on the wire\n\n(no wire.json: run `rabo experiment "
+            "wire`)\n", [])
+        if slow_links:
+            block, lh = wire.link_block(slow_links)
+            text += "\n" + block
+            h += lh
         parts.append(text)
         heads += h
     from rabo.experiments.cli import BENCH_GROUPS

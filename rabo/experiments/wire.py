@@ -143,3 +143,45 @@ def section(data: dict[str, Any], rel: str) -> tuple[str, list[dict[str, str]]]:
                   if v["bytes_ratio"] is not None and "no feedback" not in v["method"])}
              ] if vs else []
     return "\n".join(lines), heads
+
+
+def link_block(runs: dict[str, dict[str, Any]]) -> tuple[str, list[dict[str, str]]]:
+    """The same job over a 10 Mbit/s tbf link per wire dtype (``bench_network_wire_<dtype>``:
+    ``rabo bench network --bandwidths 10 --set wire.dtype=<dtype> --json``, run by make bench
+    where network namespaces can be made): round time and bytes against float32's."""
+    import statistics
+
+    from rabo.experiments.markdown import table
+
+    base = runs.get(BASE)
+    body, heads = [], []
+    for dtype, d in sorted(runs.items(), key=lambda kv: kv[0] != BASE):
+        (w,) = d["workers"]
+        median = statistics.median(d["round_s"])
+        row = [dtype, f"{w['bandwidth_mbit']:g}", f"{w['ratio']:g}", str(d["rounds_completed"]),
+               f"{w['payload_bytes'] / d['rounds_completed'] / 2**20:.2f}",
+               f"{w['interface_bytes'] / d['rounds_completed'] / 2**20:.2f}", f"{median:.2f}"]
+        if base is not None and dtype != BASE:
+            b = base["workers"][0]
+            bytes_ratio = w["payload_bytes"] / b["payload_bytes"]
+            speed = statistics.median(base["round_s"]) / median
+            row += [f"{bytes_ratio:.3f}", f"{speed:.1f}x"]
+            heads.append({"claim": f"{dtype} slices shorten rounds on a slow link",
+                          "verdict": f"{speed:.1f}x shorter at {bytes_ratio:.2f}x the bytes",
+                          "evidence": f"section 8: {w['bandwidth_mbit']:g} Mbit/s tbf link, "
+                                      f"median round {statistics.median(base['round_s']):.2f}"
+                                      f" s -> {median:.2f} s"})
+        else:
+            row += ["1", "1x"]
+        body.append(row)
+    hidden = next(iter(runs.values()))["hidden"]
+    lines = [f"**On a slow link** (*produced by* `rabo bench network --bandwidths 10 --set "
+             f"wire.dtype=<dtype> --json`, part of `make bench` where network namespaces can "
+             f"be made): one coordinator and one worker in its own network namespace behind a "
+             f"veth pair with tbf at 10 Mbit/s, digits MLP 64-{hidden}-{hidden}-10 at ratio 1; "
+             f"payload bytes are the tensors' both ways, interface bytes what the veth counted "
+             f"(headers included).", "",
+             table(["wire", "Mbit/s", "ratio", "rounds", "payload MiB / round",
+                    "interface MiB / round", "median round s", "bytes / float32",
+                    "rounds shorter"], body), ""]
+    return "\n".join(lines), heads
