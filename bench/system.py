@@ -85,23 +85,34 @@ RATIO_WORKLOADS = {
              ("A/mlp 784-1024-1024-10 exact", "A", ["model.hidden=[1024, 1024]",
                                                     "estimator.name=exact"])],
     "tiny": [("A/mlp 64-16-10", "A", ["data.dataset=digits", "model.hidden=[16]"])],
+    # bench/gpu.sh (--parts ratio only): the MLP and the largest shipped model at both ends
+    # of the ladder, sized for one call on a lent GPU with compiled and graph steps beside eager
+    "gpu": [("A/mlp 784-1024-1024-10", "A", ["model.hidden=[1024, 1024]"]),
+            (WIDE_RESNET, "A", ["model.kind=resnet", "model.channels=[64, 128, 256]"])],
 }
-RATIO_LADDER = {"reduced": RATIOS, "full": (*RATIOS, 0.0625), "tiny": (1.0, 0.5)}
-RATIO_REPEATS = {"reduced": 5, "full": 9, "tiny": 2}
+RATIO_LADDER = {"reduced": RATIOS, "full": (*RATIOS, 0.0625), "tiny": (1.0, 0.5),
+                "gpu": (1.0, 0.125)}
+RATIO_REPEATS = {"reduced": 5, "full": 9, "tiny": 2, "gpu": 5}
 
 
 def add_system_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full", action="store_true",
                    help="the whole grid: 8/32/128 workers x 1M/10M/50M parameters (what fits), "
                         "more transports and workloads")
-    p.add_argument("--preset", choices=["reduced", "full", "tiny"], default=None,
-                   help=argparse.SUPPRESS)
+    p.add_argument("--preset", choices=["reduced", "full", "tiny", "gpu"], default=None,
+                   help=argparse.SUPPRESS)  # gpu: the ratio part of bench/gpu.sh alone
     p.add_argument("--parts", default="grid,compare,ratio",
                    help="comma-separated subset of grid, compare, ratio")
     p.add_argument("--out", metavar="DIR", default=str(DEFAULT_OUT),
                    help="results folder (default docs/results): system.json and PNGs")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="device of the per-ratio worker measurements")
+    p.add_argument("--steps", default="eager", metavar="STEP,...",
+                   type=lambda v: tuple(x.strip() for x in v.split(",") if x.strip()),
+                   help="worker.step modes timed side by side by the ratio part (eager, "
+                        "compiled, graph; the first is the reference of time_vs_full). "
+                        "Each ratio's first two steps (compilation included) are warm-up; "
+                        "the compile time is reported apart")
     p.add_argument("--child-ratio", nargs=3, metavar=("TASK", "RATIO", "OVERRIDES_JSON"),
                    help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=["time", "memory"], default="time", help=argparse.SUPPRESS)
@@ -323,9 +334,16 @@ def ratio_child(task: str, ratio: float, overrides: list[str], mode: str, repeat
     def call() -> Any:
         return client_step(job.task, a, data, device)
 
+    first_s = None
+    if mode == "time":  # the first step of a compiled mode compiles: timed on its own
+        t0 = time.perf_counter()
+        call()
+        first_s = time.perf_counter() - t0
     figures, u = measure(call, mode, repeats, device, memory_warmup=1)
     if mode == "time":
         figures["compute_s_reported"] = u.compute_s
+        figures["first_step_s"] = first_s
+        figures["step"] = cfg.worker.step
     return {**info, **figures}
 
 
@@ -336,14 +354,22 @@ def _ratio_subprocess(task: str, ratio: float, overrides: list[str], mode: str, 
                                      device], mode, f"ratio {task} {ratio}", cwd=REPO)
 
 
-def run_ratio(preset: str, device: str) -> dict[str, Any]:
+def run_ratio(preset: str, device: str, steps: tuple[str, ...] = ("eager",)
+              ) -> dict[str, Any]:
     out = []
     for name, task, overrides in RATIO_WORKLOADS[preset]:
         rows = []
         for r in RATIO_LADDER[preset]:
-            t = _ratio_subprocess(task, r, overrides, "time", RATIO_REPEATS[preset], device)
-            m = _ratio_subprocess(task, r, overrides, "memory", 1, device)
-            rows.append({"ratio": r, "time_s": t["time_s"], "peak_bytes": m["peak_bytes"],
+            timed = {s: _ratio_subprocess(task, r, [*overrides, f"worker.step={s}"], "time",
+                                          RATIO_REPEATS[preset], device) for s in steps}
+            t = timed[steps[0]]
+            m = _ratio_subprocess(task, r, [*overrides, f"worker.step={steps[0]}"], "memory",
+                                  1, device)
+            rows.append({"ratio": r, "time_s": t["time_s"], "step": steps[0],
+                         "time_s_by_step": {s: x["time_s"] for s, x in timed.items()},
+                         "first_step_s_by_step": {s: x["first_step_s"]
+                                                  for s, x in timed.items()},
+                         "peak_bytes": m["peak_bytes"],
                          "peak_method": m["peak_method"], "estimate_bytes": t["estimate_bytes"],
                          "estimate_flops": t["estimate_flops"],
                          "payload_bytes": t["payload_bytes"], "batch": t["batch"],
@@ -351,6 +377,11 @@ def run_ratio(preset: str, device: str) -> dict[str, Any]:
         full = rows[0]
         for row in rows:
             row["time_vs_full"] = row["time_s"] / full["time_s"]
+            row["time_vs_full_by_step"] = {s: t / full["time_s_by_step"][s]
+                                           for s, t in row["time_s_by_step"].items()}
+            row["time_vs_eager_by_step"] = (
+                {s: t / row["time_s_by_step"]["eager"] for s, t in row["time_s_by_step"].items()}
+                if "eager" in row["time_s_by_step"] else {})
             row["peak_vs_full"] = row["peak_bytes"] / full["peak_bytes"] \
                 if full["peak_bytes"] > 0 else None
             row["estimate_vs_full"] = row["estimate_bytes"] / full["estimate_bytes"]
@@ -359,7 +390,12 @@ def run_ratio(preset: str, device: str) -> dict[str, Any]:
         print(f"  per-ratio {name}: " + ", ".join(
             f"r={x['ratio']:g} {x['time_s'] * 1e3:.0f}ms {x['peak_bytes'] / 2**20:.1f}MiB "
             f"(est {x['estimate_bytes'] / 2**20:.1f})" for x in rows), flush=True)
-    return {"device": device, "workloads": out}
+        if len(steps) > 1:
+            for x in rows:
+                print(f"    r={x['ratio']:g} " + ", ".join(
+                    f"{s} {t * 1e3:.1f}ms (first step {x['first_step_s_by_step'][s]:.1f}s)"
+                    for s, t in x["time_s_by_step"].items()), flush=True)
+    return {"device": device, "steps": list(steps), "workloads": out}
 
 
 # --------------------------------------------------------------------------- entry
@@ -378,6 +414,10 @@ def cmd_bench_system(args: argparse.Namespace) -> int:
     if unknown:
         print(f"rabo bench system: unknown parts {sorted(unknown)}", file=sys.stderr)
         return ExitCode.USAGE
+    if not args.steps or set(args.steps) - {"eager", "compiled", "graph"}:
+        print(f"rabo bench system: --steps {','.join(args.steps)}: each must be eager, "
+              f"compiled or graph", file=sys.stderr)
+        return ExitCode.USAGE
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "system" if args.device == "cpu" else f"system_{args.device}"
@@ -391,9 +431,16 @@ def cmd_bench_system(args: argparse.Namespace) -> int:
     if previous.get("preset") != preset:
         previous = {}
     t0 = time.perf_counter()
-    flag = {"full": " --full", "reduced": "", "tiny": " --preset tiny"}[preset]
+    if preset == "gpu" and parts != ["ratio"]:
+        print("rabo bench system: --preset gpu has the ratio part alone (--parts ratio)",
+              file=sys.stderr)
+        return ExitCode.USAGE
+    flag = {"full": " --full", "reduced": "", "tiny": " --preset tiny",
+            "gpu": " --preset gpu"}[preset]
     if args.device != "cpu":
         flag += f" --device {args.device}"
+    if args.steps != ("eager",):
+        flag += f" --steps {','.join(args.steps)}"
     this_run = f"rabo bench system{flag}" + (
         f" --parts {','.join(parts)}" if set(parts) != {"grid", "compare", "ratio"} else "")
     result: dict[str, Any] = {
@@ -416,7 +463,7 @@ def cmd_bench_system(args: argparse.Namespace) -> int:
         elif part == "compare":
             result["compare"] = run_compare(preset)
         else:
-            result["ratio"] = run_ratio(preset, args.device)
+            result["ratio"] = run_ratio(preset, args.device, args.steps)
         timings[part] = round(time.perf_counter() - p0, 1)
         part_commands[part] = this_run
     result["part_wall_s"] = timings

@@ -234,6 +234,18 @@ class WireConfig:
 
 
 @dataclass(kw_only=True)
+class WorkerConfig:
+    step: Literal["auto", "eager", "compiled", "graph"] = opt(
+        "auto", "[ext] how a worker runs its local work: eager PyTorch; compiled "
+        "(torch.compile with compile_backend, once per ratio); graph (CUDA graphs through "
+        "torch.compile's reduce-overhead mode, CUDA only: eager elsewhere); auto: eager "
+        "(rabo/step.py)")
+    compile_backend: Literal["inductor", "aot_eager"] = opt(
+        "inductor", "[ext] torch.compile backend of worker.step: compiled (inductor: fused "
+        "kernels; aot_eager: traced, eager kernels, eager's numbers bit for bit)")
+
+
+@dataclass(kw_only=True)
 class PolicyConfig:
     ladder: list[float] = opt(
         [1.0, 0.5, 0.25, 0.125, 0.0625], "[recon] width ratios the coordinator may assign"
@@ -348,6 +360,7 @@ class Config:
     aggregation: AggregationConfig = opt(AggregationConfig(), "aggregation")
     policy: PolicyConfig = opt(PolicyConfig(), "resource-adaptive ratio policy")
     wire: WireConfig = opt(WireConfig(), "what travels between coordinator and workers")
+    worker: WorkerConfig = opt(WorkerConfig(), "how workers compute")
     cluster: ClusterConfig = opt(ClusterConfig(), "gRPC coordinator and workers")
 
     def validate(self, key: str = "") -> None:

@@ -46,6 +46,7 @@ from rabo.estimators import Problem, grads, make_estimator
 from rabo.masks import MaskSpec, client_mask_seed
 from rabo.params import Params, norm, numel
 from rabo.runtime import peak_memory_bytes, reset_peak_memory
+from rabo.step import runner as step_runner
 from rabo.submodel import ParamLayout, SlicePlan, extract, scatter
 from rabo.tasks import Batch, BilevelTask
 from rabo.wireformat import ErrorFeedback, WireFormat
@@ -76,6 +77,8 @@ class ClientHyper:
     wire_dtype: str = "float32"  # of the slices both ways (wire.dtype)
     wire_block: int = 256  # int8: entries per block scale (wire.block)
     wire_error_feedback: bool = True  # int8: residuals carried to the next update
+    step: str = "auto"  # how the local work runs (worker.step; rabo.step)
+    compile_backend: str = "inductor"  # worker.compile_backend
 
     @classmethod
     def from_config(cls, cfg: Config) -> ClientHyper:
@@ -96,6 +99,8 @@ class ClientHyper:
             wire_dtype=cfg.wire.dtype,
             wire_block=cfg.wire.block,
             wire_error_feedback=cfg.wire.error_feedback,
+            step=cfg.worker.step,
+            compile_backend=cfg.worker.compile_backend,
         )
 
     @property
@@ -553,30 +558,62 @@ def client_step(task: BilevelTask, a: Assignment, data: ClientData, device: torc
     update on its own."""
     hp = a.hyper
     fmt = hp.wire
-    estimator = make_estimator(hp.estimator_config())
+    estimator = _estimator(hp)
     reset_peak_memory(device)  # so that each step reports its own peak
     start = time.perf_counter()
     # computed in float32 whatever the wire carries (wire.dtype)
-    x0 = {k: t.to(device) for k, t in fmt.decode(a.x).items()}
-    y0 = {k: t.to(device) for k, t in fmt.decode(a.y).items()}
-    v0 = {k: t.to(device) for k, t in fmt.decode(a.v).items()}
+    x0, y0, v0 = (_to_device(fmt.decode(p), device) for p in (a.x, a.y, a.v))
     train, val = data.train.to(device), data.val.to(device)
     upper_loss = _upper_loss(task, x0, y0, val, hp.batch_size, device)
-    x, y, v = dict(x0), dict(y0), dict(v0)
     # [ext] the consistent scaler: a submodel's steps on each tensor scaled by the tensor's kept
     # fraction (1 for a whole tensor), which undoes the forward scaler's gain on its gradients
     fy = kept_fractions(task.y_layout, y0) if task.model.scaler == "consistent" else None
     fx = kept_fractions(task.x_layout, x0) if fy is not None else None
+    # every batch drawn first (from seeds of (seed, round, client, t, k), as always), so that
+    # the local work is a function of tensors alone, which worker.step may compile
+    batches = [(sample_batch(val, hp.batch_size, derive_seed(hp.seed, a.round, a.client_id, t, 1)),
+                [sample_batch(train, hp.batch_size,
+                              derive_seed(hp.seed, a.round, a.client_id, t, 2, k))
+                 for k in range(hp.inner_steps)])
+               for t in range(hp.local_steps)]
+    work = step_runner(local_work, hp.step, hp.compile_backend, device)
+    x, y, v, hypergradient = work(task, hp, estimator, x0, y0, v0, batches, fy, fx)
+    if hp.algorithm == "rafbo":
+        x_out = _to_host({n: x[n] - x0[n] for n in x})
+    else:
+        x_out = _to_host(hypergradient)
+    parts = {"x": x_out, "y": _to_host({n: y[n] - y0[n] for n in y}),
+             "v": _to_host({n: v[n] - v0[n] for n in v})}
+    if device.type == "cuda":  # the non-blocking copies to the host have landed
+        torch.cuda.synchronize(device)
+    if feedback is not None and fmt.feedback:
+        plans = {"x": task.x_plan(a.mask, a.client_id), "y": task.y_plan(a.mask)}
+        wire = {p: feedback.encode(fmt, p, values, plans["x" if p == "x" else "y"])
+                for p, values in parts.items()}
+    else:
+        wire = {p: fmt.encode(values) for p, values in parts.items()}
+    compute_s = time.perf_counter() - start
+    return Update(
+        round=a.round, client_id=a.client_id, x=wire["x"], y=wire["y"], v=wire["v"],
+        samples=len(train), upper_loss=upper_loss, compute_s=compute_s,
+        peak_mem_bytes=peak_memory_bytes(device),
+    )
+
+
+def local_work(task: BilevelTask, hp: ClientHyper, estimator: Any, x: Params, y: Params,
+               v: Params, batches: Sequence[tuple[Batch, Sequence[Batch]]],
+               fy: Mapping[str, float] | None, fx: Mapping[str, float] | None
+               ) -> tuple[Params, Params, Params, Params]:
+    """A client's local work on its starting (x, y, v) and its drawn batches: per local step
+    t, K inner steps on y (the last one at the estimator's point), the estimator, and the
+    simultaneous v (and, for RAFBO, x) steps. Returns the final (x, y, v) and the last
+    hypergradient. Tensors in, tensors out: what ``worker.step`` compiles (rabo.step)."""
     hypergradient: Params = {}
-    for t in range(hp.local_steps):
-        val_batch = sample_batch(val, hp.batch_size,
-                                 derive_seed(hp.seed, a.round, a.client_id, t, 1))
-        for k in range(hp.inner_steps):
-            train_batch = sample_batch(train, hp.batch_size,
-                                       derive_seed(hp.seed, a.round, a.client_id, t, 2, k))
+    for val_batch, train_batches in batches:
+        for k, train_batch in enumerate(train_batches):
             problem = Problem(f=functools.partial(_bound, task.f, val_batch),
                               g=functools.partial(_bound, task.g, train_batch))
-            if k < hp.inner_steps - 1:
+            if k < len(train_batches) - 1:
                 _, gy = grads(problem.g, x, y, wrt_x=False)
                 y = _step(y, gy, hp.inner_lr, fy)
                 continue
@@ -598,24 +635,26 @@ def client_step(task: BilevelTask, a: Assignment, data: ClientData, device: torc
                                  for n, h in est.hypergradient.items()}
             if hp.algorithm == "rafbo":
                 x = _step(x, hypergradient, hp.local_lr, None)
-    if hp.algorithm == "rafbo":
-        x_out = {n: (x[n] - x0[n]).detach().cpu() for n in x}
-    else:
-        x_out = {n: t.detach().cpu() for n, t in hypergradient.items()}
-    parts = {"x": x_out, "y": {n: (y[n] - y0[n]).detach().cpu() for n in y},
-             "v": {n: (v[n] - v0[n]).detach().cpu() for n in v}}
-    if feedback is not None and fmt.feedback:
-        plans = {"x": task.x_plan(a.mask, a.client_id), "y": task.y_plan(a.mask)}
-        wire = {p: feedback.encode(fmt, p, values, plans["x" if p == "x" else "y"])
-                for p, values in parts.items()}
-    else:
-        wire = {p: fmt.encode(values) for p, values in parts.items()}
-    compute_s = time.perf_counter() - start
-    return Update(
-        round=a.round, client_id=a.client_id, x=wire["x"], y=wire["y"], v=wire["v"],
-        samples=len(train), upper_loss=upper_loss, compute_s=compute_s,
-        peak_mem_bytes=peak_memory_bytes(device),
-    )
+    return x, y, v, hypergradient
+
+
+@functools.lru_cache(maxsize=32)
+def _estimator(hp: ClientHyper) -> Any:
+    """One estimator object per client settings (a compiled step guards on the one it saw)."""
+    return make_estimator(hp.estimator_config())
+
+
+def _to_device(params: Params, device: torch.device) -> Params:
+    """Slices onto ``device``: on CUDA from pinned host memory, without blocking."""
+    if device.type != "cuda":
+        return {k: t.to(device) for k, t in params.items()}
+    return {k: t.pin_memory().to(device, non_blocking=True) for k, t in params.items()}
+
+
+def _to_host(params: Params) -> Params:
+    """Result tensors onto the host (from CUDA into pinned memory, without blocking: the
+    caller synchronizes once for all of them)."""
+    return {k: t.detach().to("cpu", non_blocking=t.is_cuda) for k, t in params.items()}
 
 
 def kept_fractions(layout: Mapping[str, ParamLayout], sub: Mapping[str, torch.Tensor]
