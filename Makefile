@@ -67,13 +67,14 @@ bench: install
 	done
 	$(BIN)/rabo experiment report
 
-# What make bench leaves out to stay within its budget (about 25 minutes on 2 cores): the
-# mask, scaler and weighting ablations and the robustness experiment; RESULTS.md gains
+# What make bench leaves out to stay within its budget (about 50 minutes on 2 cores): the
+# mask, scaler and weighting ablations, the robustness and wire experiments; RESULTS.md gains
 # their sections. RABO's own runs come from the store when make bench ran on the same code.
 ablations: install
 	mkdir -p $(RESULTS)
 	$(BIN)/rabo experiment ablations $(BENCH_FLAG)
 	$(BIN)/rabo experiment robust $(BENCH_FLAG)
+	$(BIN)/rabo experiment wire $(BENCH_FLAG)
 	$(BIN)/rabo experiment report
 
 # Regenerate the wire modules from proto/ (tests/test_proto.py fails when they are stale).

@@ -107,7 +107,7 @@ def build_report(results: dict[str, dict[str, Any]], rel: str) -> str:
 
     walls: list[tuple[str, float]] = [(name, float(d["wall_s"])) for name, d in results.items()
                                       if isinstance(d, dict) and d.get("wall_s") is not None
-                                      and not name.startswith("system_")]
+                                      and not name.startswith(("system_", "bench_"))]
     in_bench = [(n, w) for n, w in walls if n in (*BENCH_GROUPS, "system")]
     apart = [(n, w) for n, w in walls if (n, w) not in in_bench]
     stored = sum(int(d.get("stored_runs") or 0) for d in results.values()
