@@ -53,7 +53,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated subset of {', '.join(WORKLOADS)}")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--batch", type=int, default=0, help="override every workload's batch")
+    p.add_argument("--steps", default="eager", metavar="STEP,...",
+                   help="worker.step modes the estimators run under, side by side (eager, "
+                        "compiled, graph; rabo/step.py): each gets its own times and ratios "
+                        "to exact under the same mode; the first is the headline")
     p.add_argument("--child", nargs=2, metavar=("WORKLOAD", "ESTIMATOR"), help=argparse.SUPPRESS)
+    p.add_argument("--step", default="eager", help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=["time", "memory"], default="time", help=argparse.SUPPRESS)
 
 
@@ -116,49 +121,64 @@ def _setup(workload: str, device: torch.device, batch_override: int) -> tuple[An
 
 
 def run_child(workload: str, estimator_name: str, repeats: int, device_name: str,
-              batch: int, mode: str) -> dict[str, Any]:
+              batch: int, mode: str, step: str = "eager") -> dict[str, Any]:
     """Measure one estimator on one workload in this (fresh) process.
 
     mode 'time' or 'memory', as ``bench.measure.measure`` takes them (no warm-up before the
-    memory call: the first call's allocations are the estimator's).
+    memory call: the first call's allocations are the estimator's). ``step``: run the
+    estimate as ``worker.step`` runs a client's local work (rabo.step); a compiled mode's
+    first call, which compiles, is a warm-up of both modes.
     """
     import torch
 
     from rabo.estimators import ESTIMATORS as REGISTRY
     from rabo.estimators import grads
+    from rabo.step import runner
 
     device = torch.device(device_name)
     problem, x, y, v = _setup(workload, device, batch)
     est = REGISTRY[estimator_name](eta_v=0.1, radius=0.0, delta=1e-2, neumann_terms=5,
                                    neumann_eta=0.5)
     base = grads(problem.g, x, y) if est.uses_base else None
+    estimate = runner(est.estimate, step, "inductor", device)
 
     def call() -> None:
-        est.estimate(problem, x, y, v, base)
+        estimate(problem, x, y, v, base)
 
+    if step != "eager":
+        call()  # compiles
     return measure(call, mode, repeats, device)[0]
 
 
-def _child(workload: str, name: str, mode: str, repeats: int, device: str, batch: int
-           ) -> dict[str, Any]:
+def _child(workload: str, name: str, mode: str, repeats: int, device: str, batch: int,
+           step: str = "eager") -> dict[str, Any]:
     return in_child("bench.estimator", ["--child", workload, name, "--mode", mode, "--repeats",
-                                        str(repeats), "--device", device, "--batch", str(batch)],
-                    mode, f"{workload}/{name}")
+                                        str(repeats), "--device", device, "--batch", str(batch),
+                                        "--step", step],
+                    mode, f"{workload}/{name} ({step})")
 
 
-def measure_workload(workload: str, repeats: int, device: str, batch: int
-                     ) -> dict[str, dict[str, Any]]:
-    """Time and peak memory of every estimator on ``workload``, each in fresh processes."""
-    raw: dict[str, dict[str, Any]] = {}
-    for name in ESTIMATORS:
-        raw[name] = {**_child(workload, name, "time", repeats, device, batch),
-                     **_child(workload, name, "memory", repeats, device, batch)}
-    exact = raw["exact"]
-    for r in raw.values():
-        r["time_vs_exact"] = r["time_s"] / exact["time_s"]
-        r["peak_mem_vs_exact"] = (r["peak_bytes"] / exact["peak_bytes"]
-                                  if exact["peak_bytes"] > 0 else None)
-    return raw
+def measure_workload(workload: str, repeats: int, device: str, batch: int,
+                     steps: tuple[str, ...] = ("eager",)) -> dict[str, dict[str, Any]]:
+    """Time and peak memory of every estimator on ``workload``, each in fresh processes, under
+    each of ``steps`` (the first is the headline; ``by_step`` holds all of them)."""
+    per: dict[str, dict[str, dict[str, Any]]] = {}
+    for step in steps:
+        raw: dict[str, dict[str, Any]] = {}
+        for name in ESTIMATORS:
+            raw[name] = {**_child(workload, name, "time", repeats, device, batch, step),
+                         **_child(workload, name, "memory", repeats, device, batch, step)}
+        exact = raw["exact"]
+        for r in raw.values():
+            r["time_vs_exact"] = r["time_s"] / exact["time_s"]
+            r["peak_mem_vs_exact"] = (r["peak_bytes"] / exact["peak_bytes"]
+                                      if exact["peak_bytes"] > 0 else None)
+        per[step] = raw
+    out = {name: dict(r) for name, r in per[steps[0]].items()}
+    if len(steps) > 1:
+        for name in out:
+            out[name]["by_step"] = {step: per[step][name] for step in steps}
+    return out
 
 
 # --------------------------------------------------------------------------- (c) FLOPs
@@ -229,8 +249,13 @@ def main(args: argparse.Namespace) -> int:
     if args.child:
         workload, name = args.child
         print(json.dumps(run_child(workload, name, args.repeats, args.device, args.batch,
-                                   args.mode)))
+                                   args.mode, args.step)))
         return 0
+    steps = tuple(x.strip() for x in args.steps.split(",") if x.strip())
+    if not steps or set(steps) - {"eager", "compiled", "graph"}:
+        print(f"rabo bench estimator: --steps {args.steps}: each must be eager, compiled or "
+              f"graph", file=sys.stderr)
+        return ExitCode.USAGE
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     unknown = [w for w in workloads if w not in WORKLOADS]
     if unknown:
@@ -239,8 +264,9 @@ def main(args: argparse.Namespace) -> int:
         return ExitCode.USAGE
     result: dict[str, Any] = {
         "quadratic": quadratic_errors(),
-        "workloads": {w: measure_workload(w, args.repeats, args.device, args.batch)
+        "workloads": {w: measure_workload(w, args.repeats, args.device, args.batch, steps)
                       for w in workloads},
+        "steps": list(steps),
         "flops_per_ratio": flops_per_ratio(),
         "device": args.device,
         "torch_threads": torch.get_num_threads(),
@@ -271,6 +297,9 @@ def main(args: argparse.Namespace) -> int:
             pm = r["peak_mem_vs_exact"]
             print(f"    {w:8} {name:11} {r['time_s'] * 1e3:7.1f}ms {r['time_vs_exact']:8.2f} "
                   f"{r['peak_bytes'] / 2**20:8.1f}MiB {pm if pm is None else f'{pm:8.2f}'}")
+            for step, b in r.get("by_step", {}).items():
+                print(f"      {step:9} {b['time_s'] * 1e3:7.1f}ms {b['time_vs_exact']:8.2f} "
+                      f"{b['peak_bytes'] / 2**20:8.1f}MiB")
     print("(c) FLOPs per ratio of the layers pruned on both sides, against r^2")
     for name, m in result["flops_per_ratio"].items():
         print(f"    {name} ({m['model']}): {m['layers']} of {m['of_layers']} layers")

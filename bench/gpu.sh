@@ -36,7 +36,8 @@ step timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_step.py 2>&
 step timeout 330 python3 -m bench.system --preset gpu --parts ratio --device cuda \
   --steps eager,compiled,graph --out "$OUT" 2>&1 | tee "$OUT/system.log"
 # 3. the estimators against exact products on CUDA (time and peak memory)
-step timeout 90 python3 -m bench.estimator --device cuda --json \
+step timeout 150 python3 -m bench.estimator --device cuda --steps eager,compiled \
+  --workloads A/mlp,A/cnn,A/resnet --repeats 5 --json \
   > "$OUT/bench_estimator_cuda.json" 2> "$OUT/estimator.log"
 tail -3 "$OUT/estimator.log"
 echo "bench/gpu.sh: done; results in $OUT"

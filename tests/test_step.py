@@ -150,7 +150,7 @@ def test_the_gpu_script_parses_and_names_commands_that_exist() -> None:
     text = (root / "bench" / "gpu.sh").read_text()
     assert "tests/test_step.py" in text and (root / "tests" / "test_step.py").exists()
     for module, flags in (("bench.system", ("--steps", "--device", "--parts")),
-                          ("bench.estimator", ("--device", "--json"))):
+                          ("bench.estimator", ("--device", "--json", "--steps"))):
         assert f"-m {module}" in text
         out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
                              text=True, cwd=root, check=True).stdout
