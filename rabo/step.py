@@ -74,13 +74,19 @@ def runner(fn: Callable[..., Any], step: str, backend: str, device: torch.device
         if compiled is None:
             import torch._dynamo.config as dynamo_config
 
-            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit,
-                                                RECOMPILE_LIMIT)
+            # (each option where this torch has it: older ones name the limit
+            # cache_size_limit and cannot trace autograd.grad, so their graphs break there)
+            for limit in ("recompile_limit", "cache_size_limit"):
+                if hasattr(dynamo_config, limit):
+                    setattr(dynamo_config, limit,
+                            max(getattr(dynamo_config, limit), RECOMPILE_LIMIT))
+                    break
             # trace torch.autograd.grad and the v projection's norm into the graph instead
             # of breaking it there (11 graphs with 12 breaks per A/mlp step without these,
             # 6 graphs and no break with them; the numbers are the same)
-            dynamo_config.trace_autograd_ops = True
-            dynamo_config.capture_scalar_outputs = True
+            for option in ("trace_autograd_ops", "capture_scalar_outputs"):
+                if hasattr(dynamo_config, option):
+                    setattr(dynamo_config, option, True)
             if mode == "graph":
                 compiled = torch.compile(fn, mode="reduce-overhead", dynamic=False)
             else:
