@@ -59,36 +59,88 @@ def gradient_evaluations(hp: ClientHyper) -> float:
     return hp.local_steps * (hp.inner_steps + per_iteration)
 
 
-RUNTIME_SCRATCH_BYTES = 8 * 2**20  # allocator caches and small temporaries of a step
-# gradient-sized tensors alive together at an estimator's peak: grad f, the gradients of g at
-# the two points (or the base and one), and a backward pass's temporaries; calibrated against
-# measured peaks (see estimate_memory)
-LIVE_GRADIENT_COPIES = {"fd-central": 5, "fd-forward": 5, "exact": 4, "neumann": 5}
+# Constants of the memory estimate, calibrated against `rabo bench policy` (preset reduced:
+# tasks A and B x MLP 784-1024-1024-10 and CNN 32-64 x four estimators x ratios 1 to 1/8, one
+# real gRPC worker per point, torch 2.13 CPU, 2 cores; docs/method.md section 6). Each is a
+# count of what the code holds, rounded up to cover the measured peaks; none is what a test
+# expects.
+#
+# What the first step leaves resident above the worker's start-up footprint whatever the ratio
+# (autograd's and the allocator's state, the heap kept below glibc's 16 MiB trim threshold,
+# thread stacks): 6-9 MiB for an MLP at ratio 1/8, and in some worker processes a further
+# 4-6 MiB that stays for the whole run (a process at 13 MiB where another, same job, is at 9;
+# 32 MiB against 26 at ratio 1/2): the estimate must cover that mode too.
+RUNTIME_SCRATCH_BYTES = 16 * 2**20
+# the convolution library's state, created by a process's first convolution and kept (oneDNN's
+# kernels and caches): measured 11.4 MiB above the state before it, the same at 4 and at 32
+# output channels
+CONV_RUNTIME_BYTES = 12 * 2**20
+# payload-sized buffers a gRPC worker holds at its step's peak: the receive buffer its x, y and
+# v slices are read from (rabo_proto BufferPool), the previous round's update (alive until the
+# next one replaces it in the worker loop), and the transport's chunk copies left on the heap;
+# the peaks of a gRPC worker rise 2.3-3.2 payloads faster with the ratio than those of the same
+# step run in-process (which holds its assignment, one payload)
+TRANSPORT_PAYLOAD_COPIES = 3
+# gradient-sized tensors (of x and y together) alive at an estimator's peak beyond the
+# payload: grad f, the gradients of g at the points each estimator evaluates (the inner step's
+# zeros for grad_x, the base, the shifted points), the backward pass's own buffers; and for
+# Neumann its series' term, sum and Hessian product. "head": y is the model's head (task A),
+# a few gradient-sized tensors of x; "network": y is the whole network (task B: x holds one
+# log L2 strength per weight), whose penalty sum(exp(x) y^2) / 2 builds y-sized temporaries
+# (exp(x), exp(x) y and their gradients) at every evaluation of g.
+LIVE_GRADIENT_COPIES = {
+    "head": {"fd-central": 3.5, "fd-forward": 4.0, "exact": 2.5, "neumann": 3.5},
+    "network": {"fd-central": 6.5, "fd-forward": 7.0, "exact": 7.0, "neumann": 10.0},
+}
+# forward passes whose activations are alive together at the peak: one (backward frees a
+# layer's saved tensors as it makes their gradients), two for exact and Neumann products when y
+# is the whole network (the double backward keeps the graph of the first backward through
+# every layer; with y the head that graph spans the head only). Measured on the CNN 32-64 at
+# batch 128: 60 MiB at ratio 1 for every estimator on task A, 103-105 MiB for exact and
+# Neumann on task B.
+SECOND_ORDER_PASSES = 2
+
+
+def lower_level_kind(task: BilevelTask) -> str:
+    """"head" where y is the model's head (task A), else "network" (y spans the backbone)."""
+    head = set(task.model.head_names)
+    return "head" if set(task.y_layout) <= head else "network"
+
+
+def fixed_memory_bytes(task: BilevelTask) -> int:
+    """The part of :func:`estimate_memory` that does not depend on the ratio or the batch."""
+    return RUNTIME_SCRATCH_BYTES + (CONV_RUNTIME_BYTES if task.model.convolution else 0)
 
 
 def estimate_memory(task: BilevelTask, hp: ClientHyper, ratio: float, batch: int) -> int:
     """Peak bytes a worker spends on one round at ``ratio``, above its start-up footprint.
 
-    Counted: the payload twice (the received x, y, v slices, and the transport's buffers
-    while the update streams out); the gradient-sized tensors alive together at the
-    estimator's peak (``LIVE_GRADIENT_COPIES`` of x and y); the working copies of y and v and
-    the update (and of x for RAFBO); the activations a forward pass keeps for backward, twice
-    (values and their gradients), three times for exact and Neumann products (which also keep
-    the graph of a backward pass); and a fixed scratch allowance. Measured on a gRPC worker
-    (resident set above its start-up footprint, steady-state rounds, MLP 784-4096-4096,
-    fd-central): 500 MiB against an estimate of 560 MiB; the coordinator applies
-    ``policy.safety`` on top.
+    Counted (elements of float32): ``TRANSPORT_PAYLOAD_COPIES`` payloads (the received x, y
+    and v slices and the transport's buffers); ``LIVE_GRADIENT_COPIES`` of x and y together,
+    per estimator and per kind of lower level (y the head, task A; y the whole network, task
+    B); the working copy of x and x0 for RAFBO; and the activations a forward pass keeps for
+    backward plus the kernels' workspace that does not shrink with the ratio (the model's
+    ``activation_numel`` and ``workspace_numel``: for a CNN, its first convolution's input in
+    oneDNN's channel-blocked layout), once, ``SECOND_ORDER_PASSES`` times for exact and
+    Neumann products through the whole network. Then bytes that follow neither:
+    ``RUNTIME_SCRATCH_BYTES``, and ``CONV_RUNTIME_BYTES`` for a model with convolutions.
+    Measured against real gRPC workers by ``rabo bench policy`` (docs/method.md section 6);
+    the coordinator applies ``policy.safety`` on top.
     """
     mask = MaskSpec("static", ratio, 0)
     nx = task.x_plan(mask, 0).numel()
     ny = task.y_plan(mask).numel()
-    payload = 2 * (nx + 2 * ny)
-    gradients = LIVE_GRADIENT_COPIES[hp.estimator] * (nx + ny)
-    working = 3 * ny + (2 * nx if hp.algorithm == "rafbo" else 0)
-    copies = 3 if hp.estimator in ("exact", "neumann") else 2
-    activations = copies * task.model.activation_numel(ratio, batch)
+    kind = lower_level_kind(task)
+    payload = TRANSPORT_PAYLOAD_COPIES * (nx + 2 * ny)
+    gradients = LIVE_GRADIENT_COPIES[kind][hp.estimator] * (nx + ny)
+    working = 2 * nx if hp.algorithm == "rafbo" else 0
+    passes = (SECOND_ORDER_PASSES
+              if hp.estimator in ("exact", "neumann") and kind == "network" else 1)
+    model = task.model
+    activations = passes * (model.activation_numel(ratio, batch)
+                            + model.workspace_numel(ratio, batch))
     elements = payload + gradients + working + activations
-    return BYTES_PER_ELEMENT * elements + RUNTIME_SCRATCH_BYTES
+    return int(BYTES_PER_ELEMENT * elements) + fixed_memory_bytes(task)
 
 
 def estimate_flops(task: BilevelTask, hp: ClientHyper, ratio: float, batch: int) -> float:
@@ -103,7 +155,7 @@ def calibrated_memory(task: BilevelTask, hp: ClientHyper, ratio: float, batch: i
     footprint, per ratio it ran) are ``measured``, and where the figure comes from.
 
     A ratio it ran: its largest measured peak. Another ratio: the estimate's part that scales
-    with the submodel (all of it but ``RUNTIME_SCRATCH_BYTES``) times measured / estimated of
+    with the submodel (all of it but :func:`fixed_memory_bytes`) times measured / estimated of
     that part at the ran ratio nearest to it (on a log scale), so that a worker whose real
     peaks sit below the estimate is offered the larger ratios that fit, and one whose peaks
     sit above it the smaller ones. No measurement: the analytic estimate. A measured peak
@@ -117,7 +169,7 @@ def calibrated_memory(task: BilevelTask, hp: ClientHyper, ratio: float, batch: i
     if ratio in plausible:
         return plausible[ratio], f"measured at ratio {ratio:g}"
     near = min(plausible, key=lambda r: abs(math.log(r / ratio)))
-    scratch = RUNTIME_SCRATCH_BYTES
+    scratch = fixed_memory_bytes(task)
     factor = (max(0, plausible[near] - scratch)
               / max(1, estimate_memory(task, hp, near, batch) - scratch))
     mem = max(payload_bytes(task, ratio), int(scratch + factor * (estimate - scratch)))

@@ -31,12 +31,13 @@ import torch
 import torch.nn.functional as F
 
 from rabo.masks import kept_count
-from rabo.models import PrunableModel, register_model
+from rabo.models import PrunableModel, conv_input_workspace, register_model
 from rabo.submodel import Axis, ParamLayout
 
 
 class PreActResNet(PrunableModel):
     has_normalization = True
+    convolution = True
 
     def __init__(self, input_shape: tuple[int, ...], classes: int, widths: tuple[int, ...],
                  blocks: int = 1, scaler: str = "none") -> None:
@@ -170,6 +171,9 @@ class PreActResNet(PrunableModel):
         last = k(self.plan[-1]["out"])
         total += batch * (2 * last * hi * wi + last + self.classes)  # final norm, ReLU, pool
         return total
+
+    def workspace_numel(self, ratio: float = 1.0, batch: int = 1) -> int:
+        return conv_input_workspace(tuple(self.input_shape), batch)  # the stem's input
 
 
 def _build(model_cfg: Any, input_shape: tuple[int, ...], classes: int) -> PreActResNet:

@@ -37,7 +37,7 @@ def test_local_cluster_with_memory_budgets(tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = subprocess.Popen(
         [*RABO, "local", "--config", str(ROOT / "configs" / "default.yaml"), "--workers", "3",
-         "--worker-memory-limits", "64MiB,24MiB,16MiB", "--rounds", "3", "--set",
+         "--worker-memory-limits", "64MiB,32MiB,24MiB", "--rounds", "3", "--set",
          "clients.count=3", "--set", "data.dataset=digits",
          "--set", "cluster.heartbeat_misses=30", "--out", str(out)],  # no expiry under load
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,

@@ -165,7 +165,7 @@ def test_simulated_memory_budgets_map_to_ratios() -> None:
     from rabo.job import Job
 
     cfg = config.load(None, ["data.dataset=digits", "model.hidden=[512, 512]", "clients.count=3",
-                             "clients.memory_budgets=[1GiB, 16MiB, 1KiB]"])
+                             "clients.memory_budgets=[1GiB, 24MiB, 1KiB]"])
     ratios = Job.from_config(cfg).simulated_ratios()
     assert ratios[0] == 1.0 and 0 < ratios[1] < 1.0 and ratios[2] == 0.0
 
@@ -177,7 +177,7 @@ def test_each_worker_record_says_what_bound_its_ratio_and_the_estimates(tmp_path
     from rabo.runner import format_progress, simulate
 
     cfg = config.load(None, ["data.dataset=digits", "model.hidden=[512, 512]",
-                             "clients.count=2", "clients.memory_budgets=[1GiB, 16MiB]",
+                             "clients.count=2", "clients.memory_budgets=[1GiB, 24MiB]",
                              "rounds=1"])
     simulate(cfg, tmp_path)
     (rec,) = read_metrics(tmp_path)
@@ -202,7 +202,7 @@ def test_modes_full_and_exclusion() -> None:
     from rabo.job import Job
 
     base = ["data.dataset=digits", "model.hidden=[512, 512]", "clients.count=3",
-            "clients.memory_budgets=[1GiB, 16MiB, 1KiB]"]
+            "clients.memory_budgets=[1GiB, 24MiB, 1KiB]"]
     full = Job.from_config(config.load(None, [*base, "clients.mode=full"])).simulated_ratios()
     excl = Job.from_config(config.load(None, [*base, "clients.mode=exclusion"])
                            ).simulated_ratios()
