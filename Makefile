@@ -53,6 +53,8 @@ bench: install
 	$(BIN)/rabo experiment coverage $(BENCH_FLAG)
 	$(BIN)/rabo experiment communication $(BENCH_FLAG)
 	$(BIN)/rabo bench system $(BENCH_FLAG)
+	@# the ratio policy's memory estimate against real workers (docs/RESULTS.md section 5d)
+	$(BIN)/rabo bench policy --out $(RESULTS)/bench_policy.json.tmp && mv $(RESULTS)/bench_policy.json.tmp $(RESULTS)/bench_policy.json
 	@# links as a resource (needs root and network namespaces; skipped where they cannot be made)
 	if $(BIN)/rabo bench network --policy link --bandwidths 100,20,5,1 --rounds 6 --deadline 2 \
 		--json > $(RESULTS)/bench_network_link.json.tmp; then \
@@ -67,7 +69,7 @@ bench: install
 	done
 	$(BIN)/rabo experiment report
 
-# What make bench leaves out to stay within its budget (about 50 minutes on 2 cores): the
+# What make bench leaves out to stay within its budget (about 60 minutes on 2 cores): the
 # mask, scaler and weighting ablations, the robustness and wire experiments; RESULTS.md gains
 # their sections. RABO's own runs come from the store when make bench ran on the same code.
 ablations: install

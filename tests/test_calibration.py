@@ -14,11 +14,11 @@ from coordinator.server import serve
 from rabo import config
 from rabo.job import Job
 from rabo.policy import (
-    RUNTIME_SCRATCH_BYTES,
     Resources,
     calibrated_memory,
     choose_ratio,
     estimate_memory,
+    fixed_memory_bytes,
     payload_bytes,
 )
 
@@ -30,22 +30,24 @@ def _job(over=()):
     return Job.from_config(config.load(None, [*TINY, *over]))
 
 
-def _scaled(estimate: int, factor: float) -> int:
-    """A peak whose part beyond the fixed scratch allowance is ``factor`` of the estimate's."""
-    return int(RUNTIME_SCRATCH_BYTES + factor * (estimate - RUNTIME_SCRATCH_BYTES))
+def _scaled(estimate: int, factor: float, scratch: int) -> int:
+    """A peak whose part beyond the fixed allowance ``scratch`` is ``factor`` of the
+    estimate's."""
+    return int(scratch + factor * (estimate - scratch))
 
 
 def test_measured_peaks_replace_the_estimate_and_scale_it_at_other_ratios() -> None:
     job = _job()
     task, hp = job.task, job.hyper
     est = {r: estimate_memory(task, hp, r, 32) for r in (1.0, 0.5, 0.25)}
+    scratch = fixed_memory_bytes(task)
     assert calibrated_memory(task, hp, 1.0, 32, None) == (est[1.0], "estimate")
     half = est[0.5] // 2
     assert calibrated_memory(task, hp, 0.5, 32, {0.5: half}) == (half, "measured at ratio 0.5")
-    mem, source = calibrated_memory(task, hp, 1.0, 32, {0.5: _scaled(est[0.5], 0.5),
+    mem, source = calibrated_memory(task, hp, 1.0, 32, {0.5: _scaled(est[0.5], 0.5, scratch),
                                                         0.25: est[0.25]})
     # the part beyond the fixed scratch is scaled as at the nearest ratio it ran
-    assert mem == pytest.approx(_scaled(est[1.0], 0.5), abs=2)
+    assert mem == pytest.approx(_scaled(est[1.0], 0.5, scratch), abs=2)
     assert source == "estimate x 0.50 (measured at ratio 0.5)"
     # a peak below the payload a worker must hold is not believed
     tiny = payload_bytes(task, 0.5) - 1
@@ -99,7 +101,8 @@ def test_a_worker_whose_peaks_sit_below_the_estimate_is_moved_up_after_one_round
     est = {r: estimate_memory(job.task, job.hyper, r, 32) for r in (1.0, 0.5)}
     # its real peaks: 40% of the estimate at every ratio, so its budget holds ratio 1
     ratios, reasons, _ = _run_rounds([f"policy.calibrate={str(calibrate).lower()}"],
-                                     lambda r: _scaled(est[r], 0.4))
+                                     lambda r: _scaled(est[r], 0.4,
+                                                       fixed_memory_bytes(job.task)))
     if calibrate:
         assert ratios == [0.5, 1.0, 1.0], reasons
         assert "(estimate) of" in reasons[0] and "; ratio 1 needs ~" in reasons[0]  # why
@@ -153,3 +156,75 @@ def test_the_policy_bench_prints_measured_against_estimated_peaks(tmp_path) -> N
                                                           / p["estimate_bytes"])
     # a quarter-width worker needs less than a full-width one
     assert result["points"][1]["measured_bytes"] < result["points"][0]["measured_bytes"]
+    # the saved run read back: scored against the current estimate without measuring again,
+    # and the estimate's constants fitted to it
+    score = subprocess.run([sys.executable, "-m", "rabo.cli", "bench", "policy", "--score",
+                            str(out)], capture_output=True, text=True, timeout=120)
+    assert score.returncode == 0, score.stderr[-2000:]
+    for p in result["points"]:
+        assert f"{p['measured_vs_estimate']:.2f}-{p['measured_vs_estimate']:.2f}" in score.stdout
+    fit = subprocess.run([sys.executable, "-m", "rabo.cli", "bench", "policy", "--fit", str(out),
+                          "--json"], capture_output=True, text=True, timeout=120)
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    fitted = json.loads(fit.stdout)
+    assert fitted["feasible"] and fitted["low"] == 0.75 and fitted["high"] <= 1.0
+    # a file that is not a saved run is refused by name
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"points": 3}')
+    refused = subprocess.run([sys.executable, "-m", "rabo.cli", "bench", "policy", "--score",
+                              str(bad)], capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "bad.json: not a saved run" in refused.stderr
+
+
+def _synthetic_points(spread: float) -> list[dict]:
+    """Bench points of a digits job whose peaks are 0.85 of today's estimate, each measured
+    twice: once ``spread`` times higher than the other."""
+    from rabo.policy import memory_terms
+
+    points = []
+    for estimator in ("fd-central", "exact"):
+        job = _job([f"estimator.name={estimator}"])
+        for r in (1.0, 0.5, 0.25, 0.125):
+            terms = memory_terms(job.task, job.hyper, r, 32)
+            est = estimate_memory(job.task, job.hyper, r, 32)
+            points.append({"task": "A", "model": "mlp", "estimator": estimator, "ratio": r,
+                           "terms": terms, "low": int(0.85 * est / spread ** 0.5),
+                           "high": int(0.85 * est * spread ** 0.5)})
+    return points
+
+
+def test_the_fit_keeps_every_point_in_the_band_and_reports_when_it_cannot() -> None:
+    from bench.policy import _estimate, fit_constants
+
+    fit = fit_constants(_synthetic_points(1.1))
+    assert fit["feasible"] and fit["high"] <= 1.0
+    for pt in _synthetic_points(1.1):
+        est = _estimate(pt["terms"], fit["constants"])
+        assert pt["low"] / est >= 0.75 - 1e-6 and pt["high"] / est <= fit["high"] + 1e-6
+    # the payload copies are counted from the code, not fitted
+    assert fit["constants"]["TRANSPORT_PAYLOAD_COPIES"] == 3
+    # two runs 1.5x apart cannot both sit inside [0.75, 1.0]: at best the higher one reads
+    # 1.5 x 0.75 = 1.125 of an estimate the lower one reads 0.75 of
+    wide = fit_constants(_synthetic_points(1.5))
+    assert wide["feasible"] and wide["high"] >= 1.125 - 1e-3
+
+
+def test_the_results_section_scores_every_point_by_the_rule() -> None:
+    from rabo.experiments import calibration
+
+    def pt(task, ratio, measured, estimate):
+        return {"task": task, "model": "mlp", "estimator": "fd-central", "ratio": ratio,
+                "measured_bytes": measured * 2**20, "estimate_bytes": estimate * 2**20}
+
+    run = {"points": [pt("A", 1.0, 90, 100), pt("A", 0.5, 70, 100), pt("B", 1.0, 101, 100)],
+           "selection": {"tasks": ["A", "B"], "rounds": 3}, "wall_s": 5.0,
+           "provenance": {"command": "rabo bench policy --out docs/results/bench_policy.json.tmp",
+                          "git_commit": "abcdef0123"}}
+    text, heads = calibration.section(run)
+    assert "90.0 / 100.0 = 0.90 |" in text
+    assert "70.0 / 100.0 = 0.70 low" in text and "101.0 / 100.0 = 1.01 **above**" in text
+    assert "inside [0.75, 1.0] at 1 of 3 points, above 1.0 at 1" in text
+    assert "--out docs/results/bench_policy.json`" in text  # the name make bench leaves
+    assert heads[0]["verdict"] == "not met"
+    run["points"] = run["points"][:1]
+    assert calibration.section(run)[1][0]["verdict"] == "met"

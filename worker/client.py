@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -443,7 +444,12 @@ class Worker:
             self._jobs = {config_json: job}
             # the start-up footprint (runtime and data) that memory budgets are counted above;
             # measured once per job, so a re-registration (coordinator restart) does not count
-            # the training state of earlier rounds as start-up
+            # the training state of earlier rounds as start-up. What building the job freed
+            # goes back first: left in the heap, it inflated the footprint by a varying 4-6 MiB
+            # that the first round's trim then released, so the same job's peaks read 4-6 MiB
+            # apart from one worker process to the next
+            gc.collect()
+            release_free_memory()
             self.baseline_rss = psutil.Process().memory_info().rss
         return job
 

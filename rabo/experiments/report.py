@@ -77,6 +77,12 @@ def build_report(results: dict[str, dict[str, Any]], rel: str) -> str:
         text, h = links.section(results["bench_network_link"])
         parts.append(text)
         heads += h
+    if "bench_policy" in results:
+        from rabo.experiments import calibration
+
+        text, h = calibration.section(results["bench_policy"])
+        parts.append(text)
+        heads += h
     if "robust" in results:
         from rabo.experiments import robust
 
