@@ -222,7 +222,7 @@ def test_the_results_section_scores_every_point_by_the_rule() -> None:
                           "git_commit": "abcdef0123"}}
     text, heads = calibration.section(run)
     assert "90.0 / 100.0 = 0.90 |" in text
-    assert "70.0 / 100.0 = 0.70 low" in text and "101.0 / 100.0 = 1.01 **above**" in text
+    assert "70.0 / 100.0 = 0.700 low" in text and "101.0 / 100.0 = 1.010 **above**" in text
     assert "inside [0.75, 1.0] at 1 of 3 points, above 1.0 at 1" in text
     assert "--out docs/results/bench_policy.json`" in text  # the name make bench leaves
     assert heads[0]["verdict"] == "not met"

@@ -27,8 +27,9 @@ def section(d: dict[str, Any]) -> tuple[str, list[dict[str, str]]]:
             return "-"
         v = p["measured_bytes"] / p["estimate_bytes"]
         mark = "" if LOW <= v <= HIGH else (" **above**" if v > HIGH else " low")
+        # three decimals where a point misses the band, so that 0.747 does not read 0.75
         return (f"{p['measured_bytes'] / MIB:.1f} / {p['estimate_bytes'] / MIB:.1f} = "
-                f"{v:.2f}{mark}")
+                f"{v:.{3 if mark else 2}f}{mark}")
 
     vals = [p["measured_bytes"] / p["estimate_bytes"] for p in points]
     inside = sum(1 for v in vals if LOW <= v <= HIGH)
@@ -55,7 +56,7 @@ def section(d: dict[str, Any]) -> tuple[str, list[dict[str, str]]]:
               [[f"{t}/{m}", e, *[cell(by.get(r)) for r in ratios]]
                for (t, m, e), by in rows.items()]),
         "",
-        f"- measured / estimate from {min(vals):.2f} to {max(vals):.2f} (median "
+        f"- measured / estimate from {min(vals):.3f} to {max(vals):.3f} (median "
         f"{sorted(vals)[len(vals) // 2]:.2f}); inside [{LOW}, {HIGH}] at {inside} of "
         f"{len(vals)} points, above {HIGH} at {above} (rule: inside at every point: "
         f"{'met' if met else 'not met'}).",
@@ -63,6 +64,6 @@ def section(d: dict[str, Any]) -> tuple[str, list[dict[str, str]]]:
     heads = [{"claim": f"[ext] The memory estimate lies within [{LOW}, {HIGH}] of real "
                        "workers' peaks at every ratio",
               "verdict": "met" if met else "not met",
-              "evidence": f"5d: {min(vals):.2f}-{max(vals):.2f}, inside at {inside} of "
+              "evidence": f"5d: {min(vals):.3f}-{max(vals):.3f}, inside at {inside} of "
                           f"{len(vals)} points, above 1.0 at {above}"}]
     return "\n".join(lines), heads
