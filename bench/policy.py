@@ -199,7 +199,7 @@ def fit_constants(points: list[dict[str, Any]], low: float = LOW) -> dict[str, A
     cost[-1] = -1.0
     res = linprog(cost, A_ub=a_ub, b_ub=b_ub, bounds=[(0, None)] * n + [(0, None)],
                   method="highs")
-    if res.status != 0:
+    if res.status != 0 or res.x[-1] <= 0:
         return {"feasible": False, "message": str(res.message), "low": low}
     # the widest margin leaves the constants that bind no point free; among those within
     # 0.1% of it, the smallest estimates (each point's relative to its peak): the largest
