@@ -155,10 +155,9 @@ def load_runs(files: list[str]) -> list[dict[str, Any]]:
 
 
 def _estimate(terms: dict[str, float], constants: dict[str, float] | None) -> int:
-    from rabo.policy import memory_constants
+    from rabo.policy import memory_from_terms
 
-    c = memory_constants() if constants is None else constants
-    return int(terms["counted"] + sum(c[k] * b for k, b in terms.items() if k != "counted"))
+    return memory_from_terms(terms, constants)
 
 
 # constants counted from the code rather than fitted (docs/method.md section 6): a worker holds

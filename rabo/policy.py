@@ -180,9 +180,15 @@ def estimate_memory(task: BilevelTask, hp: ClientHyper, ratio: float, batch: int
     Measured against real gRPC workers by ``rabo bench policy`` (docs/method.md section 6);
     the coordinator applies ``policy.safety`` on top.
     """
-    terms = memory_terms(task, hp, ratio, batch)
-    constants = memory_constants()
-    return int(terms.pop("counted") + sum(constants[name] * b for name, b in terms.items()))
+    return memory_from_terms(memory_terms(task, hp, ratio, batch))
+
+
+def memory_from_terms(terms: Mapping[str, float],
+                      constants: Mapping[str, float] | None = None) -> int:
+    """The estimate from :func:`memory_terms` under ``constants`` (by default the calibrated
+    ones, :func:`memory_constants`; ``rabo bench policy --fit`` passes fitted ones)."""
+    c = memory_constants() if constants is None else constants
+    return int(terms["counted"] + sum(c[k] * b for k, b in terms.items() if k != "counted"))
 
 
 def estimate_flops(task: BilevelTask, hp: ClientHyper, ratio: float, batch: int) -> float:
