@@ -34,6 +34,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+# the rule's band, shared with docs/RESULTS.md's section
+from rabo.experiments.calibration import HIGH, LOW
+
 REPO = Path(__file__).resolve().parents[1]
 LADDER = (1.0, 0.5, 0.25, 0.125)
 ESTIMATORS = ("fd-central", "fd-forward", "exact", "neumann")
@@ -49,7 +52,6 @@ PRESETS: dict[str, dict[str, Any]] = {
              "estimators": ("fd-central",), "ladder": (1.0, 0.25), "rounds": 2,
              "dataset": "digits"},
 }
-LOW, HIGH = 0.75, 1.0
 
 
 def add_policy_args(p: argparse.ArgumentParser) -> None:
@@ -150,14 +152,7 @@ def load_runs(files: list[str]) -> list[dict[str, Any]]:
         _, job = _point_job(pt["task"], pt["model"], pt["estimator"], pt["ratio"], 1,
                             pt["dataset"])
         pt["terms"] = memory_terms(job.task, job.hyper, pt["ratio"], job.step_batch(0))
-        pt["estimate_bytes"] = _estimate(pt["terms"], None)
     return list(merged.values())
-
-
-def _estimate(terms: dict[str, float], constants: dict[str, float] | None) -> int:
-    from rabo.policy import memory_from_terms
-
-    return memory_from_terms(terms, constants)
 
 
 # constants counted from the code rather than fitted (docs/method.md section 6): a worker holds
@@ -216,19 +211,21 @@ def fit_constants(points: list[dict[str, Any]], low: float = LOW) -> dict[str, A
 
 
 def _score_table(points: list[dict[str, Any]], constants: dict[str, float] | None) -> None:
+    from rabo.policy import memory_from_terms
+
     vals = []
+    inside = 0
     print(f"{'workload':32s} {'estimator':10s} {'ratio':>6s} {'measured MiB':>17s} "
           f"{'estimate MiB':>13s} {'meas/est':>11s}")
     for pt in points:
-        est = _estimate(pt["terms"], constants)
+        est = memory_from_terms(pt["terms"], constants)
         lo, hi = pt["low"] / est, pt["high"] / est
         vals += [lo, hi]
+        inside += lo >= LOW and hi <= HIGH
         flag = "" if lo >= LOW and hi <= HIGH else ("  ABOVE" if hi > HIGH else "  low")
         span = f"{pt['low'] / 2**20:.1f}-{pt['high'] / 2**20:.1f}"
         print(f"{pt['task'] + '/' + pt['model']:32s} {pt['estimator']:10s} {pt['ratio']:6g} "
               f"{span:>17s} {est / 2**20:13.1f} {lo:5.2f}-{hi:.2f}{flag}")
-    inside = sum(1 for pt in points if pt["low"] / _estimate(pt["terms"], constants) >= LOW
-                 and pt["high"] / _estimate(pt["terms"], constants) <= HIGH)
     print(f"measured / estimate from {min(vals):.2f} to {max(vals):.2f}; inside [{LOW}, {HIGH}]"
           f" at {inside} of {len(points)} points (every run's peak)")
 

@@ -25,7 +25,6 @@ round, and torchrun tears the job down.
 from __future__ import annotations
 
 import argparse
-import gc
 import hashlib
 import ipaddress
 import json
@@ -58,7 +57,7 @@ from rabo.records import WorkerRound, summarize
 from rabo.resources import measure
 from rabo.rounds import EarlyAggregate, Exchange, Member, Returned, RoundLoop, Task, Transport
 from rabo.runner import ProgressLine
-from rabo.runtime import peak_above_startup, release_free_memory, rss_bytes, tune_allocator
+from rabo.runtime import peak_above_startup, rss_bytes, settled_rss_bytes, tune_allocator
 from rabo.units import parse_byte_list, parse_bytes
 from rabo.wireformat import ClientResiduals, WireFormat, WireFormatError
 
@@ -325,9 +324,7 @@ def run_worker(ctx: Context, memory_limit: int | None) -> None:
     # the start-up footprint; what the rank holds above it is training state it will reuse,
     # counted back into its budget as the gRPC worker does (worker.client), which also first
     # hands back what building the job freed
-    gc.collect()
-    release_free_memory()
-    baseline = rss_bytes()
+    baseline = settled_rss_bytes()
     for q in range(1, cfg.rounds + 1):
         prof = measure(ctx.compute_device, memory_limit, flops_per_s=flops,
                        held_bytes=max(0, rss_bytes() - baseline))

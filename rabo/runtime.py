@@ -5,6 +5,7 @@ benchmarks: allocator settings, parent-death and stack-dump signals, and memory 
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import resource
 import sys
@@ -135,6 +136,16 @@ def enable_stack_dumps() -> bool:
     except (OSError, ValueError, AttributeError):  # stderr is no file (e.g. captured)
         return False
     return True
+
+
+def settled_rss_bytes() -> int:
+    """The resident set once what was freed has gone back (garbage collection, then
+    :func:`release_free_memory`): a start-up footprint that does not hold a varying 4-6 MiB
+    of freed heap, which the first round's trim would release and so count against the
+    round's peak instead."""
+    gc.collect()
+    release_free_memory()
+    return rss_bytes()
 
 
 def rss_bytes() -> int:

@@ -194,12 +194,13 @@ def _synthetic_points(spread: float) -> list[dict]:
 
 
 def test_the_fit_keeps_every_point_in_the_band_and_reports_when_it_cannot() -> None:
-    from bench.policy import _estimate, fit_constants
+    from bench.policy import fit_constants
+    from rabo.policy import memory_from_terms
 
     fit = fit_constants(_synthetic_points(1.1))
     assert fit["feasible"] and fit["high"] <= 1.0
     for pt in _synthetic_points(1.1):
-        est = _estimate(pt["terms"], fit["constants"])
+        est = memory_from_terms(pt["terms"], fit["constants"])
         assert pt["low"] / est >= 0.75 - 1e-6 and pt["high"] / est <= fit["high"] + 1e-6
     # the payload copies are counted from the code, not fitted
     assert fit["constants"]["TRANSPORT_PAYLOAD_COPIES"] == 3

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import json
 import logging
 import os
@@ -32,7 +31,12 @@ from rabo.auth import TlsFiles
 from rabo.engine import client_step
 from rabo.errors import ConfigError, ExitCode, RaboError
 from rabo.job import Job, resolve_device
-from rabo.runtime import peak_above_startup, prefer_low_memory, release_free_memory
+from rabo.runtime import (
+    peak_above_startup,
+    prefer_low_memory,
+    release_free_memory,
+    settled_rss_bytes,
+)
 from rabo.wireformat import ClientResiduals
 from rabo_proto import PROTOCOL_VERSION
 from rabo_proto.codec import BufferPool, WireError
@@ -448,9 +452,7 @@ class Worker:
             # goes back first: left in the heap, it inflated the footprint by a varying 4-6 MiB
             # that the first round's trim then released, so the same job's peaks read 4-6 MiB
             # apart from one worker process to the next
-            gc.collect()
-            release_free_memory()
-            self.baseline_rss = psutil.Process().memory_info().rss
+            self.baseline_rss = settled_rss_bytes()
         return job
 
     def _ready(self, stub: CoordinatorStub) -> None:
